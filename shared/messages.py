@@ -77,3 +77,138 @@ class RequestDelta(msgspec.Struct, **_PER_STEP):
     logprobs: list[TokenLogprobs] = []  # one per new token when logprobs were asked for
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+
+
+# ---------------------------------------------------------------------------------------
+# Gateway <-> scheduler (gateway DEALER -> scheduler ROUTER). Tagged so one decoder reads
+# any of them; the ROUTER identity says which gateway sent it.
+# ---------------------------------------------------------------------------------------
+
+
+class SubmitRequest(msgspec.Struct, tag="submit", array_like=True, omit_defaults=True):
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    arrival_time: float  # wall clock (time.time()) at the gateway
+    priority: int = 0  # lower = more important
+
+
+class AbortRequest(msgspec.Struct, tag="abort", array_like=True):
+    request_ids: list[str]
+
+
+class StatusQuery(msgspec.Struct, tag="status", array_like=True):
+    query_id: int
+
+
+GatewayMessage = SubmitRequest | AbortRequest | StatusQuery
+
+
+class RequestDeltas(msgspec.Struct, tag="deltas", array_like=True, gc=False):
+    """Everything one step produced for the requests of one gateway."""
+
+    deltas: list[RequestDelta]
+
+
+class RequestError(msgspec.Struct, tag="error", array_like=True):
+    """A request the scheduler refused or had to end; `status_code` is the HTTP status
+    the gateway should answer with (400 invalid, 429 queue full, 503 no executor)."""
+
+    request_id: str
+    status_code: int
+    message: str
+    retry_after_s: float = 0.0
+
+
+class RunningRequestStatus(msgspec.Struct):
+    request_id: str
+    status: str  # waiting | running
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_computed_tokens: int
+    max_tokens: int
+    num_preemptions: int
+    arrival_time: float
+    block_ids: list[int]
+
+
+class BlockPoolStatus(msgspec.Struct):
+    num_blocks: int
+    block_size: int
+    num_free_blocks: int
+    num_used_blocks: int
+    num_cached_blocks: int
+    num_shared_blocks: int
+    tokens_stored: int
+    slots_allocated: int
+    utilisation: float  # tokens stored / slots allocated
+    block_owners: list[str]  # per block: owning request id, "" when free ("*" marks shared)
+
+
+class ExecutorStatus(msgspec.Struct):
+    executor_id: str
+    device: str
+    num_blocks: int
+    model: str
+    last_heartbeat_age_s: float
+    alive: bool
+
+
+class StepStats(msgspec.Struct):
+    num_steps: int
+    steps_per_s: float
+    mean_batch_size: float
+    mean_tokens_per_step: float
+    num_preemptions: int
+
+
+class StatusSnapshot(msgspec.Struct, tag="snapshot"):
+    query_id: int
+    model: str
+    max_model_len: int
+    running: list[RunningRequestStatus]
+    waiting: list[RunningRequestStatus]
+    swapped: list[RunningRequestStatus]
+    block_pool: BlockPoolStatus | None  # None until an executor reported its capacity
+    executors: list[ExecutorStatus]
+    steps: StepStats
+    uptime_s: float
+
+
+SchedulerToGateway = RequestDeltas | RequestError | StatusSnapshot
+
+
+# ---------------------------------------------------------------------------------------
+# Scheduler <-> executor (executor DEALER -> scheduler ROUTER).
+# ---------------------------------------------------------------------------------------
+
+
+class ExecutorReady(msgspec.Struct, tag="ready", array_like=True):
+    """Sent once after the model is loaded and the KV cache allocated."""
+
+    executor_id: str
+    num_blocks: int
+    block_size: int
+    model: str
+    device: str
+    max_model_len: int
+    eos_token_id: int | None
+
+
+class Heartbeat(msgspec.Struct, tag="heartbeat", array_like=True):
+    executor_id: str
+    sent_at: float
+
+
+class StepMessage(msgspec.Struct, tag="step", array_like=True, gc=False):
+    step: ExecuteStep
+
+
+class StepResultMessage(msgspec.Struct, tag="result", array_like=True, gc=False):
+    result: StepResult
+    forward_s: float = 0.0
+
+
+ExecutorMessage = ExecutorReady | Heartbeat | StepResultMessage
+
+PROTOCOL_VERSION = b"pagedserve.1"

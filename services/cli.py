@@ -1,0 +1,214 @@
+"""The `pagedserve` command: one subcommand per job, each building its typed config from
+flags in one place."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+
+from shared.config import DTYPES, EngineConfig
+from shared.sampling_params import SamplingParams
+
+
+def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="GGUF file or HF folder (default: embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: auto)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="model and KV cache dtype")
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    parser.add_argument("--kv-cache-memory", type=int, default=1 << 30, help="KV cache bytes on CPU")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--num-kv-blocks", type=int, default=None, help="force the number of KV blocks")
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        block_size=args.block_size,
+        kv_cache_memory_bytes=args.kv_cache_memory,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        num_kv_blocks=args.num_kv_blocks,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pagedserve", description="LLM serving built around PagedAttention")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate completions offline with the in-process engine")
+    gen.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompts (default: read lines from stdin)")
+    add_engine_flags(gen)
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt as one user message in the chat template")
+    gen.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
+    gen.set_defaults(handler=run_generate)
+
+    sched = sub.add_parser("scheduler", help="run the scheduler service (block allocator, batching)")
+    add_scheduler_flags(sched)
+    sched.set_defaults(handler=run_scheduler)
+
+    ex = sub.add_parser("executor", help="run an executor (model + KV cache) for a scheduler")
+    add_engine_flags(ex)
+    ex.add_argument("--scheduler-address", default=os.environ.get("PAGEDSERVE_EXECUTOR_ADDRESS", "tcp://127.0.0.1:5556"))
+    ex.add_argument("--executor-id", default="")
+    ex.add_argument("--heartbeat-interval", type=float, default=1.0, help="seconds between heartbeats")
+    ex.set_defaults(handler=run_executor)
+
+    from services.gateway.config import add_gateway_flags
+
+    gw = sub.add_parser("gateway", help="run the OpenAI-compatible HTTP gateway")
+    add_gateway_flags(gw)
+    gw.set_defaults(handler=run_gateway)
+
+    up = sub.add_parser("up", help="run redis, scheduler, executor and gateway as local processes")
+    add_up_flags(up)
+    up.set_defaults(handler=run_up)
+    return parser
+
+
+def add_scheduler_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gateway-address", default="tcp://127.0.0.1:5555", help="ZMQ address to bind for gateways")
+    parser.add_argument("--executor-address", default="tcp://127.0.0.1:5556", help="ZMQ address to bind for executors")
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--max-num-waiting", type=int, default=1024, help="bound of the waiting queue (then 429)")
+    parser.add_argument("--executor-timeout", type=float, default=5.0, help="seconds without heartbeat = dead")
+    parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL"))
+    parser.add_argument("--replica-id", default="replica-0")
+
+
+def add_up_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL"), help="default: start a local redis-server")
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--admin-key", default=None)
+    parser.add_argument("--kv-cache-memory", type=int, default=1 << 30)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
+
+
+def _configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def run_scheduler(args: argparse.Namespace) -> int:
+    from services.scheduler.service import SchedulerServiceConfig, serve
+
+    _configure_logging()
+    serve(
+        SchedulerServiceConfig(
+            gateway_address=args.gateway_address,
+            executor_address=args.executor_address,
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_num_waiting=args.max_num_waiting,
+            executor_timeout_s=args.executor_timeout,
+            redis_url=args.redis_url,
+            replica_id=args.replica_id,
+        ),
+        _stop_on_signals(),
+    )
+    return 0
+
+
+def run_executor(args: argparse.Namespace) -> int:
+    from services.executor.service import ExecutorConfig, serve
+
+    _configure_logging()
+    serve(
+        ExecutorConfig(
+            engine=engine_config_from_args(args),
+            scheduler_address=args.scheduler_address,
+            executor_id=args.executor_id,
+            heartbeat_interval_s=args.heartbeat_interval,
+        ),
+        _stop_on_signals(),
+    )
+    return 0
+
+
+def run_gateway(args: argparse.Namespace) -> int:
+    from services.gateway.config import gateway_config_from_args
+    from services.gateway.server import serve
+
+    _configure_logging()
+    serve(gateway_config_from_args(args))
+    return 0
+
+
+def run_up(args: argparse.Namespace) -> int:
+    from services.launcher import launch
+
+    _configure_logging()
+    return launch(args)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from services.engine import LLMEngine
+    from shared.tokenizer import encode_chat
+
+    prompts = args.prompts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not prompts:
+        print("pagedserve generate: no prompt given", file=sys.stderr)
+        return 2
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        ignore_eos=args.ignore_eos,
+    )
+    try:
+        params.validate()
+    except ValueError as error:
+        print(f"pagedserve generate: {error}", file=sys.stderr)
+        return 2
+    engine = LLMEngine(engine_config_from_args(args))
+    inputs: list[str | list[int]] = (
+        [encode_chat(engine.tokenizer, [{"role": "user", "content": p}]) for p in prompts] if args.chat else list(prompts)
+    )
+    for prompt, completion in zip(prompts, engine.generate(inputs, params)):
+        if args.json:
+            print(json.dumps({"prompt": prompt, "token_ids": completion.token_ids, "text": completion.text}), flush=True)
+        else:
+            print(f"### {prompt}\n{completion.text}\n[{len(completion.token_ids)} tokens, {completion.finish_reason}]\n", flush=True)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    raise SystemExit(args.handler(args))
+
+
+if __name__ == "__main__":
+    main()

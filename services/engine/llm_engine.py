@@ -1,0 +1,139 @@
+"""The in-process engine: scheduler core + model runner wired by function calls.
+
+Tests, benchmarks and the Python API use it; the services put ZeroMQ between the same
+two objects and add nothing else. Each `step()` is schedule -> execute -> update.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from services.executor.model_runner import ModelRunner
+from services.scheduler.request import Request
+from services.scheduler.scheduler import Scheduler, SchedulerConfig
+from shared.config import EngineConfig
+from shared.messages import RequestDelta, TokenLogprobs
+from shared.model_source import resolve_model_source
+from shared.sampling_params import SamplingParams
+from shared.tokenizer import encode_prompt, load_tokenizer
+
+Prompt = str | list[int]
+
+
+@dataclass
+class Completion:
+    request_id: str
+    prompt: Prompt
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)  # generated only (EOS included if hit)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    finish_reason: str | None = None
+    text: str = ""
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None) -> None:
+        self.config = config or EngineConfig()
+        self.model_source = resolve_model_source(self.config.model)
+        self.tokenizer = load_tokenizer(self.model_source)
+        self.runner = ModelRunner(self.config, self.model_source)
+        self.max_model_len = self.runner.max_model_len
+        self.eos_token_id = self.runner.eos_token_id
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=self.config.max_num_seqs,
+                max_num_batched_tokens=self.config.max_num_batched_tokens,
+                max_model_len=self.max_model_len,
+                max_num_waiting=self.config.max_num_waiting,
+            ),
+            num_blocks=self.runner.num_blocks,
+            block_size=self.config.block_size,
+        )
+        self._ids = itertools.count()
+
+    @property
+    def model_name(self) -> str:
+        return self.model_source.name
+
+    def tokenize(self, prompt: Prompt) -> list[int]:
+        return list(prompt) if isinstance(prompt, list) else encode_prompt(self.tokenizer, prompt)
+
+    def add_request(
+        self,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        request_id: str | None = None,
+        priority: int = 0,
+    ) -> str:
+        sampling_params.validate()
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        self.scheduler.add_request(
+            Request(
+                request_id,
+                prompt_token_ids,
+                sampling_params,
+                arrival_time=time.monotonic(),
+                eos_token_id=self.eos_token_id,
+                priority=priority,
+            )
+        )
+        return request_id
+
+    def abort(self, request_ids: Sequence[str]) -> list[RequestDelta]:
+        return self.scheduler.abort_requests(list(request_ids))
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def step(self) -> list[RequestDelta]:
+        step = self.scheduler.schedule()
+        result = self.runner.execute(step)
+        return self.scheduler.update_from_output(step, result)
+
+    def stream(
+        self, prompts: Sequence[Prompt], sampling_params: SamplingParams | Sequence[SamplingParams]
+    ) -> Iterator[tuple[int, RequestDelta]]:
+        """Run the prompts together; yield (prompt index, delta) as each step produces tokens."""
+        params = _per_prompt(sampling_params, len(prompts))
+        index_of = {
+            self.add_request(self.tokenize(prompt), p): i for i, (prompt, p) in enumerate(zip(prompts, params))
+        }
+        pending = set(index_of)
+        try:
+            while pending:
+                for delta in self.step():
+                    if delta.request_id in index_of:
+                        yield index_of[delta.request_id], delta
+                        if delta.finish_reason is not None:
+                            pending.discard(delta.request_id)
+        finally:
+            if pending:  # the consumer stopped early: give the blocks back
+                self.abort(sorted(pending))
+
+    def generate(
+        self, prompts: Sequence[Prompt], sampling_params: SamplingParams | Sequence[SamplingParams]
+    ) -> list[Completion]:
+        completions = [
+            Completion(request_id="", prompt=prompt, prompt_token_ids=self.tokenize(prompt)) for prompt in prompts
+        ]
+        for index, delta in self.stream([c.prompt_token_ids for c in completions], sampling_params):
+            completion = completions[index]
+            completion.request_id = delta.request_id
+            completion.token_ids.extend(delta.new_token_ids)
+            completion.logprobs.extend(delta.logprobs)
+            if delta.finish_reason is not None:
+                completion.finish_reason = delta.finish_reason
+        for completion in completions:
+            completion.text = self.tokenizer.decode(completion.token_ids, skip_special_tokens=True)
+        return completions
+
+
+def _per_prompt(params: SamplingParams | Sequence[SamplingParams], count: int) -> list[SamplingParams]:
+    if isinstance(params, SamplingParams):
+        return [params] * count
+    if len(params) != count:
+        raise ValueError(f"got {len(params)} sampling params for {count} prompts")
+    return list(params)

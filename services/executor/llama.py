@@ -1,0 +1,235 @@
+"""Llama-family decoder (Llama 2/3, SmolLM2, Mistral, TinyLlama, Qwen2) over a paged KV cache.
+
+One forward runs a flattened batch of mixed prefill chunks and decode tokens with no
+padding: tokens are [num_tokens], hidden states [num_tokens, hidden]. Numerics follow
+HF transformers step by step (RMSNorm and RoPE tables in float32, then cast) so greedy
+outputs can be compared token for token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from services.executor.attention_metadata import AttentionMetadata
+from services.executor.model_config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # float32 whatever the model dtype, as HF does (even for float64 models).
+        x32 = x.to(torch.float32)
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for every position, computed once in float32 like HF's, then cast."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        inv_freq, scaling = _rope_inv_freq(config)
+        positions = torch.arange(config.max_position_embeddings, dtype=torch.float32)
+        freqs = positions[:, None] * inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos", (emb.cos() * scaling).to(dtype), persistent=False)
+        self.register_buffer("sin", (emb.sin() * scaling).to(dtype), persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos = self.cos[positions][:, None, :]  # [num_tokens, 1, head_dim]
+        sin = self.sin[positions][:, None, :]
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rope_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies for the model's RoPE variant. Scaled variants (llama3, linear,
+    yarn, ...) come from transformers' own table so they match HF exactly."""
+    params = config.rope_parameters
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "default":
+        base = float(params["rope_theta"])
+        dim = config.head_dim
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float) / dim))
+        return inv_freq, 1.0
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config.hf_config, torch.device("cpu"))
+    return inv_freq.to(torch.float32), float(scaling)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.q_size = config.num_heads * config.head_dim
+        self.kv_size = config.num_kv_heads * config.head_dim
+        self.scale = config.head_dim**-0.5
+        # q, k and v projections fused into one GEMM.
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        rotary: RotaryEmbedding,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+        kernels: ModuleType,
+    ) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        q, k = rotary(positions, q, k)
+        key_cache, value_cache = kv_cache
+        # New K/V go into the cache first: attention then reads every token, new or
+        # cached, through the block table.
+        kernels.reshape_and_cache(k, v, key_cache, value_cache, meta.slot_mapping)
+        nd = meta.num_decode_tokens
+        parts = []
+        if nd > 0:
+            parts.append(
+                kernels.paged_decode_attention(
+                    q[:nd], key_cache, value_cache, meta.decode_block_tables, meta.decode_seq_lens,
+                    self.scale, meta.max_decode_seq_len,
+                )
+            )
+        if meta.num_prefills > 0:
+            parts.append(
+                kernels.paged_prefill_attention(
+                    q[nd:], key_cache, value_cache, meta.prefill_block_tables,
+                    meta.prefill_query_start_loc, meta.prefill_seq_lens, self.scale,
+                    meta.max_prefill_query_len, meta.max_prefill_seq_len,
+                )
+            )
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        return self.o_proj(out.reshape(num_tokens, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(config, dtype)
+        self.requires_grad_(False)
+
+    @classmethod
+    def build(
+        cls, config: ModelConfig, weights: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype, device: torch.device
+    ) -> "LlamaForCausalLM":
+        """Construct without random initialisation (parameters on the meta device first),
+        then load the checkpoint and compute the RoPE tables for real."""
+        with torch.device("meta"):
+            model = cls(config, dtype)
+        model = model.to_empty(device=device).to(dtype)
+        model.load_weights((name, tensor.to(dtype)) for name, tensor in weights)
+        model.rotary = RotaryEmbedding(config, dtype).to(device)
+        return model.eval()
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+        kernels: ModuleType,
+    ) -> torch.Tensor:
+        """[num_tokens] ids -> [num_tokens, hidden] final hidden states (normed)."""
+        hidden = self.embed_tokens(input_ids)
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            residual = hidden
+            hidden = layer.self_attn(layer.input_layernorm(hidden), positions, self.rotary, kv_cache, meta, kernels)
+            hidden = residual + hidden
+            residual = hidden
+            hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
+        return self.norm(hidden)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load HF-named tensors, fusing q/k/v and gate/up; every parameter must be set."""
+        params = dict(self.named_parameters())
+        fused = {
+            "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+            "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+        }
+        loaded: set[str] = set()
+        pending: dict[str, dict[int, torch.Tensor]] = {}
+        for hf_name, tensor in weights:
+            name = hf_name.removeprefix("model.")
+            if "rotary_emb" in name:
+                continue
+            parts = name.split(".")
+            if len(parts) >= 2 and parts[-2] in fused:
+                target, index = fused[parts[-2]]
+                full = ".".join(parts[:-2] + [target, parts[-1]])
+                pending.setdefault(full, {})[index] = tensor
+                expected = 3 if target == "qkv_proj" else 2
+                if len(pending[full]) == expected:
+                    shards = pending.pop(full)
+                    self._copy_param(params, full, torch.cat([shards[i] for i in range(expected)], dim=0))
+                    loaded.add(full)
+                continue
+            self._copy_param(params, name, tensor)
+            loaded.add(name)
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+            loaded.add("lm_head.weight")
+        missing = sorted(set(params) - loaded)
+        if missing or pending:
+            raise ValueError(f"checkpoint is missing weights: {missing[:5] + sorted(pending)[:5]}")
+
+    @staticmethod
+    def _copy_param(params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor) -> None:
+        if name not in params:
+            raise ValueError(f"unexpected weight '{name}' in checkpoint")
+        param = params[name]
+        if param.shape != tensor.shape:
+            raise ValueError(f"weight '{name}' has shape {tuple(tensor.shape)}, model expects {tuple(param.shape)}")
+        param.data.copy_(tensor)

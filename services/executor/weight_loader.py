@@ -1,0 +1,86 @@
+"""Weights into HF's naming (`model.layers.N.self_attn.q_proj.weight`, ...) from a GGUF
+file (dequantized with the `gguf` package) or an HF folder of safetensors."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from services.executor.model_config import ModelConfig
+from shared.model_source import ModelSource
+
+# llama.cpp tensor name -> HF tensor name ({} = layer index)
+_GGUF_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_GGUF_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_GGUF_LAYER_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+
+
+def _unpermute_rotary(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    """llama.cpp stores q/k rows interleaved per rotary pair; HF keeps the two halves of
+    each head apart. Undo llama.cpp's permutation so the weights equal HF's exactly."""
+    rows, cols = weight.shape
+    return weight.reshape(num_heads, rows // num_heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def gguf_name_to_hf(name: str) -> str | None:
+    if name in _GGUF_GLOBAL_NAMES:
+        return _GGUF_GLOBAL_NAMES[name]
+    match = _GGUF_LAYER_RE.match(name)
+    if match is None or match.group(2) not in _GGUF_LAYER_NAMES:
+        return None
+    layer, part, kind = match.groups()
+    return f"model.layers.{layer}.{_GGUF_LAYER_NAMES[part]}.{kind}"
+
+
+def iter_gguf_weights(path: str, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    for tensor in reader.tensors:
+        hf_name = gguf_name_to_hf(tensor.name)
+        if hf_name is None:
+            continue
+        array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        if hf_name.endswith("q_proj.weight"):
+            array = _unpermute_rotary(array, config.num_heads)
+        elif hf_name.endswith("k_proj.weight"):
+            array = _unpermute_rotary(array, config.num_kv_heads)
+        yield hf_name, torch.from_numpy(np.array(array, dtype=np.float32))  # a writable copy
+
+
+def iter_safetensors_weights(directory: str) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors.torch import safe_open
+
+    files = sorted(Path(directory).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {directory}")
+    for file in files:
+        with safe_open(os.fspath(file), framework="pt") as handle:
+            for name in handle.keys():
+                yield name, handle.get_tensor(name)
+
+
+def iter_weights(source: ModelSource, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) pairs in the checkpoint's own dtype (float32 for GGUF)."""
+    if source.gguf_file is not None:
+        return iter_gguf_weights(os.path.join(source.directory, source.gguf_file), config)
+    return iter_safetensors_weights(source.directory)

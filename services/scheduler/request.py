@@ -1,0 +1,110 @@
+"""One generation request as the scheduler tracks it.
+
+A plain class, not a message: it is mutated every step and never crosses a process
+boundary (the executor gets `NewRequestData` / `CachedRequestData` built from it).
+
+Progress is two counters, as in vLLM v1: `num_tokens` (prompt + output so far) and
+`num_computed_tokens` (how many of those have their K/V in the cache). A step computes
+some of the difference; prefill, chunked prefill, decode and recompute after preemption
+are all the same operation.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+from shared.sampling_params import SamplingParams
+
+
+class RequestStatus(IntEnum):
+    WAITING = 0
+    RUNNING = 1
+    # Everything from here on is finished; `Request.is_finished` relies on the order.
+    FINISHED_STOPPED = 2
+    FINISHED_LENGTH = 3
+    FINISHED_ABORTED = 4
+
+
+_FINISH_REASONS: dict[RequestStatus, str] = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+}
+
+
+class Request:
+    __slots__ = (
+        "request_id",
+        "prompt_token_ids",
+        "sampling_params",
+        "eos_token_id",
+        "arrival_time",
+        "priority",
+        "arrival_seq",
+        "output_token_ids",
+        "num_computed_tokens",
+        "block_ids",
+        "status",
+        "num_preemptions",
+    )
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        *,
+        arrival_time: float,
+        eos_token_id: int | None = None,
+        priority: int = 0,
+    ) -> None:
+        # arrival_time has no default on purpose: mixing clocks (wall vs monotonic) would
+        # silently break FCFS order and the choice of preemption victim.
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.sampling_params = sampling_params
+        self.eos_token_id = eos_token_id
+        self.arrival_time = arrival_time
+        self.priority = priority  # lower = more important
+        # Set by the scheduler when the request is added: breaks arrival_time ties so
+        # ordering is total and deterministic.
+        self.arrival_seq = -1
+
+        self.output_token_ids: list[int] = []
+        self.num_computed_tokens = 0
+        self.block_ids: list[int] = []  # the block table; the scheduler owns these refs
+        self.status = RequestStatus.WAITING
+        self.num_preemptions = 0
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        """A new list (prompt + output): safe to hand to a message."""
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status >= RequestStatus.FINISHED_STOPPED
+
+    @property
+    def finish_reason(self) -> str | None:
+        """"stop" | "length" | "abort", or None while it is still alive."""
+        return _FINISH_REASONS.get(self.status)
+
+    def __repr__(self) -> str:
+        return (
+            f"Request({self.request_id!r}, {self.status.name}, "
+            f"tokens={self.num_prompt_tokens}+{self.num_output_tokens}, "
+            f"computed={self.num_computed_tokens}, blocks={len(self.block_ids)})"
+        )

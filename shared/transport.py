@@ -1,0 +1,50 @@
+"""ZeroMQ framing shared by every service: [protocol version, MessagePack payload].
+
+Decoding never raises: a frame set that is malformed, of another protocol version, or
+not one of the expected message types is logged and dropped, so a bad peer cannot crash
+a service.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, TypeVar
+
+import msgspec
+import zmq
+
+from shared.messages import PROTOCOL_VERSION
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+def encode(message: msgspec.Struct) -> list[bytes]:
+    return [PROTOCOL_VERSION, _encoder.encode(message)]
+
+
+def decode(frames: list[bytes], decoder: msgspec.msgpack.Decoder[T], peer: str = "?") -> T | None:
+    """The message in `frames` (version + payload), or None after logging why it was dropped."""
+    if len(frames) != 2:
+        log.warning("dropped a message from %s: %d frames, expected 2", peer, len(frames))
+        return None
+    version, payload = frames
+    if version != PROTOCOL_VERSION:
+        log.warning("dropped a message from %s: protocol %r, expected %r", peer, version[:32], PROTOCOL_VERSION)
+        return None
+    try:
+        return decoder.decode(payload)
+    except (msgspec.DecodeError, msgspec.ValidationError) as error:
+        log.warning("dropped a malformed message from %s: %s", peer, error)
+        return None
+
+
+def make_socket(context: zmq.Context[Any], kind: int, *, identity: bytes | None = None) -> zmq.Socket[Any]:
+    sock = context.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    if identity is not None:
+        sock.setsockopt(zmq.IDENTITY, identity)
+    return sock

@@ -1,0 +1,148 @@
+"""Real service processes for end-to-end tests: redis-server, scheduler, executor, gateway.
+
+Each is started with the same `pagedserve <service>` command line that `pagedserve up`
+and the compose file use, on free loopback ports, and waited for by condition (a port
+that answers, a health check), never by sleeping.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.launcher import free_port, pagedserve_command, redis_server_binary
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(interval_s)  # polling interval of a condition wait, not synchronisation
+    raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@dataclass
+class ServiceProcess:
+    name: str
+    command: list[str]
+    log_path: Path
+    env: dict[str, str]
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.log_file = open(self.log_path, "ab")
+        self.process = subprocess.Popen(self.command, stdout=self.log_file, stderr=subprocess.STDOUT, env=self.env)
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, sig_kill: bool = False) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.kill() if sig_kill else self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log_file.close()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-5000:]
+
+
+@dataclass
+class Cluster:
+    """redis + scheduler + executor (+ gateway) as real processes."""
+
+    workdir: Path
+    with_gateway: bool = True
+    api_key: str | None = None
+    admin_key: str | None = None
+    kv_cache_memory: int = 256 << 20
+    extra_scheduler_flags: list[str] = field(default_factory=list)
+    extra_executor_flags: list[str] = field(default_factory=list)
+    extra_gateway_flags: list[str] = field(default_factory=list)
+    services: dict[str, ServiceProcess] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.redis_port = free_port()
+        self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
+        self.gateway_zmq = f"tcp://127.0.0.1:{free_port()}"
+        self.executor_zmq = f"tcp://127.0.0.1:{free_port()}"
+        self.http_port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.http_port}"
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if self.api_key:
+            self.env["PAGEDSERVE_API_KEY"] = self.api_key
+        if self.admin_key:
+            self.env["PAGEDSERVE_ADMIN_KEY"] = self.admin_key
+
+    def _service(self, name: str, command: list[str]) -> ServiceProcess:
+        service = ServiceProcess(name, command, self.workdir / f"{name}.log", self.env)
+        self.services[name] = service
+        return service
+
+    def start(self) -> "Cluster":
+        base = pagedserve_command()
+        redis = self._service(
+            "redis",
+            [redis_server_binary(), "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        )
+        redis.start()
+        wait_until(lambda: port_open(self.redis_port), 10, "redis-server")
+        self._service(
+            "scheduler",
+            base + ["scheduler", "--gateway-address", self.gateway_zmq, "--executor-address", self.executor_zmq,
+                    "--redis-url", self.redis_url, *self.extra_scheduler_flags],
+        ).start()
+        self.start_executor()
+        if self.with_gateway:
+            self._service(
+                "gateway",
+                base + ["gateway", "--host", "127.0.0.1", "--port", str(self.http_port), "--scheduler-address",
+                        self.gateway_zmq, "--redis-url", self.redis_url, *self.extra_gateway_flags],
+            ).start()
+            self.wait_healthy()
+        return self
+
+    def start_executor(self) -> None:
+        self._service(
+            "executor",
+            pagedserve_command() + ["executor", "--scheduler-address", self.executor_zmq,
+                                    "--kv-cache-memory", str(self.kv_cache_memory), *self.extra_executor_flags],
+        ).start()
+
+    def wait_healthy(self, timeout_s: float = 180) -> None:
+        import httpx
+
+        def healthy() -> bool:
+            for service in self.services.values():
+                if not service.alive():
+                    raise RuntimeError(f"{service.name} died during start-up:\n{service.log()}")
+            try:
+                return httpx.get(f"{self.base_url}/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(healthy, timeout_s, "the gateway's /health", interval_s=0.25)
+
+    def stop(self) -> None:
+        for name in ("gateway", "executor", "scheduler", "redis"):
+            if name in self.services:
+                self.services[name].stop()

@@ -1,0 +1,64 @@
+"""Greedy output of the whole engine equals HF transformers' `generate`, token for token.
+
+Both run in float64 so fp32 near-ties cannot flip an argmax (see NOTES: exactness).
+The engine runs all eight prompts together, under three memory/budget regimes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from services.engine import LLMEngine
+from shared.config import EngineConfig
+from shared.sampling_params import SamplingParams
+from tests.engine.hf_reference import NUM_NEW_TOKENS, hf_greedy
+
+pytestmark = pytest.mark.slow
+
+GREEDY = SamplingParams(max_tokens=NUM_NEW_TOKENS, temperature=0.0)
+
+
+def run_engine(engine: LLMEngine, prompts: list[list[int]]) -> list[list[int]]:
+    completions = engine.generate(prompts, GREEDY)
+    assert engine.scheduler.block_pool.num_free_blocks == engine.scheduler.block_pool.num_blocks
+    return [c.token_ids for c in completions]
+
+
+CHUNK_BUDGET = 32
+
+
+def test_prompts_exercise_chunking(smollm2_prompts: list[list[int]]) -> None:
+    """Lengths from under one block to several chunks of the chunked-prefill regime."""
+    lengths = sorted(len(p) for p in smollm2_prompts)
+    assert lengths[0] < 16 and lengths[-1] > 2 * CHUNK_BUDGET, lengths
+
+
+@pytest.mark.parametrize(
+    "regime, overrides",
+    [
+        ("roomy", dict(max_num_batched_tokens=2048)),
+        ("chunked-prefill", dict(max_num_batched_tokens=CHUNK_BUDGET)),
+        ("preempting", dict(num_kv_blocks=22, max_num_batched_tokens=96)),
+    ],
+)
+def test_smollm2_matches_hf(
+    regime: str, overrides: dict, smollm2_prompts: list[list[int]], smollm2_reference: list[list[int]]
+) -> None:
+    engine = LLMEngine(EngineConfig(dtype="float64", **overrides))
+    outputs = run_engine(engine, smollm2_prompts)
+    if regime == "preempting":
+        assert engine.scheduler.num_preemptions_total > 0
+    for prompt, ours, ref in zip(smollm2_prompts, outputs, smollm2_reference):
+        assert ours == ref, f"prompt of {len(prompt)} tokens diverged"
+
+
+def test_random_gqa_llama_folder_matches_hf(random_llama_dir: Path) -> None:
+    prompts = [[1] + [(i * 37 + j * 11) % 40000 + 100 for j in range(n)] for i, n in enumerate([3, 17, 40, 90, 5, 64, 130, 33])]
+    reference = hf_greedy(str(random_llama_dir), None, prompts, NUM_NEW_TOKENS)
+    engine = LLMEngine(EngineConfig(model=str(random_llama_dir), dtype="float64", max_num_batched_tokens=64, num_kv_blocks=40))
+    outputs = run_engine(engine, prompts)
+    assert engine.scheduler.num_preemptions_total > 0
+    for ours, ref in zip(outputs, reference):
+        assert ours == ref

@@ -1,0 +1,147 @@
+"""The scheduler and executor as real processes over real ZeroMQ sockets, driven by a
+DEALER socket playing the gateway: outputs equal the in-process engine's, malformed
+messages are dropped without harm, refused requests get a RequestError."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+import zmq
+
+from services.engine import LLMEngine
+from shared.config import EngineConfig
+from shared.messages import (
+    AbortRequest,
+    GatewayMessage,
+    RequestDeltas,
+    RequestError,
+    SchedulerToGateway,
+    StatusQuery,
+    StatusSnapshot,
+    SubmitRequest,
+)
+from shared.sampling_params import SamplingParams
+from shared.transport import decode, encode
+from tests.cluster import Cluster, wait_until
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [[1, 504, 3575, 282, 4649, 314], [1, 19556, 28, 919, 359, 346, 47], [1] + list(range(300, 340))]
+GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+
+
+class FakeGatewaySocket:
+    """A real DEALER socket speaking the gateway protocol (the test is the gateway)."""
+
+    def __init__(self, address: str) -> None:
+        self.context = zmq.Context()
+        self.sock = self.context.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(address)
+        self.decoder = msgspec.msgpack.Decoder(SchedulerToGateway)
+
+    def send(self, message: msgspec.Struct) -> None:
+        self.sock.send_multipart(encode(message))
+
+    def recv(self, timeout_s: float) -> Any:
+        if not self.sock.poll(int(timeout_s * 1000)):
+            raise TimeoutError("no message from the scheduler")
+        return decode(self.sock.recv_multipart(), self.decoder)
+
+    def status(self, timeout_s: float = 5) -> StatusSnapshot:
+        self.send(StatusQuery(query_id=7))
+        deadline = time.monotonic() + timeout_s
+        while True:
+            message = self.recv(max(0.01, deadline - time.monotonic()))
+            if isinstance(message, StatusSnapshot):
+                return message
+
+    def close(self) -> None:
+        self.sock.close()
+        self.context.term()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    cluster = Cluster(tmp_path_factory.mktemp("cluster"), with_gateway=False)
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture()
+def gateway(cluster: Cluster) -> Iterator[FakeGatewaySocket]:
+    sock = FakeGatewaySocket(cluster.gateway_zmq)
+    wait_until(lambda: any(e.alive for e in sock.status().executors), 120, "an executor to join", interval_s=0.2)
+    yield sock
+    sock.close()
+
+
+def collect(sock: FakeGatewaySocket, ids: set[str], timeout_s: float = 120) -> dict[str, Any]:
+    outputs: dict[str, list[int]] = {i: [] for i in ids}
+    finish: dict[str, str] = {}
+    errors: dict[str, RequestError] = {}
+    deadline = time.monotonic() + timeout_s
+    while len(finish) + len(errors) < len(ids):
+        message = sock.recv(max(0.01, deadline - time.monotonic()))
+        if isinstance(message, RequestDeltas):
+            for delta in message.deltas:
+                outputs[delta.request_id].extend(delta.new_token_ids)
+                if delta.finish_reason:
+                    finish[delta.request_id] = delta.finish_reason
+        elif isinstance(message, RequestError):
+            errors[message.request_id] = message
+    return {"outputs": outputs, "finish": finish, "errors": errors}
+
+
+def test_outputs_equal_in_process_engine(gateway: FakeGatewaySocket) -> None:
+    engine = LLMEngine(EngineConfig(kv_cache_memory_bytes=64 << 20))
+    expected = [c.token_ids for c in engine.generate(PROMPTS, GREEDY)]
+    for i, prompt in enumerate(PROMPTS):
+        gateway.send(SubmitRequest(f"r{i}", prompt, GREEDY, arrival_time=time.time()))
+    got = collect(gateway, {f"r{i}" for i in range(len(PROMPTS))})
+    assert got["errors"] == {}
+    assert [got["outputs"][f"r{i}"] for i in range(len(PROMPTS))] == expected
+    assert set(got["finish"].values()) == {"length"}
+    snapshot = gateway.status()
+    assert snapshot.block_pool is not None
+    assert snapshot.block_pool.num_free_blocks == snapshot.block_pool.num_blocks
+    assert snapshot.steps.num_steps > 0
+
+
+def test_malformed_messages_are_dropped(gateway: FakeGatewaySocket) -> None:
+    gateway.sock.send_multipart([b"garbage"])
+    gateway.sock.send_multipart([b"pagedserve.0", b"\x00"])
+    gateway.sock.send_multipart(encode(StatusQuery(1))[:1] + [b"\xc1not msgpack"])
+    gateway.send(SubmitRequest("after-garbage", PROMPTS[0], GREEDY, arrival_time=time.time()))
+    got = collect(gateway, {"after-garbage"})
+    assert len(got["outputs"]["after-garbage"]) == GREEDY.max_tokens
+
+
+def test_refused_requests_get_errors(gateway: FakeGatewaySocket) -> None:
+    snapshot = gateway.status()
+    too_long = [1] * (snapshot.max_model_len + 1)
+    gateway.send(SubmitRequest("too-long", too_long, GREEDY, arrival_time=time.time()))
+    gateway.send(SubmitRequest("bad-params", PROMPTS[0], SamplingParams(max_tokens=0), arrival_time=time.time()))
+    got = collect(gateway, {"too-long", "bad-params"})
+    assert got["errors"]["too-long"].status_code == 400
+    assert str(snapshot.max_model_len) in got["errors"]["too-long"].message.replace(",", "")
+    assert got["errors"]["bad-params"].status_code == 400
+    assert "max_tokens" in got["errors"]["bad-params"].message
+
+
+def test_abort_frees_blocks(gateway: FakeGatewaySocket) -> None:
+    long_run = SamplingParams(max_tokens=2000, temperature=0.0, ignore_eos=True)
+    gateway.send(SubmitRequest("to-abort", PROMPTS[2], long_run, arrival_time=time.time()))
+    first = gateway.recv(60)
+    assert isinstance(first, RequestDeltas) and first.deltas[0].request_id == "to-abort"
+    gateway.send(AbortRequest(["to-abort"]))
+    got = collect(gateway, {"to-abort"})
+    assert got["finish"]["to-abort"] == "abort"
+    pool = gateway.status().block_pool
+    assert pool is not None and pool.num_free_blocks == pool.num_blocks
