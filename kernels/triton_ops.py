@@ -9,7 +9,9 @@ Design choices that hold across the kernels:
   padded to a power of two (and to 16 rows for `tl.dot`) and the padding rows masked.
 - Softmax state (running max, running sum) and the output accumulator are float32. The
   `tl.dot` inputs stay in the cache dtype (fp16/bf16 use tensor cores and accumulate in
-  fp32); fp32 inputs ask for `input_precision="ieee"` so they are not rounded to tf32.
+  fp32); the dots ask for `input_precision="ieee"`, which only changes fp32 inputs: they
+  are not rounded to tf32. (bf16 under the interpreter is the one exception: see
+  `_dot_dtype`.)
 - Masked loads use `other=0` and masked scores are set to -inf *after* the dot, so
   whatever sits in unused slots (stale data, NaN) never reaches the output.
 - No host syncs: grids come from `max_seq_len` / `max_query_len`, which the caller knows,
@@ -163,6 +165,7 @@ def _paged_decode_kernel(
     block_tables_ptr,
     seq_lens_ptr,
     scale,
+    max_seq_len,
     stride_query_seq,
     stride_query_head,
     stride_query_dim,
@@ -194,7 +197,9 @@ def _paged_decode_kernel(
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     partition = tl.program_id(2)
-    seq_len = tl.load(seq_lens_ptr + seq)
+    # Clamped like the torch path, which never looks past max_seq_len; this also keeps a
+    # wrong max_seq_len from sending the reduction past the partial buffers.
+    seq_len = tl.minimum(tl.load(seq_lens_ptr + seq), max_seq_len)
     if SPLIT:
         context_start = partition * PARTITION_SIZE
         if context_start >= seq_len:  # a shorter sequence in a batch with a long one
@@ -281,6 +286,7 @@ def _reduce_partitions_kernel(
     partial_max_ptr,  # fp32 [num_seqs, num_heads, max_partitions]
     partial_sum_ptr,  # fp32 [num_seqs, num_heads, max_partitions]
     seq_lens_ptr,
+    max_seq_len,
     stride_out_seq,
     stride_out_head,
     stride_out_dim,
@@ -299,7 +305,7 @@ def _reduce_partitions_kernel(
     #   w_p = s_p * exp(m_p - max_q m_q);  out = sum_p w_p * out_p / sum_p w_p.
     seq = tl.program_id(0)
     head = tl.program_id(1)
-    seq_len = tl.load(seq_lens_ptr + seq)
+    seq_len = tl.minimum(tl.load(seq_lens_ptr + seq), max_seq_len)  # as in the decode kernel
     num_partitions = tl.cdiv(seq_len, PARTITION_SIZE)  # partitions past it were never written
     stat_row = seq * stride_stat_seq + head * stride_stat_head
     partial_row = partial_out_ptr + seq * stride_partial_seq + head * stride_partial_head
@@ -392,6 +398,7 @@ def paged_decode_attention(
         block_tables,
         seq_lens,
         scale,
+        max_seq_len,
         *query.stride(),
         *out.stride(),
         *partial_out.stride()[:3],
@@ -416,6 +423,7 @@ def paged_decode_attention(
             partial_max,
             partial_sum,
             seq_lens,
+            max_seq_len,
             *out.stride(),
             *partial_out.stride()[:3],
             *partial_max.stride()[:2],
@@ -552,6 +560,7 @@ def paged_prefill_attention(
     query [num_tokens, num_heads, head_dim]: the last `q_len` tokens of sequence i sit at
     positions seq_len - q_len .. seq_len - 1 and see every cached position up to their own
     (the cached prefix and this step's tokens, which `reshape_and_cache` wrote first).
+    `max_query_len` sizes the grid, so it must be at least every sequence's q_len.
     """
     if query.dtype == torch.float64:
         return torch_ops.paged_prefill_attention(

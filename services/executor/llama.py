@@ -146,14 +146,15 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32) -> None:
+    rotary: RotaryEmbedding  # set by `build`: its tables are computed, not loaded
+
+    def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.rotary = RotaryEmbedding(config, dtype)
         self.requires_grad_(False)
 
     @classmethod
@@ -163,7 +164,7 @@ class LlamaForCausalLM(nn.Module):
         """Construct without random initialisation (parameters on the meta device first),
         then load the checkpoint and compute the RoPE tables for real."""
         with torch.device("meta"):
-            model = cls(config, dtype)
+            model = cls(config)
         model = model.to_empty(device=device).to(dtype)
         model.load_weights((name, tensor.to(dtype)) for name, tensor in weights)
         model.rotary = RotaryEmbedding(config, dtype).to(device)

@@ -2,7 +2,8 @@
 tensors (tests/conftest.py sets TRITON_INTERPRET=1), against `kernels/torch_ops.py`.
 
 Everything a kernel must not touch or read is poisoned with NaN: reshape_and_cache must
-leave unwritten slots NaN, and the attention kernels get a cache whose every slot that
+leave unwritten slots NaN; outputs start NaN (`torch.empty` is patched to fill), so an
+unwritten element shows; and the attention kernels get a cache whose every slot that
 holds no real token (block tails past seq_len, the padding block 0 of every block table,
 blocks nobody owns) is NaN, so a single unmasked read, or a masked NaN multiplied by a
 zero probability, turns the output NaN. The torch reference, which by design gathers
@@ -86,6 +87,20 @@ def _paged_cache(
         block_tables,
         torch.tensor(seq_lens, dtype=torch.int32),
     )
+
+
+@pytest.fixture(autouse=True)
+def _poisoned_empty(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernels allocate their outputs (and partial results) with `torch.empty`: make
+    it return NaN-filled float tensors here, so any element a kernel forgets to write, or
+    a partial result the reduction reads without it having been written, shows as NaN."""
+    real_empty = torch.empty
+
+    def empty(*args: Any, **kwargs: Any) -> torch.Tensor:
+        tensor = real_empty(*args, **kwargs)
+        return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
+
+    monkeypatch.setattr(torch, "empty", empty)
 
 
 class _LaunchRecorder:
