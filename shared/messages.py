@@ -162,7 +162,7 @@ class StepStats(msgspec.Struct):
     num_preemptions: int
 
 
-class StatusSnapshot(msgspec.Struct, tag="snapshot"):
+class StatusSnapshot(msgspec.Struct, tag="snapshot", array_like=True):
     query_id: int
     model: str
     max_model_len: int
