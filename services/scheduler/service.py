@@ -18,6 +18,7 @@ from typing import Any
 import msgspec
 import zmq
 
+from services.scheduler.redis_mirror import RedisMirror
 from services.scheduler.request import Request
 from services.scheduler.scheduler import QueueFullError, Scheduler, SchedulerConfig
 from services.scheduler.status import StepHistory, block_pool_status, executor_status, request_status
@@ -76,6 +77,8 @@ class SchedulerService:
         self.owner_of: dict[str, bytes] = {}  # request id -> gateway identity
         self.history = StepHistory()
         self.started_at = time.monotonic()
+        self.redis = RedisMirror(config.redis_url, config.replica_id) if config.redis_url else None
+        self._next_load_report = 0.0
         self._gateway_decoder = msgspec.msgpack.Decoder(GatewayMessage)
         self._executor_decoder = msgspec.msgpack.Decoder(ExecutorMessage)
 
@@ -92,8 +95,11 @@ class SchedulerService:
             if self.gateways in events:
                 self._drain(self.gateways, self._on_gateway_frames)
             self._maybe_step()
+            self._maybe_report_load()
 
     def close(self) -> None:
+        if self.redis is not None:
+            self.redis.close()
         self.gateways.close()
         self.executors.close()
 
@@ -116,6 +122,29 @@ class SchedulerService:
             return  # nothing fits this instant (cannot happen for validated requests)
         self.in_flight = step
         self.executors.send_multipart([self.executor.identity, *encode(StepMessage(step=step))])
+        if self.redis is not None:
+            for new in step.new_requests:
+                if new.num_computed_tokens == 0 and len(new.token_ids) == new.num_prompt_tokens:
+                    self.redis.update(f"req:{new.request_id}", {"status": "running", "scheduled_at": time.time()})
+
+    def _maybe_report_load(self) -> None:
+        """Replica heartbeat and load, once a second, for gateways that route by load."""
+        now = time.monotonic()
+        if self.redis is None or now < self._next_load_report:
+            return
+        self._next_load_report = now + 1.0
+        core = self.core
+        self.redis.update(
+            f"replica:{self.config.replica_id}",
+            {
+                "heartbeat_at": time.time(),
+                "gateway_address": self.config.gateway_address,
+                "num_running": core.num_running if core else 0,
+                "num_waiting": core.num_waiting if core else 0,
+                "num_free_blocks": core.block_pool.num_free_blocks if core else 0,
+                "num_blocks": core.block_pool.num_blocks if core else 0,
+            },
+        )
 
     # --- executors ------------------------------------------------------------------
 
@@ -202,6 +231,12 @@ class SchedulerService:
             self._send(identity, RequestError(submit.request_id, 400, str(error)))
             return
         self.owner_of[submit.request_id] = identity
+        if self.redis is not None:
+            self.redis.update(
+                f"req:{submit.request_id}",
+                {"status": "waiting", "replica_id": self.config.replica_id, "arrival_at": submit.arrival_time,
+                 "prompt_tokens": len(submit.prompt_token_ids)},
+            )
 
     def _send_deltas(self, deltas: list[RequestDelta]) -> None:
         by_gateway: dict[bytes, list[RequestDelta]] = defaultdict(list)
@@ -212,8 +247,15 @@ class SchedulerService:
             by_gateway[owner].append(delta)
             if delta.finish_reason is not None:
                 del self.owner_of[delta.request_id]
+                self._mirror_finish(delta)
         for owner, owned in by_gateway.items():
             self._send(owner, RequestDeltas(deltas=owned))
+
+    def _mirror_finish(self, delta: RequestDelta) -> None:
+        if self.redis is None or self.core is None:
+            return
+        fields: dict[str, object] = {"status": "finished", "finish_reason": delta.finish_reason or "", "finished_at": time.time()}
+        self.redis.update(f"req:{delta.request_id}", fields, expire=True)
 
     def _send(self, identity: bytes, message: msgspec.Struct) -> None:
         self.gateways.send_multipart([identity, *encode(message)])

@@ -17,7 +17,6 @@ from services.engine import LLMEngine
 from shared.config import EngineConfig
 from shared.messages import (
     AbortRequest,
-    GatewayMessage,
     RequestDeltas,
     RequestError,
     SchedulerToGateway,
@@ -145,3 +144,18 @@ def test_abort_frees_blocks(gateway: FakeGatewaySocket) -> None:
     assert got["finish"]["to-abort"] == "abort"
     pool = gateway.status().block_pool
     assert pool is not None and pool.num_free_blocks == pool.num_blocks
+
+
+def test_request_state_mirrored_to_redis(gateway: FakeGatewaySocket, cluster: Cluster) -> None:
+    import redis
+
+    client = redis.Redis.from_url(cluster.redis_url, decode_responses=True)
+    gateway.send(SubmitRequest("mirrored", PROMPTS[0], SamplingParams(max_tokens=3, temperature=0.0), arrival_time=time.time()))
+    got = collect(gateway, {"mirrored"})
+    assert got["finish"]["mirrored"] in ("stop", "length")
+    wait_until(lambda: client.hget("req:mirrored", "status") == "finished", 10, "the finished status in redis")
+    record = client.hgetall("req:mirrored")
+    assert record["replica_id"] == "replica-0"
+    assert float(record["scheduled_at"]) <= float(record["finished_at"])
+    assert client.ttl("req:mirrored") > 0
+    wait_until(lambda: client.hget("replica:replica-0", "num_blocks") not in (None, "0"), 10, "the replica load")
