@@ -1,0 +1,312 @@
+"""One HTTP request's life at the scheduler, independent of which endpoint it came from.
+
+An HTTP request with P prompts and `n` samples becomes P x n scheduler requests (one per
+choice, ids f"{id}-{index}", seeds seed + sample index), all feeding one queue. Deltas
+become text through each choice's detokenizer and stop-string matcher. The generation
+always ends with `close()` (handlers call it in `finally`), which aborts at the
+scheduler whatever has not finished, so a client that went away, a stop string, an
+error or a timeout never leaves the scheduler generating into the void.
+
+Never stuck: when a request has produced nothing for `stall_timeout_s` the scheduler is
+asked whether it still holds it; no answer, or an answer without it (scheduler
+restarted, message lost), ends it with a 503. `request_timeout_s` bounds the whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import msgspec
+
+from shared.messages import RequestDelta, RequestError, SubmitRequest, TokenLogprobs
+from shared.sampling_params import SamplingParams
+from services.gateway.context import GatewayContext
+from services.gateway.detokenizer import IncrementalDetokenizer
+from services.gateway.errors import GatewayError
+from services.gateway.openai_protocol import PromptTokensDetails, Usage
+from services.gateway.scheduler_client import RequestEvent, SchedulerUnavailable
+from services.gateway.stop_strings import StopStringMatcher
+
+
+@dataclass
+class ChoiceDelta:
+    """What one step added to one choice, ready for an endpoint to format."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs]  # empty unless logprobs were asked for
+    finish_reason: str | None
+
+
+@dataclass
+class ChoiceResult:
+    """A whole choice, for non-streaming responses."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs]
+    finish_reason: str
+
+
+@dataclass
+class _Choice:
+    index: int
+    request_id: str
+    prompt_index: int
+    num_prompt_tokens: int
+    detokenizer: IncrementalDetokenizer
+    stop_matcher: StopStringMatcher
+    num_output_tokens: int = 0
+    num_cached_tokens: int = 0
+    finish_reason: str | None = None  # stop | length | abort, or error (never sent to a client)
+    first_token_at: float | None = None  # monotonic
+    last_token_at: float | None = None
+
+
+class Generation:
+    def __init__(
+        self,
+        context: GatewayContext,
+        request_id: str,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        n: int,
+        stop: list[str],
+        priority: int = 0,
+    ) -> None:
+        self.request_id = request_id
+        self._context = context
+        self._prompts = prompts
+        self._params = params
+        self._priority = priority
+        self._arrival_time = time.time()
+        self._arrival_monotonic = time.monotonic()
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.time() + context.config.request_timeout_s
+        self._submitted_at = loop.time()
+        self._queue: asyncio.Queue[RequestEvent] = asyncio.Queue()
+        self._choices: list[_Choice] = []
+        for prompt_index, prompt in enumerate(prompts):
+            for sample in range(n):
+                index = prompt_index * n + sample
+                self._choices.append(
+                    _Choice(
+                        index=index,
+                        request_id=f"{request_id}-{index}",
+                        prompt_index=prompt_index,
+                        num_prompt_tokens=len(prompt),
+                        detokenizer=IncrementalDetokenizer(context.tokenizer, prompt),
+                        stop_matcher=StopStringMatcher(stop),
+                    )
+                )
+        self._by_request_id = {choice.request_id: choice for choice in self._choices}
+        self._num_samples = n
+        self._error: str | None = None
+        self._closed = False
+
+    @property
+    def finished(self) -> bool:
+        return all(choice.finish_reason is not None for choice in self._choices)
+
+    @property
+    def num_choices(self) -> int:
+        return len(self._choices)
+
+    # -- submission --------------------------------------------------------------------
+
+    async def submit(self) -> None:
+        context = self._context
+        requests = []
+        for choice in self._choices:
+            sample = choice.index % self._num_samples
+            seed = None if self._params.seed is None else (self._params.seed + sample) % 2**63
+            params = msgspec.structs.replace(self._params, seed=seed, n=1)
+            requests.append(
+                SubmitRequest(choice.request_id, self._prompts[choice.prompt_index], params, self._arrival_time, self._priority)
+            )
+            context.records.record(choice.request_id, {
+                "status": "waiting",
+                "parent_id": self.request_id,
+                "gateway_id": context.config.gateway_id,
+                "model": context.model_name,
+                "arrival_time": self._arrival_time,
+                "prompt_tokens": choice.num_prompt_tokens,
+                "sampling_params": msgspec.json.encode(params).decode(),
+            })
+        context.scheduler.register(list(self._by_request_id), self._queue)
+        self._submitted_at = asyncio.get_running_loop().time()
+        try:
+            await context.scheduler.submit(requests)
+        except SchedulerUnavailable as error:
+            raise self._fail(503, str(error), code="service_unavailable") from None
+
+    # -- progress ----------------------------------------------------------------------
+
+    async def next_deltas(self) -> list[ChoiceDelta]:
+        """The deltas of the next step(s) that produced anything for this request.
+        Raises GatewayError when the scheduler refused a choice, lost it, or went silent."""
+        # One delta per choice: several steps queued while the client was being served
+        # merge, so a chunk never lists the same choice twice.
+        merged: dict[int, ChoiceDelta] = {}
+        while not merged and not self.finished:
+            for event in await self._next_events():
+                choice = self._by_request_id.get(event.request_id)
+                if choice is None or choice.finish_reason is not None:
+                    continue  # a late delta after a stop string or an abort
+                if isinstance(event, RequestError):
+                    choice.finish_reason = "error"
+                    raise self._fail(
+                        event.status_code, event.message,
+                        retry_after_s=event.retry_after_s if event.status_code in (429, 503) else None,
+                    )
+                delta = self._apply(choice, event)
+                earlier = merged.get(delta.index)
+                if earlier is None:
+                    merged[delta.index] = delta
+                else:
+                    earlier.text += delta.text
+                    earlier.token_ids = earlier.token_ids + delta.token_ids
+                    earlier.logprobs = earlier.logprobs + delta.logprobs
+                    earlier.finish_reason = delta.finish_reason
+        return list(merged.values())
+
+    async def run_to_end(self) -> list[ChoiceResult]:
+        """Every choice, whole (the non-streaming path)."""
+        texts: list[list[str]] = [[] for _ in self._choices]
+        token_ids: list[list[int]] = [[] for _ in self._choices]
+        logprobs: list[list[TokenLogprobs]] = [[] for _ in self._choices]
+        while not self.finished:
+            for delta in await self.next_deltas():
+                texts[delta.index].append(delta.text)
+                token_ids[delta.index] += delta.token_ids
+                logprobs[delta.index] += delta.logprobs
+        return [
+            ChoiceResult(c.index, "".join(texts[c.index]), token_ids[c.index], logprobs[c.index], c.finish_reason or "abort")
+            for c in self._choices
+        ]
+
+    def usage(self) -> Usage:
+        """Each prompt counts once however many samples it has (as OpenAI counts)."""
+        prompt_tokens = sum(len(prompt) for prompt in self._prompts)
+        cached = [0] * len(self._prompts)
+        for choice in self._choices:
+            cached[choice.prompt_index] = max(cached[choice.prompt_index], choice.num_cached_tokens)
+        completion_tokens = sum(choice.num_output_tokens for choice in self._choices)
+        return Usage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens, PromptTokensDetails(sum(cached)))
+
+    def _apply(self, choice: _Choice, delta: RequestDelta) -> ChoiceDelta:
+        context = self._context
+        now = time.monotonic()
+        token_ids = delta.new_token_ids
+        if token_ids:
+            if choice.first_token_at is None:
+                choice.first_token_at = now
+                context.metrics.time_to_first_token.observe(now - self._arrival_monotonic)
+                context.records.record(choice.request_id, {"status": "running", "first_token_time": time.time()})
+            elif choice.last_token_at is not None:
+                per_token_s = (now - choice.last_token_at) / len(token_ids)
+                for _ in token_ids:
+                    context.metrics.inter_token_latency.observe(per_token_s)
+            choice.last_token_at = now
+            choice.num_output_tokens += len(token_ids)
+        choice.num_cached_tokens = max(choice.num_cached_tokens, delta.num_cached_tokens)
+        finish_reason = delta.finish_reason
+        text = choice.detokenizer.push(token_ids)
+        if finish_reason is not None:
+            text += choice.detokenizer.flush()
+        text, stopped = choice.stop_matcher.push(text, final=finish_reason is not None)
+        if stopped:
+            if finish_reason is None:  # the scheduler only knows token-level stops: tell it
+                context.scheduler.abort_soon([choice.request_id])
+            finish_reason = "stop"
+        if finish_reason is not None:
+            self._finish(choice, finish_reason)
+        return ChoiceDelta(choice.index, text, token_ids, delta.logprobs, finish_reason)
+
+    def _finish(self, choice: _Choice, finish_reason: str) -> None:
+        context = self._context
+        choice.finish_reason = finish_reason
+        context.scheduler.unregister([choice.request_id])
+        context.metrics.finished(finish_reason)
+        context.metrics.generation_tokens.inc(choice.num_output_tokens)
+        context.metrics.e2e_latency.observe(time.monotonic() - self._arrival_monotonic)
+        context.records.record(choice.request_id, {
+            "status": "finished",
+            "finish_reason": finish_reason,
+            "finished_time": time.time(),
+            "output_tokens": choice.num_output_tokens,
+            "cached_tokens": choice.num_cached_tokens,
+        })
+
+    async def _next_events(self) -> list[RequestEvent]:
+        loop = asyncio.get_running_loop()
+        config = self._context.config
+        events: list[RequestEvent] = []
+        while not events and self._queue.empty():
+            remaining_s = self._deadline - loop.time()
+            if remaining_s <= 0:
+                raise self._fail(504, f"request exceeded the gateway's request timeout of {config.request_timeout_s:g} s", code="timeout")
+            try:
+                # More may be queued behind this one by the time we resume: it goes first.
+                events.append(await asyncio.wait_for(self._queue.get(), min(config.stall_timeout_s, remaining_s)))
+            except asyncio.TimeoutError:
+                await self._check_still_held()
+        while not self._queue.empty():
+            events.append(self._queue.get_nowait())
+        return events
+
+    async def _check_still_held(self) -> None:
+        """No progress for a while: legitimate (queued behind others) only if the
+        scheduler answers and still holds every unfinished choice."""
+        loop = asyncio.get_running_loop()
+        config = self._context.config
+        # Only a snapshot asked for after our submit can be trusted to list it.
+        snapshot = await self._context.scheduler.status(config.status_timeout_s, max_age_s=min(1.0, loop.time() - self._submitted_at))
+        if not self._queue.empty():
+            return  # deltas arrived while asking (they precede the snapshot on the socket)
+        if snapshot is None:
+            raise self._fail(
+                503, f"the scheduler at {config.scheduler_address} stopped answering (no token for {config.stall_timeout_s:g} s, "
+                f"no status reply within {config.status_timeout_s:g} s)", code="service_unavailable",
+            )
+        held = {r.request_id for group in (snapshot.running, snapshot.waiting, snapshot.swapped) for r in group}
+        lost = [c.request_id for c in self._choices if c.finish_reason is None and c.request_id not in held]
+        if lost:
+            raise self._fail(
+                503, f"the scheduler no longer holds request(s) {', '.join(lost)} (restarted?); please retry",
+                code="service_unavailable",
+            )
+
+    # -- the end -----------------------------------------------------------------------
+
+    def _fail(self, status_code: int, message: str, *, code: str | None = None, retry_after_s: float | None = None) -> GatewayError:
+        """Remember why this generation failed (for close()) and build the error to raise."""
+        self._error = message
+        return GatewayError(status_code, message, code=code, retry_after_s=retry_after_s)
+
+    def close(self) -> None:
+        """Abort what is unfinished, stop routing, settle metrics and records. Idempotent
+        and synchronous: it runs in `finally` blocks of cancelled tasks."""
+        if self._closed:
+            return
+        self._closed = True
+        context = self._context
+        unfinished = [c for c in self._choices if c.finish_reason is None or c.finish_reason == "error"]
+        context.scheduler.abort_soon([c.request_id for c in unfinished])
+        context.scheduler.unregister(list(self._by_request_id))
+        reason = "error" if self._error is not None else "abort"
+        now = time.time()
+        for choice in unfinished:
+            choice.finish_reason = reason
+            context.metrics.finished(reason)
+            context.metrics.generation_tokens.inc(choice.num_output_tokens)
+            fields: dict[str, str | int | float] = {"status": "error" if self._error else "aborted", "finished_time": now, "output_tokens": choice.num_output_tokens}
+            if self._error is not None:
+                fields["error"] = self._error
+            context.records.record(choice.request_id, fields)
+        usage = self.usage()
+        context.metrics.prompt_done(usage.prompt_tokens, usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else 0)

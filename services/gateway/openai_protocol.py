@@ -1,0 +1,195 @@
+"""The OpenAI HTTP API as msgspec Structs: request bodies in, responses and chunks out.
+
+Request bodies forbid unknown fields, so a parameter this server does not implement
+(`logit_bias`, `tools`, `echo`, ...) is a 400 naming it rather than silently ignored.
+Every number is bounded here, so nothing a client sends can overflow the MessagePack
+wire format further in (an unbounded JSON integer would otherwise reach the encoder).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+Int32 = Annotated[int, Meta(ge=-(2**31), le=2**31 - 1)]
+Count = Annotated[int, Meta(ge=0, le=2**31 - 1)]  # max_tokens, n, logprobs: range-checked later with a better message
+TokenId = Annotated[int, Meta(ge=0, le=2**31 - 1)]  # checked against the vocabulary size later
+Seed = Annotated[int, Meta(ge=0, le=2**63 - 1)]
+FiniteFloat = Annotated[float, Meta(ge=-1e9, le=1e9)]  # also rejects inf and NaN
+
+
+class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
+    include_usage: bool = False
+
+
+class SamplingFields(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Fields both endpoints share; None means "the SamplingParams default"."""
+
+    model: str | None = None
+    max_tokens: Count | None = None
+    temperature: FiniteFloat | None = None
+    top_p: FiniteFloat | None = None
+    top_k: Int32 | None = None
+    min_p: FiniteFloat | None = None
+    seed: Seed | None = None
+    n: Count = 1
+    stop: str | list[str] | None = None
+    stop_token_ids: list[TokenId] | None = None
+    ignore_eos: bool = False
+    presence_penalty: FiniteFloat | None = None
+    frequency_penalty: FiniteFloat | None = None
+    repetition_penalty: FiniteFloat | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    priority: Int32 = 0  # extension: lower is served first
+
+
+class CompletionRequest(SamplingFields, kw_only=True):
+    # A string, a list of token ids, or a batch of either (one choice block per prompt).
+    prompt: str | list[str | TokenId | list[TokenId]]
+    logprobs: Count | None = None
+
+
+class ContentPart(msgspec.Struct, forbid_unknown_fields=True):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(msgspec.Struct, forbid_unknown_fields=True):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(SamplingFields, kw_only=True):
+    messages: list[ChatMessage]
+    max_completion_tokens: Count | None = None  # OpenAI's newer name; wins over max_tokens
+    logprobs: bool = False
+    top_logprobs: Count | None = None
+
+
+# ---------------------------------------------------------------------------------------
+# Responses. No omit_defaults on choices: OpenAI sends `"logprobs": null` and
+# `"finish_reason": null` explicitly, and some clients index them without a default.
+# ---------------------------------------------------------------------------------------
+
+
+class PromptTokensDetails(msgspec.Struct):
+    cached_tokens: int
+
+
+class Usage(msgspec.Struct):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+
+class CompletionLogprobs(msgspec.Struct):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(msgspec.Struct):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: str | None
+
+
+class Completion(msgspec.Struct):
+    id: str
+    object: str  # "text_completion" (also for chunks, as OpenAI does)
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class CompletionChunk(msgspec.Struct, omit_defaults=True):
+    """`usage` is left out, not null, on chunks that carry none."""
+
+    id: str
+    object: str
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class TopLogprob(msgspec.Struct):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(msgspec.Struct):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(msgspec.Struct):
+    content: list[ChatTokenLogprob] | None
+    refusal: None = None
+
+
+class AssistantMessage(msgspec.Struct):
+    role: str
+    content: str
+
+
+class ChatChoice(msgspec.Struct):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: str | None
+
+
+class ChatCompletion(msgspec.Struct):
+    id: str
+    object: str  # "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(msgspec.Struct, omit_defaults=True):
+    role: str | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(msgspec.Struct):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None
+    finish_reason: str | None
+
+
+class ChatCompletionChunk(msgspec.Struct, omit_defaults=True):
+    id: str
+    object: str  # "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(msgspec.Struct):
+    id: str
+    object: str
+    created: int
+    owned_by: str
+    max_model_len: int | None = None
+
+
+class ModelList(msgspec.Struct):
+    object: str
+    data: list[ModelCard]

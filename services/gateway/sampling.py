@@ -1,0 +1,74 @@
+"""OpenAI request fields -> one validated SamplingParams, checked against the model.
+
+Everything a client can get wrong is found here, before anything reaches the scheduler:
+ranges (via SamplingParams.validate), token ids outside the vocabulary (they would index
+past the embedding table in the executor), and prompts that cannot fit the context.
+"""
+
+from __future__ import annotations
+
+from services.gateway.context import GatewayContext
+from services.gateway.errors import invalid_request
+from services.gateway.openai_protocol import SamplingFields
+from shared.sampling_params import SamplingParams
+
+
+def check_token_ids(token_ids: list[int], vocab_size: int, param: str) -> None:
+    for token_id in token_ids:
+        if token_id >= vocab_size:
+            raise invalid_request(f"token id {token_id} in {param} is outside the vocabulary (0..{vocab_size - 1})", param)
+
+
+def check_num_choices(num_prompts: int, n: int, max_n: int) -> None:
+    if n < 1:
+        raise invalid_request(f"n must be at least 1, got {n}", "n")
+    if num_prompts * n > max_n:
+        detail = f"n={n}" if num_prompts == 1 else f"{num_prompts} prompts x n={n}"
+        raise invalid_request(f"{detail} asks for {num_prompts * n} choices; this server allows at most {max_n} per request", "n")
+
+
+def check_fits_context(num_prompt_tokens: int, max_tokens: int, max_model_len: int, max_tokens_param: str) -> None:
+    if num_prompt_tokens + max_tokens > max_model_len:
+        raise invalid_request(
+            f"This model's maximum context length is {max_model_len} tokens, but {num_prompt_tokens + max_tokens} were "
+            f"requested ({num_prompt_tokens} in the prompt + {max_tokens} for {max_tokens_param}); shorten the prompt "
+            f"or lower {max_tokens_param}",
+            max_tokens_param,
+        )
+
+
+def stop_strings(fields: SamplingFields, max_stop_strings: int) -> list[str]:
+    stop = [fields.stop] if isinstance(fields.stop, str) else list(fields.stop or [])
+    if len(stop) > max_stop_strings:
+        raise invalid_request(f"stop holds {len(stop)} strings; at most {max_stop_strings} are allowed", "stop")
+    return [s for s in stop if s]
+
+
+def build_sampling_params(
+    context: GatewayContext, fields: SamplingFields, *, max_tokens: int, logprobs: int | None
+) -> SamplingParams:
+    """`max_tokens` and `logprobs` are resolved by the endpoint (their names and defaults differ)."""
+    defaults = SamplingParams()
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=defaults.temperature if fields.temperature is None else fields.temperature,
+        top_p=defaults.top_p if fields.top_p is None else fields.top_p,
+        top_k=defaults.top_k if fields.top_k is None else fields.top_k,
+        min_p=defaults.min_p if fields.min_p is None else fields.min_p,
+        seed=fields.seed,
+        presence_penalty=defaults.presence_penalty if fields.presence_penalty is None else fields.presence_penalty,
+        frequency_penalty=defaults.frequency_penalty if fields.frequency_penalty is None else fields.frequency_penalty,
+        repetition_penalty=defaults.repetition_penalty if fields.repetition_penalty is None else fields.repetition_penalty,
+        stop_token_ids=list(fields.stop_token_ids or []),
+        ignore_eos=fields.ignore_eos,
+        logprobs=logprobs,
+    )
+    try:
+        params.validate(context.config.max_logprobs)
+    except ValueError as error:
+        # Every message starts with the field's name.
+        raise invalid_request(str(error), str(error).split(" ", 1)[0]) from None
+    check_token_ids(params.stop_token_ids, context.vocab_size, "stop_token_ids")
+    if fields.stream_options is not None and not fields.stream:
+        raise invalid_request("stream_options is only allowed when stream is true", "stream_options")
+    return params

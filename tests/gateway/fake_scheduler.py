@@ -1,0 +1,198 @@
+"""A scripted stand-in for the scheduler: a real ZeroMQ ROUTER in a thread, speaking the
+real wire protocol (shared/messages.py + shared/transport.py).
+
+Each step it sends every active request its next scripted tokens, like a scheduler
+running one decode step for its batch. Tests set `script` (tokens per step for a
+submit), `refuse` (answer submits with a RequestError), `answer_status`, `hold`
+(accept requests but produce nothing) and `drop_submits` (forget them), and wait on
+what it received with deadlines.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import msgspec
+import zmq
+
+from shared.messages import (
+    AbortRequest,
+    BlockPoolStatus,
+    ExecutorStatus,
+    GatewayMessage,
+    RequestDelta,
+    RequestDeltas,
+    RequestError,
+    RunningRequestStatus,
+    StatusQuery,
+    StatusSnapshot,
+    StepStats,
+    SubmitRequest,
+    TokenLogprobs,
+)
+from shared.transport import decode, encode
+
+# (steps of new token ids, finish reason once the steps run out)
+Script = Callable[[SubmitRequest], tuple[list[list[int]], str]]
+
+
+def one_token_per_step(token_ids: list[int]) -> Script:
+    """Emit `token_ids` one per step, cut at max_tokens ("length"), else "stop"."""
+
+    def script(submit: SubmitRequest) -> tuple[list[list[int]], str]:
+        limit = submit.sampling_params.max_tokens
+        steps = [[t] for t in token_ids[:limit]]
+        return steps, "length" if len(token_ids) >= limit else "stop"
+
+    return script
+
+
+@dataclass
+class _Active:
+    identity: bytes
+    submit: SubmitRequest
+    steps: list[list[int]]
+    finish_reason: str
+    num_sent: int = 0
+
+
+class FakeScheduler:
+    def __init__(self, max_model_len: int = 256, step_interval_s: float = 0.002) -> None:
+        self.max_model_len = max_model_len
+        self.step_interval_s = step_interval_s
+        self.script: Script = one_token_per_step([])
+        self.refuse: RequestError | None = None  # request_id is filled in per submit
+        self.answer_status = True
+        self.hold = False
+        self.drop_submits = False  # take submits and forget them, like a restarted scheduler
+        self.executor_alive = True
+        self.num_cached_tokens = 0
+        self.submits: list[SubmitRequest] = []
+        self.aborted: list[str] = []
+        self.num_status_queries = 0
+        self._active: dict[str, _Active] = {}
+        self._changed = threading.Condition()
+        self._stop = threading.Event()
+        self._context = zmq.Context()
+        self._socket = self._context.socket(zmq.ROUTER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        port = self._socket.bind_to_random_port("tcp://127.0.0.1")
+        self.address = f"tcp://127.0.0.1:{port}"
+        self._thread = threading.Thread(target=self._run, name="fake-scheduler", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._socket.close(linger=0)
+        self._context.term()
+
+    def reset(self) -> None:
+        with self._changed:
+            self.script = one_token_per_step([])
+            self.refuse = None
+            self.answer_status = True
+            self.hold = False
+            self.drop_submits = False
+            self.executor_alive = True
+            self.num_cached_tokens = 0
+            self.submits.clear()
+            self.aborted.clear()
+            self._active.clear()
+
+    def forget_all(self) -> None:
+        """Drop every active request silently, as a scheduler that restarted would."""
+        with self._changed:
+            self._active.clear()
+
+    def wait_for(self, condition: Callable[[], bool], timeout_s: float = 10.0, what: str = "condition") -> None:
+        deadline = time.monotonic() + timeout_s
+        with self._changed:
+            while not condition():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"fake scheduler: timed out waiting for {what}")
+                self._changed.wait(remaining)
+
+    # -- the thread --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        decoder = msgspec.msgpack.Decoder(GatewayMessage)
+        poller = zmq.Poller()
+        poller.register(self._socket, zmq.POLLIN)
+        while not self._stop.is_set():
+            if poller.poll(int(self.step_interval_s * 1000) + 1):
+                while self._socket.poll(0, zmq.POLLIN):
+                    identity, *frames = self._socket.recv_multipart()
+                    message = decode(frames, decoder, peer="gateway")
+                    if message is not None:
+                        self._handle(identity, message)
+            if not self.hold:
+                self._step()
+
+    def _handle(self, identity: bytes, message: SubmitRequest | AbortRequest | StatusQuery) -> None:
+        with self._changed:
+            if isinstance(message, SubmitRequest):
+                self.submits.append(message)
+                if self.refuse is not None:
+                    error = msgspec.structs.replace(self.refuse, request_id=message.request_id)
+                    self._socket.send_multipart([identity, *encode(error)])
+                elif not self.drop_submits:
+                    steps, finish_reason = self.script(message)
+                    self._active[message.request_id] = _Active(identity, message, steps, finish_reason)
+            elif isinstance(message, AbortRequest):
+                self.aborted.extend(message.request_ids)
+                for request_id in message.request_ids:
+                    active = self._active.pop(request_id, None)
+                    if active is not None:  # as the real scheduler does: a final "abort" delta
+                        deltas = RequestDeltas([RequestDelta(request_id, [], finish_reason="abort")])
+                        self._socket.send_multipart([identity, *encode(deltas)])
+            elif self.answer_status:
+                self.num_status_queries += 1
+                self._socket.send_multipart([identity, *encode(self._snapshot(message.query_id))])
+            self._changed.notify_all()
+
+    def _step(self) -> None:
+        with self._changed:
+            by_gateway: dict[bytes, list[RequestDelta]] = {}
+            for request_id, active in list(self._active.items()):
+                step = active.steps[active.num_sent] if active.num_sent < len(active.steps) else []
+                active.num_sent += 1
+                done = active.num_sent >= len(active.steps)
+                logprobs = []
+                if active.submit.sampling_params.logprobs is not None:
+                    k = active.submit.sampling_params.logprobs
+                    logprobs = [TokenLogprobs(-0.5, [t, *range(1000, 1000 + k - 1)][:k], [-0.5 - i for i in range(k)]) for t in step]
+                by_gateway.setdefault(active.identity, []).append(
+                    RequestDelta(request_id, step, logprobs, active.finish_reason if done else None, self.num_cached_tokens)
+                )
+                if done:
+                    del self._active[request_id]
+            for identity, deltas in by_gateway.items():
+                self._socket.send_multipart([identity, *encode(RequestDeltas(deltas))])
+            if by_gateway:
+                self._changed.notify_all()
+
+    def _snapshot(self, query_id: int) -> StatusSnapshot:
+        def status(active: _Active) -> RunningRequestStatus:
+            submit = active.submit
+            return RunningRequestStatus(
+                submit.request_id, "running", len(submit.prompt_token_ids), active.num_sent, len(submit.prompt_token_ids),
+                submit.sampling_params.max_tokens, 0, submit.arrival_time, [0],
+            )
+
+        return StatusSnapshot(
+            query_id=query_id,
+            model="SmolLM2-135M-Instruct",
+            max_model_len=self.max_model_len,
+            running=[status(a) for a in self._active.values()],
+            waiting=[],
+            swapped=[],
+            block_pool=BlockPoolStatus(8, 16, 5, 3, 1, 1, 40, 48, 40 / 48, ["req-a", "req-a", "*", "", "", "", "", ""]),
+            executors=[ExecutorStatus("executor-0", "cpu", 8, "SmolLM2-135M-Instruct", 0.1, self.executor_alive)],
+            steps=StepStats(10, 100.0, 1.5, 1.5, 0),
+            uptime_s=1.0,
+        )

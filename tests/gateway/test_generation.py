@@ -1,0 +1,147 @@
+"""Generation (one HTTP request's choices at the scheduler) against a stub scheduler
+client: ordering of bursts, the stall check, the request timeout, and aborts on close."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import msgspec
+import pytest
+from transformers import PreTrainedTokenizerBase
+
+from services.gateway.config import GatewayConfig
+from services.gateway.context import GatewayContext
+from services.gateway.detokenizer import TokenTexts
+from services.gateway.errors import GatewayError
+from services.gateway.generation import Generation
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.request_records import RequestRecorder
+from services.gateway.scheduler_client import RequestEvent
+from shared.messages import RequestDelta, StatusSnapshot, StepStats, SubmitRequest
+from shared.sampling_params import SamplingParams
+
+class StubScheduler:
+    def __init__(self) -> None:
+        self.queues: dict[str, asyncio.Queue[RequestEvent]] = {}
+        self.submitted: list[SubmitRequest] = []
+        self.aborted: list[str] = []
+        self.snapshot: StatusSnapshot | None = None
+        self.latest_snapshot: StatusSnapshot | None = None
+
+    def register(self, request_ids: list[str], queue: asyncio.Queue[RequestEvent]) -> None:
+        self.queues.update({request_id: queue for request_id in request_ids})
+
+    def unregister(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            self.queues.pop(request_id, None)
+
+    async def submit(self, requests: list[SubmitRequest]) -> None:
+        self.submitted += requests
+
+    def abort_soon(self, request_ids: list[str]) -> None:
+        self.aborted += request_ids
+
+    async def status(self, timeout_s: float = 1.0, max_age_s: float = 0.0) -> StatusSnapshot | None:
+        return self.snapshot
+
+
+def snapshot_holding(request_ids: list[str]) -> StatusSnapshot:
+    from shared.messages import RunningRequestStatus
+
+    running = [RunningRequestStatus(r, "waiting", 1, 0, 0, 16, 0, 0.0, []) for r in request_ids]
+    return StatusSnapshot(1, "m", 256, [], running, [], None, [], StepStats(0, 0.0, 0.0, 0.0, 0), 0.0)
+
+
+def run(tokenizer: PreTrainedTokenizerBase, body: Any, **config: Any) -> Any:
+    """Run `body(generation, stub)` in a fresh event loop."""
+    stub = StubScheduler()
+
+    async def main() -> Any:
+        context = GatewayContext(
+            config=msgspec.structs.replace(GatewayConfig(gateway_id="test"), **config),
+            tokenizer=tokenizer,
+            model_name="m",
+            scheduler=stub,  # type: ignore[arg-type]
+            metrics=GatewayMetrics("m"),
+            records=RequestRecorder(None),
+            token_texts=TokenTexts(tokenizer),
+            vocab_size=len(tokenizer),
+        )
+        generation = Generation(context, "req", [[1, 2, 3]], SamplingParams(max_tokens=50), n=1, stop=[])
+        await generation.submit()
+        try:
+            return await body(generation, stub)
+        finally:
+            generation.close()
+
+    return asyncio.run(main()), stub
+
+
+def test_a_burst_of_deltas_keeps_its_order(tokenizer: PreTrainedTokenizerBase) -> None:
+    text = "你好世界 🎉🚀 and more words"
+    token_ids = tokenizer(text).input_ids
+
+    async def body(generation: Generation, stub: StubScheduler) -> str:
+        async def feed() -> None:
+            await asyncio.sleep(0.01)  # let run_to_end block on the empty queue first
+            for i, token_id in enumerate(token_ids):  # all at once, as one RequestDeltas batch would
+                finish = "stop" if i == len(token_ids) - 1 else None
+                stub.queues["req-0"].put_nowait(RequestDelta("req-0", [token_id], finish_reason=finish))
+
+        feeder = asyncio.create_task(feed())
+        (result,) = await generation.run_to_end()
+        await feeder
+        return result.text
+
+    result, stub = run(tokenizer, body)
+    assert result == text
+    assert stub.aborted == []  # finished normally: nothing to abort
+
+
+def test_queued_steps_merge_into_one_delta_per_choice(tokenizer: PreTrainedTokenizerBase) -> None:
+    token_ids = tokenizer("one two three").input_ids
+
+    async def body(generation: Generation, stub: StubScheduler) -> list:
+        for token_id in token_ids:
+            stub.queues["req-0"].put_nowait(RequestDelta("req-0", [token_id]))
+        return await generation.next_deltas()
+
+    (delta,), _ = run(tokenizer, body)
+    assert (delta.index, delta.text, delta.token_ids, delta.finish_reason) == (0, "one two three", token_ids, None)
+
+
+def test_a_silent_request_still_held_keeps_waiting_then_times_out(tokenizer: PreTrainedTokenizerBase) -> None:
+    async def body(generation: Generation, stub: StubScheduler) -> None:
+        stub.snapshot = snapshot_holding(["req-0"])
+        with pytest.raises(GatewayError) as error:
+            await generation.next_deltas()
+        assert error.value.status_code == 504
+
+    _, stub = run(tokenizer, body, stall_timeout_s=0.02, request_timeout_s=0.2)
+    assert stub.aborted == ["req-0"]
+
+
+@pytest.mark.parametrize("held", [False, True])
+def test_a_lost_request_or_a_silent_scheduler_is_503(tokenizer: PreTrainedTokenizerBase, held: bool) -> None:
+    async def body(generation: Generation, stub: StubScheduler) -> None:
+        stub.snapshot = snapshot_holding(["someone-else"]) if held else None
+        with pytest.raises(GatewayError) as error:
+            await generation.next_deltas()
+        assert error.value.status_code == 503
+
+    _, stub = run(tokenizer, body, stall_timeout_s=0.02)
+    assert stub.aborted == ["req-0"]
+
+
+def test_closing_early_aborts_and_late_deltas_are_ignored(tokenizer: PreTrainedTokenizerBase) -> None:
+    async def body(generation: Generation, stub: StubScheduler) -> None:
+        queue = stub.queues["req-0"]
+        queue.put_nowait(RequestDelta("req-0", tokenizer("hi").input_ids))
+        (delta,) = await generation.next_deltas()
+        assert delta.text == "hi" and delta.finish_reason is None
+        generation.close()
+        assert "req-0" not in stub.queues
+
+    _, stub = run(tokenizer, body)
+    assert stub.aborted == ["req-0"]

@@ -1,0 +1,65 @@
+"""The gateway's DEALER connection, against the fake scheduler's real ROUTER."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from services.gateway.scheduler_client import SchedulerClient, SchedulerUnavailable
+from shared.messages import RequestDelta, SubmitRequest
+from shared.sampling_params import SamplingParams
+from tests.gateway.fake_scheduler import FakeScheduler, one_token_per_step
+
+
+def test_concurrent_status_queries_share_one_round_trip(scheduler: FakeScheduler) -> None:
+    async def main() -> None:
+        client = SchedulerClient(scheduler.address, "gw-status")
+        await client.start()
+        try:
+            snapshots = await asyncio.gather(*(client.status(2.0) for _ in range(5)))
+            assert all(s is not None and s.max_model_len == scheduler.max_model_len for s in snapshots)
+            assert scheduler.num_status_queries == 1
+            assert client.latest_snapshot is snapshots[0]
+            assert await client.status(2.0, max_age_s=60) is snapshots[0]  # fresh enough: no query
+            assert scheduler.num_status_queries == 1
+        finally:
+            await client.close()
+
+    asyncio.run(main())
+
+
+def test_deltas_reach_the_registered_queue_and_close_aborts_the_rest(scheduler: FakeScheduler) -> None:
+    scheduler.script = one_token_per_step([5, 6, 7])
+
+    async def main() -> list[RequestDelta]:
+        client = SchedulerClient(scheduler.address, "gw-deltas")
+        await client.start()
+        queue: asyncio.Queue = asyncio.Queue()
+        client.register(["a", "b"], queue)
+        await client.submit([SubmitRequest("a", [1, 2], SamplingParams(max_tokens=3), time.time())])
+        received = [await asyncio.wait_for(queue.get(), 5) for _ in range(3)]
+        await client.close()  # "b" is still registered
+        return received
+
+    received = asyncio.run(main())
+    assert [d.new_token_ids for d in received] == [[5], [6], [7]]
+    assert received[-1].finish_reason == "length"
+    scheduler.wait_for(lambda: "b" in scheduler.aborted, what="the shutdown abort")
+
+
+def test_no_scheduler_fails_fast() -> None:
+    async def main() -> None:
+        client = SchedulerClient("tcp://127.0.0.1:1", "gw-nobody", submit_timeout_s=0.2)
+        await client.start()
+        try:
+            started = time.monotonic()
+            assert await client.status(0.2) is None
+            with pytest.raises(SchedulerUnavailable):
+                await client.submit([SubmitRequest("x", [1], SamplingParams(), time.time())])
+            assert time.monotonic() - started < 2
+        finally:
+            await client.close()
+
+    asyncio.run(main())
