@@ -1,7 +1,7 @@
 """Offline throughput: the in-process engine vs HF transformers `generate` on the same
 chat prompts (the workload of NOTES.md: 64 prompts of 37-254 tokens, 128 new tokens each).
 
-    python benchmarks/throughput.py [--num-prompts 64] [--max-tokens 128] [--hf-batch 8 32]
+    python -m benchmarks.throughput [--num-prompts 64] [--max-tokens 128] [--hf-batch 8 32]
 
 Prints a table of output tokens per second. HF runs with static batches (left padding),
 which is how `generate` is used for offline work.

