@@ -69,8 +69,8 @@ def test_headless_run_records_ttft_and_itl(up: Up, tmp_path: Path) -> None:
     prefix = tmp_path / "stats"
     command = [
         sys.executable, "-m", "locust", "-f", str(REPO / "load_tests" / "locustfile.py"),
-        "--headless", "-u", "3", "-r", "3", "-t", "8s", "--host", up.base_url, "--csv", str(prefix),
-        # Streams still running at the 8 s mark finish (and are counted) instead of being
+        "--headless", "-u", "4", "-r", "4", "-t", "15s", "--host", up.base_url, "--csv", str(prefix),
+        # Four users: two of each class (locust splits users evenly by weight). Streams still running at the 15 s mark finish (and are counted) instead of being
         # cut off; on CPU one stream of up to 128 tokens takes a few seconds.
         "--stop-timeout", "120",
     ]
