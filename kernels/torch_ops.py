@@ -41,7 +41,10 @@ def reshape_and_cache(
 
 def _gather_context(cache: torch.Tensor, block_ids: torch.Tensor, length: int) -> torch.Tensor:
     """[..., num_blocks_used] block ids -> [..., length, num_kv_heads, head_dim]."""
-    gathered = cache[block_ids.long()]  # [..., nb, block_size, kvh, d]
+    # index_select on the flattened ids is several times faster on CPU than advanced
+    # indexing with a multi-dimensional index tensor.
+    flat_ids = block_ids.reshape(-1).long()
+    gathered = cache.index_select(0, flat_ids).view(*block_ids.shape, *cache.shape[1:])
     shape = gathered.shape
     flat = gathered.reshape(*shape[:-4], shape[-4] * shape[-3], shape[-2], shape[-1])
     return flat[..., :length, :, :]
