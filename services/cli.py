@@ -193,11 +193,18 @@ def run_generate(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"pagedserve generate: {error}", file=sys.stderr)
         return 2
-    engine = LLMEngine(engine_config_from_args(args))
-    inputs: list[str | list[int]] = (
-        [encode_chat(engine.tokenizer, [{"role": "user", "content": p}]) for p in prompts] if args.chat else list(prompts)
-    )
-    for prompt, completion in zip(prompts, engine.generate(inputs, params)):
+    try:
+        engine = LLMEngine(engine_config_from_args(args))
+        inputs: list[str | list[int]] = (
+            [encode_chat(engine.tokenizer, [{"role": "user", "content": p}]) for p in prompts] if args.chat else list(prompts)
+        )
+        completions = engine.generate(inputs, params)
+    except (OSError, ValueError) as error:
+        # A missing or unreadable model file, or a prompt the engine refuses (too long
+        # for the context or the KV pool): one line for the user, not a traceback.
+        print(f"pagedserve generate: error: {error}", file=sys.stderr)
+        return 1
+    for prompt, completion in zip(prompts, completions):
         if args.json:
             print(json.dumps({"prompt": prompt, "token_ids": completion.token_ids, "text": completion.text}), flush=True)
         else:

@@ -1,0 +1,93 @@
+"""The whole platform over HTTP (real redis-server, scheduler, executor, gateway processes,
+embedded model): 32 concurrent greedy streams give exactly the in-process engine's text,
+the admin status shows a running request's block table while it streams, and Redis holds
+each request's metadata afterwards.
+
+The executor runs in float64 here, as does the reference engine, so that batching
+differences cannot flip an fp32 near-tie (see NOTES: exactness).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import redis
+
+from services.engine import LLMEngine
+from shared.config import EngineConfig
+from shared.sampling_params import SamplingParams
+from tests.cluster import Cluster, wait_until
+
+pytestmark = pytest.mark.slow
+
+ADMIN_KEY = "admin-e2e"
+MAX_TOKENS = 16
+PROMPTS = [f"Item {i}: the {w} of the" for i, w in enumerate(
+    ["history", "color", "size", "name", "shape", "price", "taste", "sound"] * 4)]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    cluster = Cluster(tmp_path_factory.mktemp("http-e2e"), admin_key=ADMIN_KEY, extra_executor_flags=["--dtype", "float64"])
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
+
+
+def admin_snapshot(cluster: Cluster) -> dict:
+    response = httpx.get(f"{cluster.base_url}/admin/scheduler", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=5)
+    assert response.status_code == 200
+    return response.json()
+
+
+def test_32_concurrent_streams_equal_the_engine(cluster: Cluster) -> None:
+    engine = LLMEngine(EngineConfig(dtype="float64", kv_cache_memory_bytes=256 << 20))
+    expected = [c.text for c in engine.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True))]
+    del engine
+
+    client = openai.OpenAI(base_url=f"{cluster.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+    block_tables_seen: list[list[int]] = []
+    streaming = threading.Event()
+
+    def stream(prompt: str) -> tuple[str, str | None, str]:
+        chunks = client.completions.create(
+            model="SmolLM2-135M-Instruct", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        text, finish, request_id = "", None, ""
+        for chunk in chunks:
+            streaming.set()
+            request_id = chunk.id
+            text += chunk.choices[0].text
+            finish = chunk.choices[0].finish_reason or finish
+        return text, finish, request_id
+
+    def watch_admin() -> bool:
+        running = admin_snapshot(cluster)["running"]
+        block_tables_seen.extend(r["block_ids"] for r in running if r["block_ids"])
+        return bool(block_tables_seen)
+
+    with ThreadPoolExecutor(max_workers=len(PROMPTS)) as pool:
+        futures = [pool.submit(stream, p) for p in PROMPTS]
+        wait_until(streaming.is_set, 120, "the first streamed chunk")
+        wait_until(watch_admin, 60, "a running request's block table in /admin/scheduler", interval_s=0.02)
+        results = [f.result() for f in futures]
+
+    assert [text for text, _, _ in results] == expected
+    assert {finish for _, finish, _ in results} == {"length"}
+    assert all(len(table) >= 1 for table in block_tables_seen)
+    pool_status = admin_snapshot(cluster)["block_pool"]
+    assert pool_status["num_free_blocks"] == pool_status["num_blocks"]
+
+    records = redis.Redis.from_url(cluster.redis_url, decode_responses=True)
+    request_id = results[0][2]
+    keys = records.keys(f"req:{request_id}*")
+    assert keys, f"no redis record for {request_id}"
+    wait_until(lambda: all(records.hget(k, "status") == "finished" for k in keys), 10, "finished records in redis")
