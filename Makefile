@@ -23,7 +23,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 bench: setup
-	$(BIN)/python -m benchmarks.throughput
+	$(BIN)/python -m benchmarks.offline_throughput --no-hf
 
 clean:
 	rm -rf $(VENV)
