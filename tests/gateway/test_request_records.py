@@ -3,10 +3,7 @@ path; a Redis that is down degrades /health but never a request."""
 
 from __future__ import annotations
 
-import shutil
-import socket
 import subprocess
-import time
 from collections.abc import Iterator
 
 import httpx
@@ -14,30 +11,16 @@ import pytest
 import redis
 from transformers import PreTrainedTokenizerBase
 
+from services.launcher import free_port, redis_server_binary
+from tests.cluster import wait_until
 from tests.gateway.conftest import gateway_config, running_gateway
 from tests.gateway.fake_scheduler import FakeScheduler, one_token_per_step
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait(condition: object, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.02)  # polling interval of a condition wait
-
-
 @pytest.fixture(scope="module")
 def redis_url() -> Iterator[str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed")
-    port = _free_port()
+    binary = redis_server_binary()  # raises if set-up did not install one: no skip
+    port = free_port()
     process = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -52,7 +35,7 @@ def redis_url() -> Iterator[str]:
             return False
 
     try:
-        _wait(answers, 10, "redis-server")
+        wait_until(answers, 10, "redis-server")
         yield url
     finally:
         client.close()
@@ -70,7 +53,7 @@ def test_requests_are_recorded_with_a_ttl(
         body = http.post("/v1/completions", json={"prompt": "p", "max_tokens": 7, "seed": 3}).json()
         key = f"req:{body['id']}-0"
         store = redis.Redis.from_url(redis_url, decode_responses=True)
-        _wait(lambda: store.hget(key, "status") == "finished", 5, "the finished record")
+        wait_until(lambda: store.hget(key, "status") == "finished", 5, "the finished record")
         record = store.hgetall(key)
         assert record["gateway_id"] == "gw-records" and record["parent_id"] == body["id"]
         assert record["finish_reason"] == "stop" and record["output_tokens"] == str(len(tokenizer("recorded").input_ids))
@@ -83,7 +66,7 @@ def test_requests_are_recorded_with_a_ttl(
 
 def test_redis_down_degrades_health_but_serves(fake_scheduler: FakeScheduler, scheduler: FakeScheduler, tokenizer: PreTrainedTokenizerBase) -> None:
     scheduler.script = one_token_per_step(tokenizer("still fine").input_ids)
-    config = gateway_config(fake_scheduler, redis_url=f"redis://127.0.0.1:{_free_port()}/0")
+    config = gateway_config(fake_scheduler, redis_url=f"redis://127.0.0.1:{free_port()}/0")
     with running_gateway(config, tokenizer) as url, httpx.Client(base_url=url, timeout=20) as http:
         response = http.post("/v1/completions", json={"prompt": "p", "max_tokens": 5})
         assert response.status_code == 200 and response.json()["choices"][0]["text"] == "still fine"
