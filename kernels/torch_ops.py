@@ -50,6 +50,26 @@ def _gather_context(cache: torch.Tensor, block_ids: torch.Tensor, length: int) -
     return flat[..., :length, :, :]
 
 
+def length_buckets(seq_lens: list[int], block_size: int, max_padding: float = 0.3) -> list[list[int]]:
+    """Rows of a decode batch grouped by context length, longest first.
+
+    Each group is gathered padded to its longest member, so one group for a batch of
+    mixed lengths copies mostly padding; one group per row pays per-call overhead on
+    every layer. A row joins the current group while padding it to the group's length
+    wastes at most `max_padding` of that length.
+    """
+    order = sorted(range(len(seq_lens)), key=lambda row: -seq_lens[row])
+    groups: list[list[int]] = []
+    group_blocks = 0
+    for row in order:
+        blocks = -(-seq_lens[row] // block_size)
+        if not groups or blocks < (1 - max_padding) * group_blocks:
+            groups.append([])
+            group_blocks = blocks
+        groups[-1].append(row)
+    return groups
+
+
 def paged_decode_attention(
     query: torch.Tensor,
     key_cache: torch.Tensor,
@@ -59,23 +79,41 @@ def paged_decode_attention(
     scale: float,
     max_seq_len: int,
 ) -> torch.Tensor:
-    """One query token per sequence: query [num_seqs, num_heads, head_dim] -> same shape."""
+    """One query token per sequence: query [num_seqs, num_heads, head_dim] -> same shape.
+
+    Sequences of similar length are gathered together (see `length_buckets`); the query
+    heads sharing a KV head ride as SDPA's query length ([seqs, kv_heads, group, head_dim]),
+    so GQA never repeats K/V and the gathered blocks are read in place, without a
+    transposing copy.
+    """
+    del max_seq_len  # only the Triton grid needs it
     num_seqs, num_heads, head_dim = query.shape
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
     group = num_heads // num_kv_heads
     acc = _accumulation_dtype(query.dtype)
-    num_used_blocks = (max_seq_len + block_size - 1) // block_size
-    tables = block_tables[:, :num_used_blocks]
-    k = _gather_context(key_cache, tables, max_seq_len).to(acc)  # [B, T, kvh, d]
-    v = _gather_context(value_cache, tables, max_seq_len).to(acc)
-    q = query.to(acc).view(num_seqs, num_kv_heads, group, head_dim)
-    scores = torch.einsum("bkgd,btkd->bkgt", q, k) * scale
-    positions = torch.arange(max_seq_len, device=query.device)
-    beyond = positions[None, :] >= seq_lens.to(positions.dtype)[:, None]  # [B, T]
-    scores.masked_fill_(beyond[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.einsum("bkgt,btkd->bkgd", probs, v)
-    return out.reshape(num_seqs, num_heads, head_dim).to(query.dtype)
+    lens = seq_lens.tolist()
+    out = torch.empty(num_seqs, num_kv_heads, group, head_dim, dtype=query.dtype, device=query.device)
+    grouped_query = query.view(num_seqs, num_kv_heads, group, head_dim)
+    for rows in length_buckets(lens, block_size):
+        num_used_blocks = -(-lens[rows[0]] // block_size)
+        length = num_used_blocks * block_size
+        if len(rows) == num_seqs:
+            index, tables = None, block_tables[:, :num_used_blocks]
+        else:
+            index = torch.tensor(rows, device=query.device)
+            tables = block_tables.index_select(0, index)[:, :num_used_blocks]
+        k = _gather_context(key_cache, tables, length).to(acc).transpose(1, 2)  # [n, kvh, T, d]
+        v = _gather_context(value_cache, tables, length).to(acc).transpose(1, 2)
+        q = grouped_query if index is None else grouped_query.index_select(0, index)
+        positions = torch.arange(length, device=query.device)
+        row_lens = seq_lens if index is None else seq_lens.index_select(0, index)
+        visible = positions[None, :] < row_lens.to(positions.dtype)[:, None]  # [n, T]
+        o = F.scaled_dot_product_attention(q.to(acc), k, v, attn_mask=visible[:, None, None, :], scale=scale)
+        if index is None:
+            out.copy_(o)
+        else:
+            out.index_copy_(0, index, o.to(query.dtype))
+    return out.view(num_seqs, num_heads, head_dim)
 
 
 def paged_prefill_attention(
@@ -111,14 +149,20 @@ def paged_prefill_attention(
         k = _gather_context(key_cache, table, seq_len).to(acc)  # [T, kvh, d]
         v = _gather_context(value_cache, table, seq_len).to(acc)
         q = query[q_start:q_end].to(acc)
-        q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)
-        k_pos = torch.arange(seq_len, device=query.device)
-        visible = k_pos[None, :] <= q_pos[:, None]  # [q_len, T]
+        if q_len == seq_len:
+            # No cached prefix: plain causal attention, which SDPA's fused kernel does
+            # without materialising a mask (several times faster on CPU).
+            visible, causal = None, True
+        else:
+            q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)
+            k_pos = torch.arange(seq_len, device=query.device)
+            visible, causal = k_pos[None, :] <= q_pos[:, None], False  # [q_len, T]
         o = F.scaled_dot_product_attention(
             q.transpose(0, 1)[None],
             k.transpose(0, 1)[None],
             v.transpose(0, 1)[None],
             attn_mask=visible,
+            is_causal=causal,
             scale=scale,
             enable_gqa=num_heads != num_kv_heads,
         )

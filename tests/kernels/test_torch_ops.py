@@ -237,3 +237,32 @@ def test_prefill_of_one_token_equals_decode(request: pytest.FixtureRequest) -> N
         max(seq_lens),
     )
     torch.testing.assert_close(decode, prefill, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("block_size", [8, 16])
+def test_length_buckets_cover_every_row_once_within_the_padding_bound(request: pytest.FixtureRequest, block_size: int) -> None:
+    gen = _generator(request)
+    seq_lens = torch.randint(1, 700, (57,), generator=gen).tolist()
+    groups = torch_ops.length_buckets(seq_lens, block_size, max_padding=0.3)
+    assert sorted(row for group in groups for row in group) == list(range(len(seq_lens)))
+    blocks = [-(-n // block_size) for n in seq_lens]
+    for group in groups:
+        longest = blocks[group[0]]
+        assert all(blocks[row] <= longest for row in group)
+        assert all(blocks[row] >= 0.7 * longest for row in group)
+    assert 1 < len(groups) < len(seq_lens)  # neither one padded batch nor one call per row
+
+
+def test_paged_decode_of_many_mixed_lengths_matches_naive(request: pytest.FixtureRequest) -> None:
+    """Enough rows of spread-out lengths that the batch splits into several length groups."""
+    gen = _generator(request)
+    seq_lens = torch.randint(1, 120, (24,), generator=gen).tolist()
+    ctx = _paged_contexts(seq_lens, 3, 16, 8, torch.float32, gen)
+    query = torch.randn(len(seq_lens), 9, 16, generator=gen)
+    assert len(torch_ops.length_buckets(seq_lens, 8)) > 1
+    out = torch_ops.paged_decode_attention(
+        query, ctx.key_cache, ctx.value_cache, ctx.block_tables, ctx.seq_lens, 0.25, max(seq_lens)
+    )
+    for seq in range(len(seq_lens)):
+        expected = _naive_attention(query[seq : seq + 1], ctx.keys[seq], ctx.values[seq], 0.25)
+        torch.testing.assert_close(out[seq].double(), expected[0], **_tolerance(torch.float32))
