@@ -12,6 +12,8 @@ import sys
 import threading
 from collections.abc import Sequence
 
+import msgspec
+
 from shared.config import DTYPES, EngineConfig
 from shared.sampling_params import SamplingParams
 
@@ -27,6 +29,25 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument(
+        "--swap-space", type=int, default=0, metavar="BYTES",
+        help="CPU swap pool for --preemption-mode swap (default 0: every preemption recomputes)",
+    )
+
+
+def add_preemption_mode_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--preemption-mode", choices=["recompute", "swap"], default="recompute",
+        help="when KV blocks run out, drop a request's K/V and recompute it later, or swap it "
+        "to the executor's CPU swap pool (--swap-space) and back (default: recompute)",
+    )
+
+
+def add_prefix_caching_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+        help="reuse the KV cache of full blocks shared with earlier prompts (default: on)",
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -41,6 +62,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        swap_space_bytes=args.swap_space,
     )
 
 
@@ -51,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate completions offline with the in-process engine")
     gen.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompts (default: read lines from stdin)")
     add_engine_flags(gen)
+    add_prefix_caching_flag(gen)  # the scheduler's: an executor has no use for it
+    add_preemption_mode_flag(gen)  # the scheduler's too
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     gen.add_argument("--top-p", type=float, default=1.0)
@@ -70,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--scheduler-address", default=os.environ.get("PAGEDSERVE_EXECUTOR_ADDRESS", "tcp://127.0.0.1:5556"))
     ex.add_argument("--executor-id", default="")
     ex.add_argument("--heartbeat-interval", type=float, default=1.0, help="seconds between heartbeats")
+    add_curve_flag(ex)
     ex.set_defaults(handler=run_executor)
 
     from services.gateway.config import add_gateway_flags
@@ -81,7 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="run redis, scheduler, executor and gateway as local processes")
     add_up_flags(up)
     up.set_defaults(handler=run_up)
+
+    keys = sub.add_parser("keys", help="generate the CURVE keypairs that --zmq-curve-keys DIR reads")
+    keys.add_argument("directory", metavar="DIR")
+    keys.add_argument("--force", action="store_true", help="replace keys already in DIR (running services are locked out)")
+    keys.set_defaults(handler=run_keys)
     return parser
+
+
+def add_curve_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--zmq-curve-keys", default=None, metavar="DIR",
+        help="encrypt and authenticate the ZeroMQ links with the CURVE keys in DIR (from `pagedserve keys DIR`)",
+    )
 
 
 def add_scheduler_flags(parser: argparse.ArgumentParser) -> None:
@@ -90,9 +127,20 @@ def add_scheduler_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--max-num-waiting", type=int, default=1024, help="bound of the waiting queue (then 429)")
-    parser.add_argument("--executor-timeout", type=float, default=5.0, help="seconds without heartbeat = dead")
+    parser.add_argument(
+        "--heartbeat-timeout", type=float, default=3.0, metavar="SECONDS",
+        help="an executor silent this long is lost: its running requests are requeued for recompute",
+    )
+    parser.add_argument(
+        "--executor-timeout", type=float, default=60.0, metavar="SECONDS",
+        help="how long requeued requests wait for an executor to (re)join before failing with 503 "
+        "(a restarted executor reloads the model: ~25 s for the embedded one on a busy 2-core CPU)",
+    )
     parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL"))
     parser.add_argument("--replica-id", default="replica-0")
+    add_prefix_caching_flag(parser)
+    add_preemption_mode_flag(parser)
+    add_curve_flag(parser)
 
 
 def add_up_flags(parser: argparse.ArgumentParser) -> None:
@@ -107,6 +155,15 @@ def add_up_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
+    add_prefix_caching_flag(parser)
+    add_preemption_mode_flag(parser)
+    parser.add_argument("--swap-space", type=int, default=0, metavar="BYTES", help="passed to the executor")
+    parser.add_argument("--heartbeat-timeout", type=float, default=3.0, metavar="SECONDS", help="passed to the scheduler")
+    parser.add_argument("--executor-timeout", type=float, default=60.0, metavar="SECONDS", help="passed to the scheduler")
+    parser.add_argument(
+        "--zmq-curve-keys", default=None, metavar="DIR",
+        help="CURVE-secure the services' ZeroMQ links with the keys in DIR (generated there if missing)",
+    )
 
 
 def _configure_logging() -> None:
@@ -131,9 +188,13 @@ def run_scheduler(args: argparse.Namespace) -> int:
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
             max_num_waiting=args.max_num_waiting,
+            heartbeat_timeout_s=args.heartbeat_timeout,
             executor_timeout_s=args.executor_timeout,
             redis_url=args.redis_url,
             replica_id=args.replica_id,
+            enable_prefix_caching=args.enable_prefix_caching,
+            preemption_mode=args.preemption_mode,
+            curve_keys_dir=args.zmq_curve_keys,
         ),
         _stop_on_signals(),
     )
@@ -150,6 +211,7 @@ def run_executor(args: argparse.Namespace) -> int:
             scheduler_address=args.scheduler_address,
             executor_id=args.executor_id,
             heartbeat_interval_s=args.heartbeat_interval,
+            curve_keys_dir=args.zmq_curve_keys,
         ),
         _stop_on_signals(),
     )
@@ -162,6 +224,21 @@ def run_gateway(args: argparse.Namespace) -> int:
 
     _configure_logging()
     serve(gateway_config_from_args(args))
+    return 0
+
+
+def run_keys(args: argparse.Namespace) -> int:
+    from shared.zmq_security import generate_curve_keys
+
+    try:
+        created = generate_curve_keys(args.directory, overwrite=args.force)
+    except OSError as error:
+        print(f"pagedserve keys: error: {error}", file=sys.stderr)
+        return 1
+    if created:
+        print(f"wrote CURVE keypairs to {args.directory}: server.key(_secret) for the scheduler, client.key(_secret) for gateways and executors")
+    else:
+        print(f"CURVE keys already in {args.directory}; kept them (--force replaces them)")
     return 0
 
 
@@ -194,7 +271,13 @@ def run_generate(args: argparse.Namespace) -> int:
         print(f"pagedserve generate: {error}", file=sys.stderr)
         return 2
     try:
-        engine = LLMEngine(engine_config_from_args(args))
+        engine = LLMEngine(
+            msgspec.structs.replace(
+                engine_config_from_args(args),
+                enable_prefix_caching=args.enable_prefix_caching,
+                preemption_mode=args.preemption_mode,
+            )
+        )
         inputs: list[str | list[int]] = (
             [encode_chat(engine.tokenizer, [{"role": "user", "content": p}]) for p in prompts] if args.chat else list(prompts)
         )

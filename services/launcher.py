@@ -1,8 +1,11 @@
 """`pagedserve up`: Redis, a scheduler, an executor and a gateway as local processes.
 
 It runs exactly the service commands the compose file runs (`pagedserve scheduler ...`),
-on free loopback ports, waits until the gateway is healthy, prints the URL, restarts the
-executor if it dies, and stops everything on Ctrl-C / SIGTERM.
+on free loopback ports, waits until the gateway is healthy, prints the URL, then
+supervises: a service that exits (crashed, killed) is restarted on the same ports after a
+backoff, while the others ride it out (the scheduler requeues the requests of a lost
+executor; gateways reconnect to a restarted scheduler). Ctrl-C / SIGTERM stops everything.
+A service that exits during start-up is a configuration error: `up` stops and says so.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from shared.zmq_security import generate_curve_keys
 
 log = logging.getLogger("pagedserve.up")
 
@@ -71,23 +76,35 @@ def service_commands(args: argparse.Namespace) -> ServiceCommands:
     gateway_zmq = f"tcp://127.0.0.1:{free_port()}"
     executor_zmq = f"tcp://127.0.0.1:{free_port()}"
     model = ["--model", args.model] if args.model else []
+    curve = ["--zmq-curve-keys", args.zmq_curve_keys] if args.zmq_curve_keys else []
     scheduler = base + [
         "scheduler", "--gateway-address", gateway_zmq, "--executor-address", executor_zmq,
         "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
-        "--redis-url", redis_url,
+        "--redis-url", redis_url, "--heartbeat-timeout", str(args.heartbeat_timeout),
+        "--executor-timeout", str(args.executor_timeout), *curve,
+        "--enable-prefix-caching" if args.enable_prefix_caching else "--no-enable-prefix-caching",
+        "--preemption-mode", args.preemption_mode,
     ]
     executor = base + [
         "executor", "--scheduler-address", executor_zmq, "--kv-cache-memory", str(args.kv_cache_memory),
-        "--block-size", str(args.block_size), "--dtype", args.dtype, *model,
+        "--block-size", str(args.block_size), "--dtype", args.dtype, "--swap-space", str(args.swap_space),
+        *model, *curve,
     ]
     gateway = base + [
         "gateway", "--host", args.host, "--port", str(args.port), "--scheduler-address", gateway_zmq,
-        "--redis-url", redis_url, *model,
+        "--redis-url", redis_url, *model, *curve,
     ]
     return ServiceCommands(redis_cmd, redis_url, scheduler, executor, gateway, f"http://{args.host}:{args.port}")
 
 
 def launch(args: argparse.Namespace) -> int:
+    if args.zmq_curve_keys:
+        try:
+            if generate_curve_keys(args.zmq_curve_keys):
+                log.info("generated CURVE keys in %s", args.zmq_curve_keys)
+        except OSError as error:
+            log.error("CURVE keys: %s", error)
+            return 1
     commands = service_commands(args)
     env = dict(os.environ)
     # Keys travel by environment, not argv: argv is visible to every local user in `ps`.
@@ -98,43 +115,124 @@ def launch(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    procs: dict[str, subprocess.Popen[bytes]] = {}
-
-    def start(name: str, cmd: list[str]) -> None:
-        log.info("starting %s: %s", name, " ".join(cmd))
-        procs[name] = subprocess.Popen(cmd, env=env)
-
+    services = {"redis": commands.redis} if commands.redis else {}
+    services |= {"scheduler": commands.scheduler, "executor": commands.executor, "gateway": commands.gateway}
+    supervisor = Supervisor(services, env)
     try:
-        if commands.redis:
-            start("redis", commands.redis)
-        start("scheduler", commands.scheduler)
-        start("executor", commands.executor)
-        start("gateway", commands.gateway)
-        if not _wait_healthy(commands.url, procs, stop):
+        supervisor.start_all()
+        if not _wait_healthy(commands.url, supervisor, stop):
             return 1
         print(f"pagedserve is up: {commands.url}  (OpenAI API at {commands.url}/v1, admin at {commands.url}/admin)", flush=True)
-        while not stop.wait(0.5):
-            for name, proc in list(procs.items()):
-                if proc.poll() is None:
-                    continue
-                if name == "executor":
-                    log.warning("executor exited with %s: restarting it", proc.returncode)
-                    start("executor", commands.executor)
-                else:
-                    log.error("%s exited with %s: stopping", name, proc.returncode)
-                    return 1
+        while not stop.wait(0.2):
+            supervisor.poll(time.monotonic())
         return 0
     finally:
-        _stop_all(procs)
+        supervisor.stop_all()
 
 
-def _wait_healthy(url: str, procs: dict[str, subprocess.Popen[bytes]], stop: threading.Event, timeout_s: float = 300) -> bool:
+@dataclass(frozen=True)
+class RestartPolicy:
+    """The delay before restarting a service that exited: `min_backoff_s`, doubling while
+    it keeps exiting soon after each start, up to `max_backoff_s`; back to the minimum once
+    it has stayed up `stable_after_s` (a crash loop must not spin, a rare crash must not
+    wait long)."""
+
+    min_backoff_s: float = 1.0
+    max_backoff_s: float = 30.0
+    stable_after_s: float = 60.0
+
+    def next_backoff_s(self, previous_s: float, ran_s: float) -> float:
+        if previous_s <= 0 or ran_s >= self.stable_after_s:
+            return self.min_backoff_s
+        return min(previous_s * 2, self.max_backoff_s)
+
+
+@dataclass
+class SupervisedProcess:
+    name: str
+    command: list[str]
+    process: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0  # monotonic
+    backoff_s: float = 0.0  # the delay before its latest restart
+    restart_at: float | None = None  # monotonic; set while a restart waits out its backoff
+    num_restarts: int = 0
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+
+class Supervisor:
+    """Child processes that are restarted when they exit. One thread drives it: `poll`
+    regularly, `stop_all` at the end (which also runs after a failed start)."""
+
+    # Gateways first (no new work), then executors and the scheduler, Redis last.
+    STOP_ORDER = ("gateway", "executor", "scheduler", "redis")
+
+    def __init__(self, commands: dict[str, list[str]], env: dict[str, str] | None = None, policy: RestartPolicy = RestartPolicy()) -> None:
+        self.services = {name: SupervisedProcess(name, command) for name, command in commands.items()}
+        self.env = env
+        self.policy = policy
+
+    def start_all(self) -> None:
+        """In the order given (Redis before the services that write to it)."""
+        for service in self.services.values():
+            self._start(service, time.monotonic())
+
+    def exited(self) -> list[SupervisedProcess]:
+        return [s for s in self.services.values() if s.process is not None and s.process.poll() is not None]
+
+    def poll(self, now: float) -> None:
+        """Schedule a restart for each service that exited; start those whose backoff is over."""
+        for service in self.services.values():
+            if service.restart_at is not None:
+                if now >= service.restart_at:
+                    service.restart_at = None
+                    service.num_restarts += 1
+                    self._start(service, now)
+                continue
+            assert service.process is not None
+            code = service.process.poll()
+            if code is None:
+                continue
+            ran_s = now - service.started_at
+            service.backoff_s = self.policy.next_backoff_s(service.backoff_s, ran_s)
+            service.restart_at = now + service.backoff_s
+            log.warning(
+                "%s (pid %d) exited with code %s after %.1f s: restarting it in %g s",
+                service.name, service.process.pid, code, ran_s, service.backoff_s,
+            )
+
+    def stop_all(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM each service (in STOP_ORDER), wait for it, SIGKILL one that hangs."""
+        order = sorted(self.services.values(), key=lambda s: self.STOP_ORDER.index(s.name) if s.name in self.STOP_ORDER else -1)
+        for service in order:
+            service.restart_at = None
+            if service.process is not None and service.process.poll() is None:
+                service.process.terminate()
+        for service in order:
+            if service.process is None:
+                continue
+            try:
+                service.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("%s (pid %d) did not stop within %g s: killing it", service.name, service.process.pid, timeout_s)
+                service.process.kill()
+                service.process.wait()
+
+    def _start(self, service: SupervisedProcess, now: float) -> None:
+        service.process = subprocess.Popen(service.command, env=self.env)
+        service.started_at = now
+        log.info("started %s (pid %d): %s", service.name, service.process.pid, " ".join(service.command))
+
+
+def _wait_healthy(url: str, supervisor: Supervisor, stop: threading.Event, timeout_s: float = 300) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and not stop.is_set():
-        for name, proc in procs.items():
-            if proc.poll() is not None:
-                log.error("%s exited with %s during start-up", name, proc.returncode)
-                return False
+        for service in supervisor.exited():
+            assert service.process is not None
+            log.error("%s exited with code %s during start-up", service.name, service.process.returncode)
+            return False
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                 return True
@@ -142,21 +240,3 @@ def _wait_healthy(url: str, procs: dict[str, subprocess.Popen[bytes]], stop: thr
             pass
         stop.wait(0.5)
     return False
-
-
-def _stop_all(procs: dict[str, subprocess.Popen[bytes]]) -> None:
-    # Gateway first (no new work), then executor and scheduler, Redis last.
-    order = ["gateway", "executor", "scheduler", "redis"]
-    for name in order:
-        proc = procs.get(name)
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-    for name in order:
-        proc = procs.get(name)
-        if proc is None:
-            continue
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()

@@ -23,6 +23,11 @@ class EngineConfig(msgspec.Struct, forbid_unknown_fields=True):
     max_num_batched_tokens: int = 2048
     max_num_waiting: int = 1024
     use_triton: bool | None = None  # None: Triton on CUDA, torch elsewhere
+    enable_prefix_caching: bool = True  # reuse the K/V of full blocks shared by prompts
+    # Preemption: "recompute" or "swap" (into a CPU swap pool of swap_space_bytes; a victim
+    # that does not fit there is recomputed, so with 0 bytes every preemption recomputes).
+    preemption_mode: str = "recompute"
+    swap_space_bytes: int = 0
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

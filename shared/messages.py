@@ -32,6 +32,22 @@ class CachedRequestData(msgspec.Struct, **_PER_STEP):
     request_id: str
     new_block_ids: list[int]  # appended to the executor's copy of the block table
     num_computed_tokens: int  # before this step: position of the first token to compute
+    # Copy-on-write: drop this many blocks (0 or 1: a shared, partly filled last block)
+    # from the end of the table before appending `new_block_ids`, whose first id is then
+    # the private copy (listed in `ExecuteStep.block_copies`).
+    num_replaced_blocks: int = 0
+
+
+class ForkedRequest(msgspec.Struct, **_PER_STEP):
+    """Sample `sample_index` of a parallel-sampling request (`n > 1`) branching off its
+    parent, which samples its first token in this step. The executor mirrors it as a copy
+    of the parent (token ids before this step's token, block table) with the params
+    `parent params.for_sample(sample_index)`, and samples its first token from the
+    parent's logits: the prompt is computed once and never resent."""
+
+    request_id: str  # the new sample's own id
+    parent_request_id: str
+    sample_index: int
 
 
 class ExecuteStep(msgspec.Struct, **_PER_STEP):
@@ -45,6 +61,17 @@ class ExecuteStep(msgspec.Struct, **_PER_STEP):
     # Requests the executor must forget before running this step (finished, aborted, or
     # preempted: a preempted request comes back later as a NewRequestData).
     finished_request_ids: list[str] = []
+    # (source, destination) block ids whose K and V, in every layer, the executor copies
+    # before running the model (copy-on-write of a block shared by forked samples).
+    block_copies: list[tuple[int, int]] = []
+    # Samples branching off requests of this step, applied after its forward.
+    forked_requests: list[ForkedRequest] = []
+    # Preemption by swap, as (source, destination) block id pairs. The executor copies
+    # every swap-out (device block -> CPU swap block) first, then every swap-in (swap block
+    # -> device block), then runs the step: a block swapped out may be reallocated, and
+    # written, in this very step, and a swapped-in request reads its K/V in it.
+    swap_out: list[tuple[int, int]] = []
+    swap_in: list[tuple[int, int]] = []
 
 
 class SampledToken(msgspec.Struct, **_PER_STEP):
@@ -77,6 +104,9 @@ class RequestDelta(msgspec.Struct, **_PER_STEP):
     logprobs: list[TokenLogprobs] = []  # one per new token when logprobs were asked for
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    # Which of the request's `n` samples the tokens belong to (0 .. n-1); `request_id` is
+    # the request's, whichever sample it is. Each sample finishes on its own.
+    sample_index: int = 0
 
 
 # ---------------------------------------------------------------------------------------
@@ -122,7 +152,7 @@ class RequestError(msgspec.Struct, tag="error", array_like=True):
 
 class RunningRequestStatus(msgspec.Struct):
     request_id: str
-    status: str  # waiting | running
+    status: str  # waiting | running | swapped
     num_prompt_tokens: int
     num_output_tokens: int
     num_computed_tokens: int
@@ -130,19 +160,39 @@ class RunningRequestStatus(msgspec.Struct):
     num_preemptions: int
     arrival_time: float
     block_ids: list[int]
+    # A forked sample (n > 1) lists under its own id, f"{parent}#{i}"; this is the parent's,
+    # the id its client knows. None for a request itself.
+    parent_request_id: str | None = None
+
+
+class PrefixCacheStatus(msgspec.Struct):
+    """Prefix-cache lookups since the scheduler started (one per admission)."""
+
+    num_queries: int
+    num_hits: int  # admissions that reused at least one cached block
+    num_query_tokens: int
+    num_hit_tokens: int  # tokens whose K/V came from the cache instead of the model
+    hit_rate: float  # num_hit_tokens / num_query_tokens (0.0 before any lookup)
 
 
 class BlockPoolStatus(msgspec.Struct):
     num_blocks: int
     block_size: int
-    num_free_blocks: int
-    num_used_blocks: int
-    num_cached_blocks: int
+    num_free_blocks: int  # empty + cached: what allocation can hand out
+    num_used_blocks: int  # referenced by a request
+    num_cached_blocks: int  # nobody's, kept for their prefix until evicted (part of free)
     num_shared_blocks: int
     tokens_stored: int
     slots_allocated: int
     utilisation: float  # tokens stored / slots allocated
     block_owners: list[str]  # per block: owning request id, "" when free ("*" marks shared)
+    prefix_cache: PrefixCacheStatus | None = None  # None when prefix caching is off
+    # The executor's CPU swap pool (preemption by swap): capacity and blocks held by
+    # swapped-out requests; 0 and 0 when it has none.
+    num_swap_blocks: int = 0
+    num_used_swap_blocks: int = 0
+    num_swap_outs: int = 0  # preemptions by swap (StepStats.num_preemptions counts all)
+    num_swap_ins: int = 0
 
 
 class ExecutorStatus(msgspec.Struct):
@@ -152,6 +202,16 @@ class ExecutorStatus(msgspec.Struct):
     model: str
     last_heartbeat_age_s: float
     alive: bool
+
+
+class ExecutorEvent(msgspec.Struct):
+    """An executor joining or being lost, as the admin status lists them (newest last)."""
+
+    at: float  # wall clock (time.time())
+    executor_id: str
+    event: str  # joined | lost
+    detail: str  # its capacity when it joined; why it counts as lost
+    num_requeued: int  # running requests sent back to the waiting queue for recompute
 
 
 class StepStats(msgspec.Struct):
@@ -173,6 +233,10 @@ class StatusSnapshot(msgspec.Struct, tag="snapshot", array_like=True):
     executors: list[ExecutorStatus]
     steps: StepStats
     uptime_s: float
+    # Executor loss: how many times the serving executor was lost (died, or went silent
+    # for the heartbeat timeout), and the recent joins and losses.
+    num_executors_lost: int = 0
+    executor_events: list[ExecutorEvent] = []
 
 
 SchedulerToGateway = RequestDeltas | RequestError | StatusSnapshot
@@ -193,6 +257,7 @@ class ExecutorReady(msgspec.Struct, tag="ready", array_like=True):
     device: str
     max_model_len: int
     eos_token_id: int | None
+    num_swap_blocks: int = 0  # its CPU swap pool for preemption by swap (0: none)
 
 
 class Heartbeat(msgspec.Struct, tag="heartbeat", array_like=True):

@@ -29,6 +29,14 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=T
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    def for_sample(self, sample_index: int) -> SamplingParams:
+        """The params of sample `sample_index` of an `n > 1` request, drawn as one
+        sample (n=1): a seeded request's sample i uses seed `seed + i` (mod 2**63), so
+        its tokens equal a separate request made with that seed, however it is run
+        (forked from a shared prompt in the scheduler, or split by the gateway)."""
+        seed = None if self.seed is None else (self.seed + sample_index) % 2**63
+        return msgspec.structs.replace(self, seed=seed, n=1)
+
     def validate(self, max_logprobs: int = 20) -> None:
         """Raise ValueError naming the offending field; the gateway turns it into a 400."""
         if self.max_tokens < 1:

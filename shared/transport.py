@@ -14,6 +14,7 @@ import msgspec
 import zmq
 
 from shared.messages import PROTOCOL_VERSION
+from shared.zmq_security import CurveEndpoint, apply_curve
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +43,15 @@ def decode(frames: list[bytes], decoder: msgspec.msgpack.Decoder[T], peer: str =
         return None
 
 
-def make_socket(context: zmq.Context[Any], kind: int, *, identity: bytes | None = None) -> zmq.Socket[Any]:
+def make_socket(
+    context: zmq.Context[Any], kind: int, *, identity: bytes | None = None, curve: CurveEndpoint | None = None
+) -> zmq.Socket[Any]:
+    """A socket that drops unsent messages on close; CURVE-secured when `curve` is given
+    (shared/zmq_security.py), which must happen before it binds or connects."""
     sock = context.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     if identity is not None:
         sock.setsockopt(zmq.IDENTITY, identity)
+    if curve is not None:
+        apply_curve(sock, curve)
     return sock

@@ -106,11 +106,7 @@ class Cluster:
         )
         redis.start()
         wait_until(lambda: port_open(self.redis_port), 10, "redis-server")
-        self._service(
-            "scheduler",
-            base + ["scheduler", "--gateway-address", self.gateway_zmq, "--executor-address", self.executor_zmq,
-                    "--redis-url", self.redis_url, *self.extra_scheduler_flags],
-        ).start()
+        self.start_scheduler()
         self.start_executor()
         if self.with_gateway:
             self._service(
@@ -120,6 +116,16 @@ class Cluster:
             ).start()
             self.wait_healthy()
         return self
+
+    def start_scheduler(self, extra_flags: list[str] | None = None) -> None:
+        """(Re)start the scheduler on the same ports, with `extra_flags` instead of the
+        cluster's own when given."""
+        flags = self.extra_scheduler_flags if extra_flags is None else extra_flags
+        self._service(
+            "scheduler",
+            pagedserve_command() + ["scheduler", "--gateway-address", self.gateway_zmq, "--executor-address",
+                                    self.executor_zmq, "--redis-url", self.redis_url, *flags],
+        ).start()
 
     def start_executor(self) -> None:
         self._service(

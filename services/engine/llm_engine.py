@@ -24,14 +24,41 @@ Prompt = str | list[int]
 
 
 @dataclass
-class Completion:
-    request_id: str
-    prompt: Prompt
-    prompt_token_ids: list[int]
+class CompletionOutput:
+    """One sample of a prompt (`SamplingParams.n` of them)."""
+
+    index: int  # the sample index, 0 .. n-1
     token_ids: list[int] = field(default_factory=list)  # generated only (EOS included if hit)
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     finish_reason: str | None = None
     text: str = ""
+
+
+@dataclass
+class Completion:
+    """A prompt's samples; `token_ids`, `logprobs`, `finish_reason` and `text` are those
+    of the first (the only one unless n > 1)."""
+
+    request_id: str
+    prompt: Prompt
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput] = field(default_factory=lambda: [CompletionOutput(0)])
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def logprobs(self) -> list[TokenLogprobs]:
+        return self.outputs[0].logprobs
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.outputs[0].finish_reason
+
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
 
 
 class LLMEngine:
@@ -48,9 +75,13 @@ class LLMEngine:
                 max_num_batched_tokens=self.config.max_num_batched_tokens,
                 max_model_len=self.max_model_len,
                 max_num_waiting=self.config.max_num_waiting,
+                enable_prefix_caching=self.config.enable_prefix_caching,
+                model=self.model_source.name,
+                preemption_mode=self.config.preemption_mode,
             ),
             num_blocks=self.runner.num_blocks,
             block_size=self.config.block_size,
+            num_swap_blocks=self.runner.num_swap_blocks,
         )
         self._ids = itertools.count()
 
@@ -96,11 +127,15 @@ class LLMEngine:
     def stream(
         self, prompts: Sequence[Prompt], sampling_params: SamplingParams | Sequence[SamplingParams]
     ) -> Iterator[tuple[int, RequestDelta]]:
-        """Run the prompts together; yield (prompt index, delta) as each step produces tokens."""
+        """Run the prompts together; yield (prompt index, delta) as each step produces tokens.
+        With `n > 1` a prompt is one request whose `n` samples share its prompt's K/V;
+        `delta.sample_index` says which sample a delta belongs to."""
         params = _per_prompt(sampling_params, len(prompts))
         index_of = {
             self.add_request(self.tokenize(prompt), p): i for i, (prompt, p) in enumerate(zip(prompts, params))
         }
+        # Samples not finished yet, per request.
+        num_pending = {request_id: params[i].n for request_id, i in index_of.items()}
         pending = set(index_of)
         try:
             while pending:
@@ -108,7 +143,9 @@ class LLMEngine:
                     if delta.request_id in index_of:
                         yield index_of[delta.request_id], delta
                         if delta.finish_reason is not None:
-                            pending.discard(delta.request_id)
+                            num_pending[delta.request_id] -= 1
+                            if num_pending[delta.request_id] == 0:
+                                pending.discard(delta.request_id)
         finally:
             if pending:  # the consumer stopped early: give the blocks back
                 self.abort(sorted(pending))
@@ -116,18 +153,28 @@ class LLMEngine:
     def generate(
         self, prompts: Sequence[Prompt], sampling_params: SamplingParams | Sequence[SamplingParams]
     ) -> list[Completion]:
+        """One Completion per prompt, with `n` outputs each (`SamplingParams.n`)."""
+        params = _per_prompt(sampling_params, len(prompts))
         completions = [
-            Completion(request_id="", prompt=prompt, prompt_token_ids=self.tokenize(prompt)) for prompt in prompts
+            Completion(
+                request_id="",
+                prompt=prompt,
+                prompt_token_ids=self.tokenize(prompt),
+                outputs=[CompletionOutput(i) for i in range(p.n)],
+            )
+            for prompt, p in zip(prompts, params)
         ]
-        for index, delta in self.stream([c.prompt_token_ids for c in completions], sampling_params):
+        for index, delta in self.stream([c.prompt_token_ids for c in completions], params):
             completion = completions[index]
             completion.request_id = delta.request_id
-            completion.token_ids.extend(delta.new_token_ids)
-            completion.logprobs.extend(delta.logprobs)
+            output = completion.outputs[delta.sample_index]
+            output.token_ids.extend(delta.new_token_ids)
+            output.logprobs.extend(delta.logprobs)
             if delta.finish_reason is not None:
-                completion.finish_reason = delta.finish_reason
+                output.finish_reason = delta.finish_reason
         for completion in completions:
-            completion.text = self.tokenizer.decode(completion.token_ids, skip_special_tokens=True)
+            for output in completion.outputs:
+                output.text = self.tokenizer.decode(output.token_ids, skip_special_tokens=True)
         return completions
 
 

@@ -16,7 +16,7 @@ import torch
 
 from kernels import kernel_module
 from services.executor.attention_metadata import AttentionMetadata
-from services.executor.kv_cache import allocate_kv_cache, num_blocks_for_budget
+from services.executor.kv_cache import allocate_kv_cache, copy_blocks, num_blocks_for_budget, num_swap_blocks_for_budget
 from services.executor.llama import LlamaForCausalLM
 from services.executor.model_config import ModelConfig, load_model_config
 from services.executor.sampler import Sampler
@@ -83,6 +83,14 @@ class ModelRunner:
         self.kernels = kernel_module(self.device, config.use_triton)
         self.num_blocks = config.num_kv_blocks or self._num_blocks_from_memory(config)
         self.kv_caches = allocate_kv_cache(self.model_config, self.num_blocks, self.block_size, self.dtype, self.device)
+        # Preemption by swap: a pool of the same blocks in CPU memory (on a CPU device this
+        # is CPU memory too; the mechanism stays the same). The scheduler picks its ids.
+        self.num_swap_blocks = num_swap_blocks_for_budget(
+            self.model_config, self.block_size, self.dtype, config.swap_space_bytes
+        )
+        self.swap_caches = allocate_kv_cache(
+            self.model_config, self.num_swap_blocks, self.block_size, self.dtype, torch.device("cpu")
+        )
         self.sampler = Sampler(self.model_config.vocab_size)
         self.requests: dict[str, RequestState] = {}
         self.timings = StepTimings()
@@ -98,6 +106,11 @@ class ModelRunner:
     def execute(self, step: ExecuteStep) -> StepResult:
         for request_id in step.finished_request_ids:
             self.requests.pop(request_id, None)
+        # Swap-outs first: their blocks may be reallocated and written in this very step.
+        copy_blocks(self.kv_caches, self.swap_caches, step.swap_out)
+        copy_blocks(self.swap_caches, self.kv_caches, step.swap_in)
+        # Copy-on-write of blocks shared by forked samples, before anything writes them.
+        copy_blocks(self.kv_caches, self.kv_caches, step.block_copies)
         items = self._apply_deltas(step)
         if not items:
             return StepResult(step_id=step.step_id, sampled=[])
@@ -115,12 +128,37 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[last_token_index])
             if logits.dtype not in (torch.float32, torch.float64):
                 logits = logits.float()
-            sampled = self.sampler(logits, [item.state for item in sampling_items])
-            for item, token in zip(sampling_items, sampled):
-                item.state.token_ids.append(token.token_id)
+            states = [item.state for item in sampling_items]
+            if step.forked_requests:
+                logits, states = self._fork(step, logits, states)
+            sampled = self.sampler(logits, states)
+            for state, token in zip(states, sampled):
+                state.token_ids.append(token.token_id)
         self.timings.num_steps += 1
         self.timings.forward_s += time.perf_counter() - start
         return StepResult(step_id=step.step_id, sampled=sampled)
+
+    def _fork(
+        self, step: ExecuteStep, logits: torch.Tensor, states: list[RequestState]
+    ) -> tuple[torch.Tensor, list[RequestState]]:
+        """Mirror the samples forked in this step (copies of their parents before this
+        step's token) and give each its parent's logits row: [rows + forks, vocab]."""
+        row_of = {state.request_id: row for row, state in enumerate(states)}
+        rows = list(range(len(states)))
+        states = list(states)
+        for fork in step.forked_requests:
+            parent = self.requests[fork.parent_request_id]
+            child = RequestState(
+                request_id=fork.request_id,
+                token_ids=list(parent.token_ids),
+                num_prompt_tokens=parent.num_prompt_tokens,
+                block_ids=list(parent.block_ids),
+                sampling_params=parent.sampling_params.for_sample(fork.sample_index),
+            )
+            self.requests[child.request_id] = child
+            states.append(child)
+            rows.append(row_of[parent.request_id])
+        return logits[torch.tensor(rows, device=logits.device)], states
 
     def _apply_deltas(self, step: ExecuteStep) -> list[_ScheduledItem]:
         items: list[_ScheduledItem] = []
@@ -137,6 +175,8 @@ class ModelRunner:
             items.append(_ScheduledItem(state, new.num_computed_tokens, next(counts)))
         for cached in step.cached_requests:
             state = self.requests[cached.request_id]
+            if cached.num_replaced_blocks:  # copy-on-write: the copy replaces the shared block
+                del state.block_ids[-cached.num_replaced_blocks :]
             state.block_ids.extend(cached.new_block_ids)
             items.append(_ScheduledItem(state, cached.num_computed_tokens, next(counts)))
         return [item for item in items if item.num_new_tokens > 0]

@@ -48,6 +48,7 @@ ADMIN_PAGE_HTML = """<!doctype html>
 <h2>Waiting</h2><table id="waiting"></table>
 <h2>Swapped</h2><table id="swapped"></table>
 <h2>Executors</h2><table id="executors"></table>
+<h2>Executor events</h2><table id="executor-events"></table>
 <div id="tip"></div>
 <script>
 "use strict";
@@ -125,6 +126,10 @@ const executorColumns = [
   ["executor", e => e.executor_id], ["device", e => e.device], ["model", e => e.model], ["blocks", e => e.num_blocks],
   ["heartbeat age s", e => e.last_heartbeat_age_s.toFixed(1)], ["alive", e => e.alive ? "yes" : "NO"],
 ];
+const executorEventColumns = [
+  ["at", e => new Date(e.at * 1000).toLocaleTimeString()], ["executor", e => e.executor_id], ["event", e => e.event],
+  ["detail", e => e.detail], ["requeued", e => e.num_requeued],
+];
 
 function showStats(s) {
   const p = s.block_pool;
@@ -132,7 +137,7 @@ function showStats(s) {
     ["model", s.model], ["max model len", s.max_model_len], ["uptime s", s.uptime_s.toFixed(0)],
     ["running", s.running.length], ["waiting", s.waiting.length], ["swapped", s.swapped.length],
     ["steps/s", s.steps.steps_per_s.toFixed(1)], ["mean batch", s.steps.mean_batch_size.toFixed(1)],
-    ["preemptions", s.steps.num_preemptions],
+    ["preemptions", s.steps.num_preemptions], ["executors lost", s.num_executors_lost],
   ];
   if (p) items.push(
     ["blocks used / total", p.num_used_blocks + " / " + p.num_blocks], ["free", p.num_free_blocks],
@@ -172,6 +177,7 @@ async function poll() {
     fillTable("waiting", requestColumns, s.waiting);
     fillTable("swapped", requestColumns, s.swapped);
     fillTable("executors", executorColumns, s.executors);
+    fillTable("executor-events", executorEventColumns, s.executor_events.slice().reverse());
     setStatus("live " + new Date().toLocaleTimeString(), true);
   } catch (e) {
     setStatus("gateway unreachable: " + e, false);

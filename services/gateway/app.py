@@ -27,11 +27,13 @@ from services.gateway.context import GatewayContext, gateway_context
 from services.gateway.detokenizer import TokenTexts
 from services.gateway.errors import GatewayError, gateway_error_handler, http_exception_handler, unexpected_error_handler
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.openapi import openapi_route
 from services.gateway.openai_protocol import ModelCard, ModelList
 from services.gateway.request_records import RequestRecorder
 from services.gateway.scheduler_client import SchedulerClient
 from shared.model_source import resolve_model_source
 from shared.tokenizer import load_tokenizer
+from shared.zmq_security import curve_client
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,7 @@ async def list_models(request: Request) -> Response:
 async def health(request: Request) -> Response:
     """200 only when the scheduler answers within status_timeout_s and has a live
     executor: a gateway that cannot generate should be taken out of rotation. Redis is
-    reported but never fails the check (it is optional)."""
+    reported but never fails the check (it is optional): Redis down is "degraded", 200."""
     context = gateway_context(request)
     snapshot, redis_state = await asyncio.gather(
         context.scheduler.status(context.config.status_timeout_s), context.records.health()
@@ -61,7 +63,7 @@ async def health(request: Request) -> Response:
         scheduler_state = "ok"
     ok = scheduler_state == "ok"
     body = {
-        "status": "ok" if ok else "unavailable",
+        "status": ("degraded" if redis_state == "degraded" else "ok") if ok else "unavailable",
         "scheduler": scheduler_state,
         "executors_alive": num_alive,
         "redis": redis_state,
@@ -88,7 +90,10 @@ def create_app(config: GatewayConfig, *, tokenizer: PreTrainedTokenizerBase | No
         config=config,
         tokenizer=tokenizer,
         model_name=model_name,
-        scheduler=SchedulerClient(config.scheduler_address, config.gateway_id, config.submit_timeout_s),
+        scheduler=SchedulerClient(
+            config.scheduler_address, config.gateway_id, config.submit_timeout_s,
+            curve=curve_client(config.curve_keys_dir) if config.curve_keys_dir else None,
+        ),
         metrics=GatewayMetrics(model_name),
         records=RequestRecorder(config.redis_url, config.redis_record_ttl_s),
         token_texts=TokenTexts(tokenizer),
@@ -115,6 +120,7 @@ def create_app(config: GatewayConfig, *, tokenizer: PreTrainedTokenizerBase | No
         Route("/v1/chat/completions", create_chat_completion, methods=["POST"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
+        Route("/openapi.json", openapi_route(config), methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/admin", admin_page, methods=["GET"]),
         Route("/admin/scheduler", scheduler_status, methods=["GET"]),

@@ -28,7 +28,7 @@ from services.gateway.openai_protocol import (
     Usage,
 )
 from services.gateway.request_body import read_json_body
-from services.gateway.sampling import build_sampling_params, check_fits_context, check_num_choices, stop_strings
+from services.gateway.sampling import build_sampling_params, check_fits_context, check_num_choices, request_timeout_s, stop_strings
 from services.gateway.streaming import sse_event
 from shared.tokenizer import encode_chat
 
@@ -107,7 +107,9 @@ class ChatFormat:
 
 async def create_chat_completion(request: Request) -> Response:
     context = gateway_context(request)
-    body = await read_json_body(request, ChatCompletionRequest, context.config.max_body_bytes)
+    body = await read_json_body(
+        request, ChatCompletionRequest, max_body_bytes=context.config.max_body_bytes, timeout_s=context.config.body_timeout_s
+    )
     context.check_model(body.model)
     if body.top_logprobs is not None:
         if not body.logprobs:
@@ -116,6 +118,7 @@ async def create_chat_completion(request: Request) -> Response:
             raise invalid_request(f"top_logprobs must be in [0, {context.config.max_logprobs}], got {body.top_logprobs}", "top_logprobs")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     check_num_choices(1, body.n, context.config.max_n)
+    timeout_s = request_timeout_s(body, context.config.request_timeout_s)
     stop = stop_strings(body, context.config.max_stop_strings)
     prompt = await _tokenize_messages(context, body.messages)
     max_model_len = await context.max_model_len()
@@ -130,7 +133,7 @@ async def create_chat_completion(request: Request) -> Response:
         if max_tokens < 1:
             raise invalid_request(
                 f"This model's maximum context length is {max_model_len} tokens, but the messages take {len(prompt)}, "
-                "leaving no room for a reply", "messages",
+                "leaving no room for a reply", "messages", code="context_length_exceeded",
             )
     if max_tokens < 1:
         raise invalid_request(f"{param} must be at least 1, got {max_tokens}", param)
@@ -138,7 +141,7 @@ async def create_chat_completion(request: Request) -> Response:
     check_fits_context(len(prompt), max_tokens, max_model_len, param)
 
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-    generation = Generation(context, completion_id, [prompt], params, body.n, stop, body.priority)
+    generation = Generation(context, completion_id, [prompt], params, body.n, stop, body.priority, timeout_s)
     response_format = ChatFormat(context, completion_id, generation.num_choices, logprobs is not None)
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     return await respond(request, generation, response_format, stream=body.stream, include_usage=include_usage)

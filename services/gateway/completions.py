@@ -17,7 +17,7 @@ from services.gateway.generation_response import respond
 from services.gateway.logprobs import completion_logprobs
 from services.gateway.openai_protocol import Completion, CompletionChoice, CompletionChunk, CompletionRequest, Usage
 from services.gateway.request_body import read_json_body
-from services.gateway.sampling import build_sampling_params, check_fits_context, check_num_choices, check_token_ids, stop_strings
+from services.gateway.sampling import build_sampling_params, check_fits_context, check_num_choices, check_token_ids, request_timeout_s, stop_strings
 from services.gateway.streaming import sse_event
 from shared.tokenizer import encode_prompt
 
@@ -92,19 +92,24 @@ class CompletionFormat:
 
 async def create_completion(request: Request) -> Response:
     context = gateway_context(request)
-    body = await read_json_body(request, CompletionRequest, context.config.max_body_bytes)
+    body = await read_json_body(
+        request, CompletionRequest, max_body_bytes=context.config.max_body_bytes, timeout_s=context.config.body_timeout_s
+    )
     context.check_model(body.model)
     max_tokens = DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
     params = build_sampling_params(context, body, max_tokens=max_tokens, logprobs=body.logprobs)
+    timeout_s = request_timeout_s(body, context.config.request_timeout_s)
     stop = stop_strings(body, context.config.max_stop_strings)
+    # Counted before tokenizing: a batch of 100,000 prompts is refused, not tokenized first.
+    num_prompts = 1 if isinstance(body.prompt, str) or all(isinstance(item, int) for item in body.prompt) else len(body.prompt)
+    check_num_choices(max(num_prompts, 1), body.n, context.config.max_n)
     prompts = await _tokenize_prompts(context, body.prompt)
-    check_num_choices(len(prompts), body.n, context.config.max_n)
     max_model_len = await context.max_model_len()
     for token_ids in prompts:
         check_fits_context(len(token_ids), max_tokens, max_model_len, "max_tokens")
 
     completion_id = f"cmpl-{uuid.uuid4().hex}"
-    generation = Generation(context, completion_id, prompts, params, body.n, stop, body.priority)
+    generation = Generation(context, completion_id, prompts, params, body.n, stop, body.priority, timeout_s)
     response_format = CompletionFormat(context, completion_id, generation.num_choices, body.logprobs is not None)
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     return await respond(request, generation, response_format, stream=body.stream, include_usage=include_usage)

@@ -32,7 +32,8 @@ class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True):
     admin_key: str | None = None  # None: /admin/scheduler is open
     gateway_id: str = msgspec.field(default_factory=default_gateway_id)
     max_n: int = 16  # most choices (prompts x n) one HTTP request may fan out to
-    max_body_bytes: int = 1 << 20
+    max_body_bytes: int = 1 << 20  # larger bodies are refused (413) while they stream in
+    body_timeout_s: float = 30.0  # a body not all received by then is a 408
     max_logprobs: int = 20
     max_stop_strings: int = 16
     # A request that has produced nothing for stall_timeout_s makes the gateway ask the
@@ -41,8 +42,11 @@ class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True):
     stall_timeout_s: float = 10.0
     submit_timeout_s: float = 5.0  # waiting for a connected scheduler to take a message
     status_timeout_s: float = 1.0  # /health, /metrics, /admin/scheduler, stall checks
-    request_timeout_s: float = 600.0  # end to end, after which the request is aborted
+    # End to end, after which the request is aborted at the scheduler; a request's own
+    # `timeout` field may shorten it, never lengthen it.
+    request_timeout_s: float = 600.0
     redis_record_ttl_s: int = 24 * 3600
+    curve_keys_dir: str | None = None  # CURVE-secure the scheduler link (shared/zmq_security.py)
     log_level: str = "info"
 
     def validate(self) -> None:
@@ -53,7 +57,7 @@ class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True):
             raise ValueError(f"max_n must be at least 1, got {self.max_n}")
         if self.max_body_bytes < 1024:
             raise ValueError(f"max_body_bytes must be at least 1024, got {self.max_body_bytes}")
-        for name in ("stall_timeout_s", "submit_timeout_s", "status_timeout_s", "request_timeout_s"):
+        for name in ("stall_timeout_s", "submit_timeout_s", "status_timeout_s", "request_timeout_s", "body_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
@@ -69,10 +73,15 @@ def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--admin-key", default=None, help=f"require this Bearer token on /admin/scheduler (default: ${ADMIN_KEY_ENV})")
     parser.add_argument("--gateway-id", default=None, help="ZMQ identity, unique per gateway (default: random)")
     parser.add_argument("--max-n", type=int, default=defaults.max_n)
-    parser.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes)
+    parser.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes, help="larger request bodies are a 413")
+    parser.add_argument("--body-timeout", type=float, default=defaults.body_timeout_s, metavar="SECONDS", help="a request body not received by then is a 408")
     parser.add_argument("--max-logprobs", type=int, default=defaults.max_logprobs)
     parser.add_argument("--stall-timeout", type=float, default=defaults.stall_timeout_s, metavar="SECONDS")
-    parser.add_argument("--request-timeout", type=float, default=defaults.request_timeout_s, metavar="SECONDS")
+    parser.add_argument(
+        "--request-timeout", type=float, default=defaults.request_timeout_s, metavar="SECONDS",
+        help="default and ceiling of a request's deadline (its `timeout` field may shorten it)",
+    )
+    parser.add_argument("--zmq-curve-keys", default=None, metavar="DIR", help="CURVE keys from `pagedserve keys DIR`: encrypt and authenticate the scheduler link")
     parser.add_argument("--log-level", default=defaults.log_level, choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -88,9 +97,11 @@ def gateway_config_from_args(args: argparse.Namespace) -> GatewayConfig:
         gateway_id=args.gateway_id or default_gateway_id(),
         max_n=args.max_n,
         max_body_bytes=args.max_body_bytes,
+        body_timeout_s=args.body_timeout,
         max_logprobs=args.max_logprobs,
         stall_timeout_s=args.stall_timeout,
         request_timeout_s=args.request_timeout,
+        curve_keys_dir=args.zmq_curve_keys,
         log_level=args.log_level,
     )
     config.validate()

@@ -24,7 +24,9 @@ _TYPE_BY_STATUS = {
     401: "invalid_request_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
     503: "server_error",
@@ -74,8 +76,10 @@ class GatewayError(Exception):
         return Response(msgspec.json.encode(self.body()), self.status_code, headers, media_type="application/json")
 
 
-def invalid_request(message: str, param: str | None = None) -> GatewayError:
-    return GatewayError(400, message, param=param)
+def invalid_request(message: str, param: str | None = None, code: str = "invalid_value") -> GatewayError:
+    """A 400. `code` says what kind of mistake (README, "Bad input"): `invalid_value` for a
+    field out of range or inconsistent with another, unless a narrower code fits."""
+    return GatewayError(400, message, param=param, code=code)
 
 
 async def gateway_error_handler(request: Request, error: Exception) -> Response:

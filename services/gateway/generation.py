@@ -1,15 +1,21 @@
 """One HTTP request's life at the scheduler, independent of which endpoint it came from.
 
-An HTTP request with P prompts and `n` samples becomes P x n scheduler requests (one per
-choice, ids f"{id}-{index}", seeds seed + sample index), all feeding one queue. Deltas
-become text through each choice's detokenizer and stop-string matcher. The generation
+An HTTP request with P prompts and `n` samples becomes P scheduler requests (one per
+prompt, ids f"{id}-{prompt index}") asking for `n` samples each: the scheduler computes
+the prompt once and forks the samples off it (sample i seeded seed + i, as a separate
+request with that seed would be). All feed one queue; a delta's `sample_index` says whose
+it is: choice prompt_index * n + sample_index, OpenAI's order. Deltas become text through
+each choice's detokenizer and stop-string matcher. The generation
 always ends with `close()` (handlers call it in `finally`), which aborts at the
 scheduler whatever has not finished, so a client that went away, a stop string, an
 error or a timeout never leaves the scheduler generating into the void.
 
 Never stuck: when a request has produced nothing for `stall_timeout_s` the scheduler is
 asked whether it still holds it; no answer, or an answer without it (scheduler
-restarted, message lost), ends it with a 503. `request_timeout_s` bounds the whole.
+restarted, message lost), ends it with a 503. A deadline bounds the whole (the request's
+`timeout`, else the server's `request_timeout_s`): when it passes, every unfinished choice
+is aborted at the scheduler (as for a client that went away) and finishes with
+"abort", keeping what it generated; `timed_out` then tells the response to say so.
 """
 
 from __future__ import annotations
@@ -55,7 +61,8 @@ class ChoiceResult:
 @dataclass
 class _Choice:
     index: int
-    request_id: str
+    request_id: str  # the scheduler request (one per prompt) this choice is a sample of
+    sample_index: int
     prompt_index: int
     num_prompt_tokens: int
     detokenizer: IncrementalDetokenizer
@@ -63,6 +70,7 @@ class _Choice:
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
     finish_reason: str | None = None  # stop | length | abort, or error (never sent to a client)
+    finished_at_scheduler: bool = False  # False while only the gateway knows (a stop string)
     first_token_at: float | None = None  # monotonic
     last_token_at: float | None = None
 
@@ -77,6 +85,7 @@ class Generation:
         n: int,
         stop: list[str],
         priority: int = 0,
+        timeout_s: float | None = None,
     ) -> None:
         self.request_id = request_id
         self._context = context
@@ -86,24 +95,29 @@ class Generation:
         self._arrival_time = time.time()
         self._arrival_monotonic = time.monotonic()
         loop = asyncio.get_running_loop()
-        self._deadline = loop.time() + context.config.request_timeout_s
+        self._timeout_s = context.config.request_timeout_s if timeout_s is None else timeout_s
+        self._deadline = loop.time() + self._timeout_s
+        self.timed_out = False
         self._submitted_at = loop.time()
         self._queue: asyncio.Queue[RequestEvent] = asyncio.Queue()
-        self._choices: list[_Choice] = []
+        self._choices: list[_Choice] = []  # in choice index order
+        self._samples_of: dict[str, list[_Choice]] = {}  # scheduler request id -> its choices by sample index
         for prompt_index, prompt in enumerate(prompts):
-            for sample in range(n):
-                index = prompt_index * n + sample
-                self._choices.append(
-                    _Choice(
-                        index=index,
-                        request_id=f"{request_id}-{index}",
-                        prompt_index=prompt_index,
-                        num_prompt_tokens=len(prompt),
-                        detokenizer=IncrementalDetokenizer(context.tokenizer, prompt),
-                        stop_matcher=StopStringMatcher(stop),
-                    )
+            scheduler_request_id = f"{request_id}-{prompt_index}"
+            samples = [
+                _Choice(
+                    index=prompt_index * n + sample_index,
+                    request_id=scheduler_request_id,
+                    sample_index=sample_index,
+                    prompt_index=prompt_index,
+                    num_prompt_tokens=len(prompt),
+                    detokenizer=IncrementalDetokenizer(context.tokenizer, prompt),
+                    stop_matcher=StopStringMatcher(stop),
                 )
-        self._by_request_id = {choice.request_id: choice for choice in self._choices}
+                for sample_index in range(n)
+            ]
+            self._choices += samples
+            self._samples_of[scheduler_request_id] = samples
         self._num_samples = n
         self._error: str | None = None
         self._closed = False
@@ -120,24 +134,21 @@ class Generation:
 
     async def submit(self) -> None:
         context = self._context
+        params = msgspec.structs.replace(self._params, n=self._num_samples)
         requests = []
-        for choice in self._choices:
-            sample = choice.index % self._num_samples
-            seed = None if self._params.seed is None else (self._params.seed + sample) % 2**63
-            params = msgspec.structs.replace(self._params, seed=seed, n=1)
-            requests.append(
-                SubmitRequest(choice.request_id, self._prompts[choice.prompt_index], params, self._arrival_time, self._priority)
-            )
-            context.records.record(choice.request_id, {
+        for request_id, samples in self._samples_of.items():
+            prompt = self._prompts[samples[0].prompt_index]
+            requests.append(SubmitRequest(request_id, prompt, params, self._arrival_time, self._priority))
+            context.records.record(request_id, {
                 "status": "waiting",
                 "parent_id": self.request_id,
                 "gateway_id": context.config.gateway_id,
                 "model": context.model_name,
                 "arrival_time": self._arrival_time,
-                "prompt_tokens": choice.num_prompt_tokens,
+                "prompt_tokens": len(prompt),
                 "sampling_params": msgspec.json.encode(params).decode(),
             })
-        context.scheduler.register(list(self._by_request_id), self._queue)
+        context.scheduler.register(list(self._samples_of), self._queue)
         self._submitted_at = asyncio.get_running_loop().time()
         try:
             await context.scheduler.submit(requests)
@@ -154,24 +165,27 @@ class Generation:
         merged: dict[int, ChoiceDelta] = {}
         while not merged and not self.finished:
             for event in await self._next_events():
-                choice = self._by_request_id.get(event.request_id)
-                if choice is None or choice.finish_reason is not None:
-                    continue  # a late delta after a stop string or an abort
+                samples = self._samples_of.get(event.request_id)
+                if samples is None:
+                    continue
                 if isinstance(event, RequestError):
-                    choice.finish_reason = "error"
+                    unfinished = [c for c in samples if c.finish_reason is None]
+                    if not unfinished:
+                        continue  # late, after every sample ended
+                    for choice in unfinished:
+                        choice.finish_reason = "error"
                     raise self._fail(
                         event.status_code, event.message,
                         retry_after_s=event.retry_after_s if event.status_code in (429, 503) else None,
                     )
-                delta = self._apply(choice, event)
-                earlier = merged.get(delta.index)
-                if earlier is None:
-                    merged[delta.index] = delta
-                else:
-                    earlier.text += delta.text
-                    earlier.token_ids = earlier.token_ids + delta.token_ids
-                    earlier.logprobs = earlier.logprobs + delta.logprobs
-                    earlier.finish_reason = delta.finish_reason
+                choice = samples[event.sample_index]
+                if choice.finish_reason is not None:
+                    continue  # a late delta after a stop string or an abort
+                _merge(merged, self._apply(choice, event))
+            # Checked after every batch, not only when idle: a steady flow of deltas that
+            # never finishes must not outrun the deadline.
+            if asyncio.get_running_loop().time() >= self._deadline and not self.finished:
+                self._time_out(merged)
         return list(merged.values())
 
     async def run_to_end(self) -> list[ChoiceResult]:
@@ -204,9 +218,10 @@ class Generation:
         token_ids = delta.new_token_ids
         if token_ids:
             if choice.first_token_at is None:
+                if all(c.first_token_at is None for c in self._samples_of[choice.request_id]):
+                    context.records.record(choice.request_id, {"status": "running", "first_token_time": time.time()})
                 choice.first_token_at = now
                 context.metrics.time_to_first_token.observe(now - self._arrival_monotonic)
-                context.records.record(choice.request_id, {"status": "running", "first_token_time": time.time()})
             elif choice.last_token_at is not None:
                 per_token_s = (now - choice.last_token_at) / len(token_ids)
                 for _ in token_ids:
@@ -215,14 +230,13 @@ class Generation:
             choice.num_output_tokens += len(token_ids)
         choice.num_cached_tokens = max(choice.num_cached_tokens, delta.num_cached_tokens)
         finish_reason = delta.finish_reason
+        choice.finished_at_scheduler = finish_reason is not None
         text = choice.detokenizer.push(token_ids)
         if finish_reason is not None:
             text += choice.detokenizer.flush()
         text, stopped = choice.stop_matcher.push(text, final=finish_reason is not None)
         if stopped:
-            if finish_reason is None:  # the scheduler only knows token-level stops: tell it
-                context.scheduler.abort_soon([choice.request_id])
-            finish_reason = "stop"
+            finish_reason = "stop"  # the scheduler only knows token-level stops: _finish tells it
         if finish_reason is not None:
             self._finish(choice, finish_reason)
         return ChoiceDelta(choice.index, text, token_ids, delta.logprobs, finish_reason)
@@ -230,16 +244,23 @@ class Generation:
     def _finish(self, choice: _Choice, finish_reason: str) -> None:
         context = self._context
         choice.finish_reason = finish_reason
-        context.scheduler.unregister([choice.request_id])
         context.metrics.finished(finish_reason)
         context.metrics.generation_tokens.inc(choice.num_output_tokens)
         context.metrics.e2e_latency.observe(time.monotonic() - self._arrival_monotonic)
+        samples = self._samples_of[choice.request_id]
+        if any(c.finish_reason is None for c in samples):
+            return
+        # The request's last sample ended. Aborting a request aborts all its samples, so a
+        # sample stopped by a stop string is stopped at the scheduler only now.
+        if not all(c.finished_at_scheduler for c in samples):
+            context.scheduler.abort_soon([choice.request_id])
+        context.scheduler.unregister([choice.request_id])
         context.records.record(choice.request_id, {
             "status": "finished",
-            "finish_reason": finish_reason,
+            "finish_reason": ",".join(c.finish_reason or "" for c in samples),  # one per sample
             "finished_time": time.time(),
-            "output_tokens": choice.num_output_tokens,
-            "cached_tokens": choice.num_cached_tokens,
+            "output_tokens": sum(c.num_output_tokens for c in samples),
+            "cached_tokens": max(c.num_cached_tokens for c in samples),
         })
 
     async def _next_events(self) -> list[RequestEvent]:
@@ -249,12 +270,13 @@ class Generation:
         while not events and self._queue.empty():
             remaining_s = self._deadline - loop.time()
             if remaining_s <= 0:
-                raise self._fail(504, f"request exceeded the gateway's request timeout of {config.request_timeout_s:g} s", code="timeout")
+                return events  # next_deltas times the request out
             try:
                 # More may be queued behind this one by the time we resume: it goes first.
                 events.append(await asyncio.wait_for(self._queue.get(), min(config.stall_timeout_s, remaining_s)))
             except asyncio.TimeoutError:
-                await self._check_still_held()
+                if loop.time() < self._deadline:  # silent for stall_timeout_s, not just out of time
+                    await self._check_still_held()
         while not self._queue.empty():
             events.append(self._queue.get_nowait())
         return events
@@ -273,8 +295,11 @@ class Generation:
                 503, f"the scheduler at {config.scheduler_address} stopped answering (no token for {config.stall_timeout_s:g} s, "
                 f"no status reply within {config.status_timeout_s:g} s)", code="service_unavailable",
             )
-        held = {r.request_id for group in (snapshot.running, snapshot.waiting, snapshot.swapped) for r in group}
-        lost = [c.request_id for c in self._choices if c.finish_reason is None and c.request_id not in held]
+        held = {r.parent_request_id or r.request_id for group in (snapshot.running, snapshot.waiting, snapshot.swapped) for r in group}
+        lost = [
+            request_id for request_id, samples in self._samples_of.items()
+            if request_id not in held and any(c.finish_reason is None for c in samples)
+        ]
         if lost:
             raise self._fail(
                 503, f"the scheduler no longer holds request(s) {', '.join(lost)} (restarted?); please retry",
@@ -282,6 +307,26 @@ class Generation:
             )
 
     # -- the end -----------------------------------------------------------------------
+
+    def _time_out(self, merged: dict[int, ChoiceDelta]) -> None:
+        """Abort what is unfinished at the scheduler now, and end each such choice as the
+        scheduler's own abort would: a final "abort" delta (flushing held-back text)."""
+        self.timed_out = True
+        unfinished = [c for c in self._choices if c.finish_reason is None]
+        self._context.scheduler.abort_soon(list(dict.fromkeys(c.request_id for c in unfinished)))
+        for choice in unfinished:
+            abort = RequestDelta(choice.request_id, [], finish_reason="abort", sample_index=choice.sample_index)
+            _merge(merged, self._apply(choice, abort))
+
+    def timeout_error(self) -> GatewayError:
+        """What the client is told once `timed_out`: a 504 when nothing was generated, else
+        the error event that ends a stream after its "abort" chunks."""
+        num_tokens = sum(choice.num_output_tokens for choice in self._choices)
+        return GatewayError(
+            504, f"request exceeded its deadline of {self._timeout_s:g} s and was aborted after {num_tokens} generated "
+            "token(s); raise the request's `timeout` (up to the server's --request-timeout) or ask for fewer tokens",
+            code="timeout",
+        )
 
     def _fail(self, status_code: int, message: str, *, code: str | None = None, retry_after_s: float | None = None) -> GatewayError:
         """Remember why this generation failed (for close()) and build the error to raise."""
@@ -296,17 +341,32 @@ class Generation:
         self._closed = True
         context = self._context
         unfinished = [c for c in self._choices if c.finish_reason is None or c.finish_reason == "error"]
-        context.scheduler.abort_soon([c.request_id for c in unfinished])
-        context.scheduler.unregister(list(self._by_request_id))
+        # Aborting a request aborts every sample of it, finished ones being no matter.
+        unfinished_request_ids = list(dict.fromkeys(c.request_id for c in unfinished))
+        context.scheduler.abort_soon(unfinished_request_ids)
+        context.scheduler.unregister(list(self._samples_of))
         reason = "error" if self._error is not None else "abort"
         now = time.time()
         for choice in unfinished:
             choice.finish_reason = reason
             context.metrics.finished(reason)
             context.metrics.generation_tokens.inc(choice.num_output_tokens)
-            fields: dict[str, str | int | float] = {"status": "error" if self._error else "aborted", "finished_time": now, "output_tokens": choice.num_output_tokens}
+        for request_id in unfinished_request_ids:
+            output_tokens = sum(c.num_output_tokens for c in self._samples_of[request_id])
+            fields: dict[str, str | int | float] = {"status": "error" if self._error else "aborted", "finished_time": now, "output_tokens": output_tokens}
             if self._error is not None:
                 fields["error"] = self._error
-            context.records.record(choice.request_id, fields)
+            context.records.record(request_id, fields)
         usage = self.usage()
         context.metrics.prompt_done(usage.prompt_tokens, usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else 0)
+
+
+def _merge(merged: dict[int, ChoiceDelta], delta: ChoiceDelta) -> None:
+    earlier = merged.get(delta.index)
+    if earlier is None:
+        merged[delta.index] = delta
+    else:
+        earlier.text += delta.text
+        earlier.token_ids = earlier.token_ids + delta.token_ids
+        earlier.logprobs = earlier.logprobs + delta.logprobs
+        earlier.finish_reason = delta.finish_reason

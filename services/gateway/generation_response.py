@@ -6,6 +6,12 @@ start until the scheduler has produced something, so a refusal (429 queue full, 
 executor) is a real HTTP error, not an error event inside a 200 stream. Errors after the
 stream started become an `{"error": ...}` event followed by [DONE], which the OpenAI SDK
 raises as an APIError.
+
+A request that runs past its deadline likewise: a 504 (code `timeout`) if nothing was
+generated yet; otherwise a stream sends each unfinished choice's last chunk with
+finish_reason "abort", the usage chunk if asked for, then the error event, and a
+non-streaming request returns (200) what was generated, those choices with
+finish_reason "abort".
 """
 
 from __future__ import annotations
@@ -53,11 +59,15 @@ async def respond(request: Request, generation: Generation, response_format: Res
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         finally:
             generation.close()
+        if generation.timed_out and not any(result.token_ids for result in results):
+            raise generation.timeout_error()
         return Response(response_format.whole(results, generation.usage()), media_type="application/json")
 
     try:
         await generation.submit()
         first = await unless_disconnected(request, generation.next_deltas())
+        if generation.timed_out:  # before the first token: nothing to stream
+            raise generation.timeout_error()
     except ClientDisconnected:
         generation.close()
         return Response(status_code=CLIENT_CLOSED_REQUEST)
@@ -87,6 +97,9 @@ async def _events(generation: Generation, response_format: ResponseFormat, first
                 return
         if include_usage:
             yield response_format.stream_usage(generation.usage())
+        if generation.timed_out:
+            log.info("request %s ran past its deadline mid-stream", generation.request_id)
+            yield sse_event(msgspec.json.encode(generation.timeout_error().body()))
         yield SSE_DONE
     finally:
         # Also on cancellation (the client disconnected): aborts whatever still runs.

@@ -1,7 +1,8 @@
 """The OpenAI HTTP API as msgspec Structs: request bodies in, responses and chunks out.
 
 Request bodies forbid unknown fields, so a parameter this server does not implement
-(`logit_bias`, `tools`, `echo`, ...) is a 400 naming it rather than silently ignored.
+(`logit_bias`, `tools`, `echo`, ...) is a 400 naming it rather than silently ignored
+(OpenAI's "Unrecognized request argument supplied", code `unknown_parameter`).
 Every number is bounded here, so nothing a client sends can overflow the MessagePack
 wire format further in (an unbounded JSON integer would otherwise reach the encoder).
 """
@@ -18,6 +19,7 @@ Count = Annotated[int, Meta(ge=0, le=2**31 - 1)]  # max_tokens, n, logprobs: ran
 TokenId = Annotated[int, Meta(ge=0, le=2**31 - 1)]  # checked against the vocabulary size later
 Seed = Annotated[int, Meta(ge=0, le=2**63 - 1)]
 FiniteFloat = Annotated[float, Meta(ge=-1e9, le=1e9)]  # also rejects inf and NaN
+TimeoutSeconds = Annotated[float, Meta(gt=0, le=1e9)]  # checked against the server's ceiling later
 
 
 class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
@@ -45,6 +47,10 @@ class SamplingFields(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     stream_options: StreamOptions | None = None
     user: str | None = None
     priority: Int32 = 0  # extension: lower is served first
+    # Extension: seconds until the gateway aborts the request (at most, and by default,
+    # the server's --request-timeout). Not the OpenAI SDK's client-side `timeout`, which
+    # never reaches the body.
+    timeout: TimeoutSeconds | None = None
 
 
 class CompletionRequest(SamplingFields, kw_only=True):

@@ -1,16 +1,20 @@
 """Request metadata mirrored to Redis (`req:{id}` hashes), off the request path.
 
-Handlers call `record()`, which only appends to a bounded in-memory queue; one
-background task drains it in batches through a non-transactional pipeline. Redis is a
-record, not a dependency: when it is slow or down, batches are dropped (counted and
-logged once per outage), the gateway keeps serving, and /health says "degraded".
-Every write refreshes the key's TTL, so records of finished requests expire and so do
-those of a gateway that died mid-request.
+Handlers call `record()`, which only merges the fields into a bounded in-memory buffer
+(one entry per key: a request's later fields overwrite its earlier ones, as HSET would);
+one background task writes the buffer out in batches through a non-transactional
+pipeline. Redis is a record, not a dependency: when it is slow or down, a failed batch
+goes back into the buffer and is retried every second, the gateway keeps serving, and
+/health says "degraded"; once Redis is back, what was recorded meanwhile is written. Only
+when the buffer holds `_MAX_BUFFERED` keys are records of further requests dropped
+(counted). Every write refreshes the key's TTL, so records of finished requests expire and
+so do those of a gateway that died mid-request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from typing import Any
 
@@ -19,7 +23,7 @@ from redis.exceptions import RedisError
 
 log = logging.getLogger(__name__)
 
-_MAX_QUEUED = 10_000  # records held while Redis is slow; beyond this new ones are dropped
+_MAX_BUFFERED = 10_000  # keys held while Redis is slow or down; records of more are dropped
 _MAX_BATCH = 256
 _WRITE_TIMEOUT_S = 2.0
 _RETRY_AFTER_FAILURE_S = 1.0
@@ -39,7 +43,9 @@ class RequestRecorder:
         self._redis_url = redis_url
         self._ttl_s = ttl_s
         self._client: aioredis.Redis | None = None
-        self._queue: asyncio.Queue[tuple[str, Fields]] = asyncio.Queue(_MAX_QUEUED)
+        # key -> fields not yet written; insertion order is age (oldest written first).
+        self._buffer: dict[str, Fields] = {}
+        self._buffered = asyncio.Event()  # set when the buffer has something
         self._writer: asyncio.Task[None] | None = None
         self._healthy = True
         self.num_dropped = 0
@@ -58,7 +64,7 @@ class RequestRecorder:
         if self._writer is not None:
             # Let queued records out (a clean shutdown should not lose the last finishes).
             deadline = asyncio.get_running_loop().time() + drain_timeout_s
-            while not self._queue.empty() and self._healthy and asyncio.get_running_loop().time() < deadline:
+            while self._buffer and self._healthy and asyncio.get_running_loop().time() < deadline:
                 await asyncio.sleep(0.01)
             self._writer.cancel()
             await asyncio.gather(self._writer, return_exceptions=True)
@@ -69,10 +75,21 @@ class RequestRecorder:
         """Merge `fields` into `req:{request_id}`; never blocks, never raises."""
         if self._writer is None:
             return
-        try:
-            self._queue.put_nowait((record_key(request_id), fields))
-        except asyncio.QueueFull:
+        key = record_key(request_id)
+        buffered = self._buffer.get(key)
+        if buffered is not None:
+            buffered.update(fields)
+        elif len(self._buffer) < _MAX_BUFFERED:
+            self._buffer[key] = dict(fields)
+        else:
             self.num_dropped += 1
+            return
+        self._buffered.set()
+
+    @property
+    def num_buffered(self) -> int:
+        """Keys waiting to be written (all of them while Redis is down)."""
+        return len(self._buffer)
 
     async def health(self) -> str:
         """"ok", "degraded" (configured but not answering) or "disabled"."""
@@ -90,24 +107,32 @@ class RequestRecorder:
         if healthy and not self._healthy:
             log.info("redis at %s is answering again", self._redis_url)
         elif not healthy and self._healthy:
-            log.warning("redis at %s is not answering (%s): request records are being dropped", self._redis_url, error)
+            log.warning("redis at %s is not answering (%s): request records are buffered until it is back", self._redis_url, error)
         self._healthy = healthy
 
     async def _write_loop(self) -> None:
         assert self._client is not None
         while True:
-            batch = [await self._queue.get()]
-            while len(batch) < _MAX_BATCH and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            pipe: Any = self._client.pipeline(transaction=False)
-            for key, fields in batch:
-                pipe.hset(key, mapping=fields)
-                pipe.expire(key, self._ttl_s)
-            try:
-                await asyncio.wait_for(pipe.execute(), _WRITE_TIMEOUT_S)
-            except (RedisError, OSError, asyncio.TimeoutError) as error:
-                self.num_dropped += len(batch)
-                self._set_healthy(False, error)
-                await asyncio.sleep(_RETRY_AFTER_FAILURE_S)
-            else:
-                self._set_healthy(True)
+            await self._buffered.wait()
+            self._buffered.clear()
+            while self._buffer:
+                batch = [(key, self._buffer.pop(key)) for key in list(itertools.islice(self._buffer, _MAX_BATCH))]
+                pipe: Any = self._client.pipeline(transaction=False)
+                for key, fields in batch:
+                    pipe.hset(key, mapping=fields)
+                    pipe.expire(key, self._ttl_s)
+                try:
+                    await asyncio.wait_for(pipe.execute(), _WRITE_TIMEOUT_S)
+                except (RedisError, OSError, asyncio.TimeoutError) as error:
+                    self._set_healthy(False, error)
+                    self._put_back(batch)
+                    await asyncio.sleep(_RETRY_AFTER_FAILURE_S)
+                else:
+                    self._set_healthy(True)
+
+    def _put_back(self, batch: list[tuple[str, Fields]]) -> None:
+        """A failed batch goes back to the front of the buffer (it is older than anything
+        recorded since, whose fields win). The bound may be exceeded by one batch."""
+        rest = self._buffer
+        self._buffer = {key: fields | rest.pop(key, {}) for key, fields in batch}
+        self._buffer.update(rest)

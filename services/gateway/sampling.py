@@ -34,7 +34,18 @@ def check_fits_context(num_prompt_tokens: int, max_tokens: int, max_model_len: i
             f"requested ({num_prompt_tokens} in the prompt + {max_tokens} for {max_tokens_param}); shorten the prompt "
             f"or lower {max_tokens_param}",
             max_tokens_param,
+            code="context_length_exceeded",
         )
+
+
+def request_timeout_s(fields: SamplingFields, ceiling_s: float) -> float:
+    """The request's deadline: its own `timeout` when given, which may only be shorter
+    than the server's (the server's bound protects its capacity, not the client)."""
+    if fields.timeout is None:
+        return ceiling_s
+    if fields.timeout > ceiling_s:
+        raise invalid_request(f"timeout must be in (0, {ceiling_s:g}] seconds (this server's limit), got {fields.timeout:g}", "timeout")
+    return fields.timeout
 
 
 def stop_strings(fields: SamplingFields, max_stop_strings: int) -> list[str]:

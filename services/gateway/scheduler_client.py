@@ -8,11 +8,16 @@ snapshots to the futures waiting for them. Handlers never touch the socket's rec
 The DEALER is IMMEDIATE: messages are queued only to a connected scheduler, so with no
 scheduler a submit fails fast (503) instead of waiting in a buffer and starting
 generation long after the client gave up.
+
+A lost connection (the scheduler stopped or restarted) ends every request in flight at
+once with a 503 RequestError: a scheduler that comes back knows nothing of them. ZeroMQ
+reconnects by itself, with the same identity, so new requests need nothing from us.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 from typing import Any
@@ -20,6 +25,7 @@ from typing import Any
 import msgspec
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from shared.messages import (
     AbortRequest,
@@ -32,6 +38,7 @@ from shared.messages import (
     SubmitRequest,
 )
 from shared.transport import decode, encode
+from shared.zmq_security import CurveEndpoint, apply_curve
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +46,7 @@ RequestEvent = RequestDelta | RequestError
 
 # A status query nobody answered is forgotten (its waiters see "no answer") after this long.
 _STATUS_QUERY_EXPIRY_S = 30.0
+_FULL_QUEUE_RETRY_S = 0.005  # a connected scheduler whose queue is full: try again after this
 
 
 class SchedulerUnavailable(Exception):
@@ -46,13 +54,18 @@ class SchedulerUnavailable(Exception):
 
 
 class SchedulerClient:
-    def __init__(self, address: str, gateway_id: str, submit_timeout_s: float = 5.0) -> None:
+    def __init__(self, address: str, gateway_id: str, submit_timeout_s: float = 5.0, curve: CurveEndpoint | None = None) -> None:
         self.address = address
+        self._curve = curve
         self.gateway_id = gateway_id
         self._submit_timeout_s = submit_timeout_s
         self._context: zmq.asyncio.Context | None = None
         self._socket: zmq.asyncio.Socket | None = None
         self._receiver: asyncio.Task[None] | None = None
+        self._monitor: zmq.asyncio.Socket | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self.connected = False  # a scheduler is connected now (handshake done)
+        self._connected_event: asyncio.Event | None = None
         self._decoder = msgspec.msgpack.Decoder(SchedulerToGateway)
         self._queues: dict[str, asyncio.Queue[RequestEvent]] = {}
         self._query_ids = itertools.count(1)
@@ -69,11 +82,16 @@ class SchedulerClient:
         sock = self._context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IDENTITY, self.gateway_id.encode())
+        if self._curve is not None:
+            apply_curve(sock, self._curve)
         sock.setsockopt(zmq.IMMEDIATE, 1)
         sock.setsockopt(zmq.RCVHWM, 0)  # never drop our own requests' tokens on receipt
+        self._monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        self._connected_event = asyncio.Event()
         sock.connect(self.address)
         self._socket = sock
         self._receiver = asyncio.create_task(self._receive_loop(), name="scheduler-receiver")
+        self._watcher = asyncio.create_task(self._watch_connection(), name="scheduler-connection")
 
     async def close(self, drain_timeout_s: float = 0.5) -> None:
         """Stop, first telling the scheduler to abort whatever this gateway still has in
@@ -86,9 +104,10 @@ class SchedulerClient:
             self._queues.clear()
         if self._background:  # aborts already under way get a moment to go out
             await asyncio.wait(list(self._background), timeout=drain_timeout_s)
-        if self._receiver is not None:
-            self._receiver.cancel()
-            await asyncio.gather(self._receiver, return_exceptions=True)
+        for task in (self._receiver, self._watcher):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -97,6 +116,9 @@ class SchedulerClient:
                 future.set_result(None)
         self._pending_status.clear()
         if self._socket is not None:
+            if self._monitor is not None:
+                self._socket.disable_monitor()
+                self._monitor.close(linger=0)
             self._socket.close(linger=0)
         if self._context is not None:
             self._context.term()
@@ -192,7 +214,7 @@ class SchedulerClient:
     async def _send(self, message: msgspec.Struct, timeout_s: float) -> None:
         """Send now if a scheduler is connected (and its queue has room), else wait for
         one up to `timeout_s`. Never blocks the event loop."""
-        assert self._socket is not None, "SchedulerClient.start() was not called"
+        assert self._socket is not None and self._connected_event is not None, "SchedulerClient.start() was not called"
         frames = encode(message)
         deadline = asyncio.get_running_loop().time() + timeout_s
         while True:
@@ -204,7 +226,13 @@ class SchedulerClient:
             remaining_s = deadline - asyncio.get_running_loop().time()
             if remaining_s <= 0:
                 raise SchedulerUnavailable(f"no scheduler at {self.address} took the message within {timeout_s:g} s")
-            await self._socket.poll(int(remaining_s * 1000) + 1, zmq.POLLOUT)
+            # Not `poll(POLLOUT)`: zmq.asyncio queues every later send, NOBLOCK ones too,
+            # behind a pending POLLOUT poll, and they would wait for a scheduler forever.
+            if self.connected:
+                await asyncio.sleep(min(_FULL_QUEUE_RETRY_S, remaining_s))  # connected, its queue full
+            else:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._connected_event.wait(), remaining_s)
 
     async def _receive_loop(self) -> None:
         assert self._socket is not None
@@ -217,6 +245,43 @@ class SchedulerClient:
                 self._dispatch(message)
             except Exception:  # a bug in dispatch must not stop every other request's tokens
                 log.exception("failed to dispatch %s from the scheduler", type(message).__name__)
+
+    async def _watch_connection(self) -> None:
+        assert self._monitor is not None and self._connected_event is not None
+        while True:
+            event = parse_monitor_message(await self._monitor.recv_multipart())
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.connected = True
+                self._connected_event.set()
+                log.info("connected to the scheduler at %s", self.address)
+            elif event["event"] == zmq.EVENT_DISCONNECTED and self.connected:  # not a failed handshake
+                self.connected = False
+                self._connected_event.clear()
+                await self._let_receiver_drain()
+                self._fail_in_flight()
+
+    async def _let_receiver_drain(self, max_wait_s: float = 1.0) -> None:
+        """ZeroMQ queues everything it read from the connection before reporting it lost:
+        let the receive loop dispatch that first, so that a request whose last delta came
+        just before the scheduler died finishes rather than fails."""
+        assert self._socket is not None
+        deadline = asyncio.get_running_loop().time() + max_wait_s
+        while await self._socket.poll(0, zmq.POLLIN) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.001)  # a turn for the receive loop
+
+    def _fail_in_flight(self) -> None:
+        """The scheduler went away: whatever it was generating for us is gone with it (one
+        that restarts knows nothing of it), so every request in flight ends now, with a 503
+        its client can retry, instead of waiting out a stall timeout."""
+        request_ids = list(self._queues)
+        log.warning("lost the connection to the scheduler at %s: failing %d request(s) in flight", self.address, len(request_ids))
+        message = f"lost the connection to the scheduler at {self.address} (it stopped or restarted) mid-request; please retry"
+        for request_id in request_ids:
+            self._queues.pop(request_id).put_nowait(RequestError(request_id, 503, message, retry_after_s=1.0))
+        for future, _ in self._pending_status.values():
+            if not future.done():
+                future.set_result(None)
+        self._pending_status.clear()
 
     def _dispatch(self, message: RequestDeltas | RequestError | StatusSnapshot) -> None:
         if isinstance(message, RequestDeltas):

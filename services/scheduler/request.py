@@ -19,10 +19,11 @@ from shared.sampling_params import SamplingParams
 class RequestStatus(IntEnum):
     WAITING = 0
     RUNNING = 1
+    SWAPPED = 2  # preempted by swap: its K/V wait in the executor's CPU swap pool
     # Everything from here on is finished; `Request.is_finished` relies on the order.
-    FINISHED_STOPPED = 2
-    FINISHED_LENGTH = 3
-    FINISHED_ABORTED = 4
+    FINISHED_STOPPED = 3
+    FINISHED_LENGTH = 4
+    FINISHED_ABORTED = 5
 
 
 _FINISH_REASONS: dict[RequestStatus, str] = {
@@ -44,8 +45,14 @@ class Request:
         "output_token_ids",
         "num_computed_tokens",
         "block_ids",
+        "swap_block_ids",
         "status",
         "num_preemptions",
+        "block_hashes",
+        "num_cached_blocks",
+        "num_cached_tokens",
+        "parent_request_id",
+        "sample_index",
     )
 
     def __init__(
@@ -73,8 +80,23 @@ class Request:
         self.output_token_ids: list[int] = []
         self.num_computed_tokens = 0
         self.block_ids: list[int] = []  # the block table; the scheduler owns these refs
+        # While SWAPPED: the swap blocks holding the K/V of `block_ids` as they were at
+        # swap-out, in block-table order (the scheduler owns these too; `block_ids` is empty).
+        self.swap_block_ids: list[int] = []
         self.status = RequestStatus.WAITING
         self.num_preemptions = 0
+        # Prefix caching (empty/zero when it is off). The hashes of the full blocks of
+        # prompt + output, kept across preemption (they depend on the tokens only).
+        self.block_hashes: list[bytes] = []
+        # How many leading blocks of `block_ids` are full, computed and were offered to the
+        # prefix cache (a hit counts: those blocks came from it).
+        self.num_cached_blocks = 0
+        # Prompt tokens served from the prefix cache at first admission (for the client).
+        self.num_cached_tokens = 0
+        # Parallel sampling: sample `sample_index` of request `parent_request_id` (None for
+        # the request itself, sample 0), forked off it when its first token was sampled.
+        self.parent_request_id: str | None = None
+        self.sample_index = 0
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -92,6 +114,11 @@ class Request:
     def all_token_ids(self) -> list[int]:
         """A new list (prompt + output): safe to hand to a message."""
         return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def client_request_id(self) -> str:
+        """The id the client knows: a forked sample reports under its parent's."""
+        return self.parent_request_id or self.request_id
 
     @property
     def is_finished(self) -> bool:

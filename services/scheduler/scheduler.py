@@ -15,9 +15,33 @@ what is left of the step's token budget. A long prompt is thereby split into chu
 simply recomputes prompt + output. A request samples a token in a step exactly when the
 step brings `num_computed_tokens` up to `num_tokens`; the executor applies the same rule.
 
-Who owns a block: the request whose `block_ids` lists it, from `schedule()` allocating it
-until the request finishes, is aborted or is preempted, which all free it at once. So when
-no request is alive, every block is free.
+Who owns a block: the requests whose `block_ids` list it, from `schedule()` allocating it
+(or finding it in the prefix cache) until each finishes, is aborted or is preempted, which
+all drop their references at once. So when no request is alive, no block is referenced:
+every block is free, empty or holding a cached prefix that `allocate` may evict.
+
+Prefix caching: when a block becomes full and computed it is registered under the hash of
+its tokens and everything before them (`prefix_cache.py`); on admission a request (new or
+resumed after preemption) takes the longest chain of cached blocks matching its tokens,
+starts with `num_computed_tokens` past them, and computes only the rest. The executor needs
+nothing more: a NewRequestData already says where computing starts.
+
+Preemption by swap (`preemption_mode="swap"`): the victim's blocks are copied to the
+executor's CPU swap pool (`ExecuteStep.swap_out`) and freed; it waits in the swapped queue,
+holding swap blocks, and comes back, ahead of any waiting request, into fresh blocks copied
+back from them (`ExecuteStep.swap_in`), as a NewRequestData that starts at its
+`num_computed_tokens`: nothing is recomputed. A victim the swap pool cannot hold is
+preempted by recompute instead.
+
+Parallel sampling (`SamplingParams.n > 1`): one request computes the prompt; in the step
+where it samples its first token, `ExecuteStep.forked_requests` forks samples 1 .. n-1 off
+it (ids f"{id}#{i}", params `for_sample(i)`: seed + i), which sample their first tokens
+from its logits and become requests of their own sharing its blocks (a reference each).
+The first write into the shared, partly filled last block copies it (copy-on-write:
+`ExecuteStep.block_copies`, done by the executor before the forward). Deltas report every
+sample under the request's id with its `sample_index`; each sample finishes, and is
+preempted (recompute or swap, as an ordinary request), on its own, and aborting the
+request aborts them all.
 """
 
 from __future__ import annotations
@@ -28,10 +52,12 @@ from collections.abc import Iterable, Sequence
 import msgspec
 
 from services.scheduler.block_pool import BlockPool
+from services.scheduler.prefix_cache import PrefixCacheEvent, PrefixCacheStats, extend_block_hashes
 from services.scheduler.request import Request, RequestStatus
 from shared.messages import (
     CachedRequestData,
     ExecuteStep,
+    ForkedRequest,
     NewRequestData,
     RequestDelta,
     SampledToken,
@@ -52,16 +78,31 @@ class QueueFullError(RuntimeError):
         )
 
 
+PREEMPTION_MODES = ("recompute", "swap")
+
+
 class SchedulerConfig(msgspec.Struct, kw_only=True, frozen=True):
     max_model_len: int  # prompt + output tokens of one request
     max_num_seqs: int = 256  # requests running at once
     max_num_batched_tokens: int = 2048  # tokens computed in one step, over all requests
     max_num_waiting: int = 1024  # bound of the waiting queue
+    enable_prefix_caching: bool = True
+    # Mixed into every block hash, so that caches of different models never match (in
+    # Redis, where replicas of several models meet).
+    model: str = ""
+    # How a running request gives its blocks up when the pool runs dry: "recompute" (drop
+    # its K/V, recompute prompt + output later) or "swap" (copy its blocks to the
+    # executor's CPU swap pool and back later; recompute when the swap pool is full).
+    preemption_mode: str = "recompute"
 
     def __post_init__(self) -> None:
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "max_num_waiting"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(
+                f"unknown preemption mode '{self.preemption_mode}' (choose from {', '.join(PREEMPTION_MODES)})"
+            )
 
     @property
     def max_num_running(self) -> int:
@@ -157,12 +198,39 @@ def _token_logprobs(token: SampledToken) -> list[TokenLogprobs]:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, num_blocks: int, block_size: int) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        num_blocks: int,
+        block_size: int,
+        *,
+        num_swap_blocks: int = 0,
+        record_prefix_cache_events: bool = False,
+    ) -> None:
+        """`num_swap_blocks`: the executor's CPU swap pool, for preemption by swap (0: none,
+        so every preemption recomputes). `record_prefix_cache_events`: keep the prefix-cache
+        events for `take_prefix_cache_events` (only when something drains them, e.g. a Redis
+        mirror)."""
         self.config = config
-        self._block_pool = BlockPool(num_blocks, block_size)
-        self._requests: dict[str, Request] = {}  # alive: waiting or running
+        self._block_pool = BlockPool(num_blocks, block_size, record_events=record_prefix_cache_events)
+        self._hash_extra_keys = (config.model,)
+        self._prefix_cache_stats = PrefixCacheStats()
+        self._requests: dict[str, Request] = {}  # alive: waiting, running or swapped
         self._waiting: list[Request] = []  # sorted by waiting_order_key
         self._running: list[Request] = []  # admission order = scheduling order
+        # Preemption by swap. The swap pool holds ids of the executor's swap blocks: no
+        # prefix caching there (a swap block is read once, by the request that wrote it).
+        self._swap_pool = BlockPool(num_swap_blocks, block_size) if num_swap_blocks > 0 else None
+        self._swapped: list[Request] = []  # sorted by waiting_order_key
+        # The (source, destination) block pairs of the step being scheduled.
+        self._swap_out_pairs: list[tuple[int, int]] = []
+        self._swap_in_pairs: list[tuple[int, int]] = []
+        # Parallel sampling: copy-on-write pairs of the step being scheduled, and the
+        # samples forked off each parent request still alive (for aborting them together).
+        self._block_copies: list[tuple[int, int]] = []
+        self._sample_ids: dict[str, list[str]] = {}
+        self._num_swap_outs_total = 0
+        self._num_swap_ins_total = 0
         # Requests the executor mirrors and must forget before the next step.
         self._finished_ids: list[str] = []
         self._next_step_id = 0
@@ -181,29 +249,51 @@ class Scheduler:
         validate_request(
             req, self.config.max_model_len, self._block_pool.num_blocks, self._block_pool.block_size
         )
+        if req.sampling_params.n > self.config.max_num_running:
+            raise ValueError(
+                f"request {req.request_id}: n={req.sampling_params.n} samples but at most "
+                f"{self.config.max_num_running} sequences run at once (max_num_seqs "
+                f"{self.config.max_num_seqs}, max_num_batched_tokens {self.config.max_num_batched_tokens})"
+            )
         if len(self._waiting) >= self.config.max_num_waiting:
             raise QueueFullError(len(self._waiting), self.config.max_num_waiting)
         req.arrival_seq = self._next_arrival_seq
         self._next_arrival_seq += 1
+        if self.config.enable_prefix_caching:
+            self._update_block_hashes(req)
         self._requests[req.request_id] = req
         bisect.insort(self._waiting, req, key=waiting_order_key)
 
     def abort_requests(self, request_ids: Iterable[str]) -> list[RequestDelta]:
         """Abort now, freeing blocks at once. Unknown or already finished ids are ignored
         (an abort can race a natural finish). Returns an "abort" delta per request that
-        was still alive."""
+        was still alive. Aborting a request aborts all its samples (n > 1)."""
         deltas: list[RequestDelta] = []
-        for request_id in request_ids:
+        for request_id in [i for request_id in request_ids for i in self._with_samples(request_id)]:
             req = self._requests.get(request_id)
             if req is None:
                 continue
             if req.status == RequestStatus.RUNNING:
                 self._running.remove(req)
+            elif req.status == RequestStatus.SWAPPED:
+                self._swapped.remove(req)
             else:
                 self._waiting.remove(req)
             self._finish(req, RequestStatus.FINISHED_ABORTED)
-            deltas.append(RequestDelta(request_id, [], finish_reason=req.finish_reason))
+            deltas.append(
+                RequestDelta(
+                    req.client_request_id,
+                    [],
+                    finish_reason=req.finish_reason,
+                    num_cached_tokens=req.num_cached_tokens,
+                    sample_index=req.sample_index,
+                )
+            )
         return deltas
+
+    def _with_samples(self, request_id: str) -> list[str]:
+        """The request and the samples forked off it, alive or not."""
+        return [request_id, *self._sample_ids.get(request_id, ())]
 
     # --- one step -------------------------------------------------------------------
 
@@ -217,18 +307,34 @@ class Scheduler:
         token_budget -= sum(cached_counts)
         new_requests: list[NewRequestData] = []
         new_counts: list[int] = []
-        # Admission never preempts, and after a preemption the pool is known to be tight:
-        # admitting now would only set up the next preemption.
+        # Swap-in and admission never preempt, and after a preemption the pool is known to
+        # be tight: taking requests in now would only set up the next preemption. (It also
+        # keeps a swap block freed by a swap-in from being swapped out to in the same step:
+        # the executor copies all swap-outs before all swap-ins.) Swapped requests go
+        # before waiting ones: they held a place and keep theirs.
         if self._num_preemptions_total == num_preemptions_before:
-            new_requests, new_counts = self._admit_waiting(token_budget)
+            new_requests, new_counts = self._swap_in_swapped(token_budget)
+            token_budget -= sum(new_counts)
+            if not self._swapped:
+                admitted, admitted_counts = self._admit_waiting(token_budget)
+                new_requests += admitted
+                new_counts += admitted_counts
 
         finished_ids, self._finished_ids = self._finished_ids, []
+        swap_out, self._swap_out_pairs = self._swap_out_pairs, []
+        swap_in, self._swap_in_pairs = self._swap_in_pairs, []
+        block_copies, self._block_copies = self._block_copies, []
+        scheduled_ids = [r.request_id for r in new_requests] + [r.request_id for r in cached_requests]
         step = ExecuteStep(
             step_id=self._next_step_id,
             new_requests=new_requests,
             cached_requests=cached_requests,
             num_scheduled_tokens=new_counts + cached_counts,
             finished_request_ids=finished_ids,
+            swap_out=swap_out,
+            swap_in=swap_in,
+            block_copies=block_copies,
+            forked_requests=self._forks(scheduled_ids, new_counts + cached_counts),
         )
         self._next_step_id += 1
         return step
@@ -236,8 +342,9 @@ class Scheduler:
     def update_from_output(self, step: ExecuteStep, result: StepResult) -> list[RequestDelta]:
         """Apply a step's result: advance each request by its scheduled tokens, append the
         sampled ones, finish those that hit a stop condition (freeing their blocks now).
-        Requests aborted while the step ran are skipped. Returns one delta per request
-        that got a token."""
+        Requests aborted while the step ran are skipped. Blocks the step filled join the
+        prefix cache (before a finished request frees them). Samples forked in the step
+        become requests. Returns one delta per request or sample that got a token."""
         if result.step_id != step.step_id:
             raise ValueError(f"result of step {result.step_id} applied to step {step.step_id}")
         sampled = {token.request_id: token for token in result.sampled}
@@ -263,6 +370,18 @@ class Scheduler:
                     "middle of its prompt"
                 )
             updates.append((req, num_scheduled, token))
+        forks_of: dict[str, list[tuple[ForkedRequest, SampledToken]]] = {}
+        for fork in step.forked_requests:
+            token = sampled.pop(fork.request_id, None)
+            parent = self._requests.get(fork.parent_request_id)
+            if parent is None or parent.status != RequestStatus.RUNNING:
+                # The parent was aborted (or preempted) after the step was scheduled; the
+                # executor forked it all the same and must forget the sample.
+                self._finished_ids.append(fork.request_id)
+                continue
+            if token is None:
+                raise ValueError(f"step {step.step_id}: forked sample {fork.request_id} sampled nothing")
+            forks_of.setdefault(fork.parent_request_id, []).append((fork, token))
         if sampled:
             raise ValueError(
                 f"step {step.step_id}: tokens sampled for requests not in the step: "
@@ -273,24 +392,65 @@ class Scheduler:
         any_finished = False
         for req, num_scheduled, token in updates:
             req.num_computed_tokens += num_scheduled
+            if token is not None:
+                req.output_token_ids.append(token.token_id)
+            if self.config.enable_prefix_caching:
+                self._cache_full_blocks(req)
             if token is None:
                 continue
-            req.output_token_ids.append(token.token_id)
-            status = stop_status(req, token.token_id, self.config.max_model_len)
-            if status is not None:
-                self._finish(req, status)
-                any_finished = True
-            deltas.append(
-                RequestDelta(
-                    req.request_id,
-                    [token.token_id],
-                    _token_logprobs(token),
-                    finish_reason=req.finish_reason,
+            # Forked before the parent may finish: the samples take their references to
+            # its blocks while it still holds them.
+            samples = [(req, token)] + [
+                (self._fork(req, fork, fork_token), fork_token)
+                for fork, fork_token in forks_of.get(req.request_id, ())
+            ]
+            for sample, sample_token in samples:
+                status = stop_status(sample, sample_token.token_id, self.config.max_model_len)
+                if status is not None:
+                    self._finish(sample, status)
+                    any_finished = True
+                deltas.append(
+                    RequestDelta(
+                        sample.client_request_id,
+                        [sample_token.token_id],
+                        _token_logprobs(sample_token),
+                        finish_reason=sample.finish_reason,
+                        num_cached_tokens=sample.num_cached_tokens,
+                        sample_index=sample.sample_index,
+                    )
                 )
-            )
         if any_finished:
             self._running = [r for r in self._running if not r.is_finished]
         return deltas
+
+    # --- executor loss (called by services/scheduler/service.py) ---------------------
+
+    def requeue_all_running(self) -> list[str]:
+        """The executor's KV cache is gone (it died, or a new one took its place): send
+        every running request back to the waiting queue exactly as a preemption by
+        recompute does (blocks freed, generated tokens kept, ahead of never-preempted
+        requests, in arrival order), and forget every cached prefix, whose K/V went with
+        the cache. Requests in the step in flight are running, so they are included; the
+        step's result, should it ever come, must be dropped by the caller. Returns the
+        ids requeued, in admission order."""
+        requeued = list(self._running)
+        for req in requeued:
+            self._preempt(req)
+        # The swap pool went with the executor too: swapped requests recompute as well
+        # (they are not mirrored by the executor, so not in the step's finished ids).
+        for req in self._swapped:
+            self._release_swap_blocks(req)
+            req.num_computed_tokens = 0
+            req.num_cached_blocks = 0
+            req.status = RequestStatus.WAITING
+            bisect.insort(self._waiting, req, key=waiting_order_key)
+        requeued += self._swapped
+        self._swapped = []
+        # Only running requests hold blocks, so now none is referenced: taking every free
+        # block evicts each cached one (recording the eviction), giving them back empties them.
+        pool = self._block_pool
+        pool.free(pool.allocate(pool.num_free_blocks))
+        return [req.request_id for req in requeued]
 
     # --- introspection (admin status page, tests) ------------------------------------
 
@@ -317,14 +477,46 @@ class Scheduler:
         return tuple(self._waiting)
 
     @property
+    def num_swapped(self) -> int:
+        return len(self._swapped)
+
+    @property
+    def swapped(self) -> tuple[Request, ...]:
+        """In swap-in order."""
+        return tuple(self._swapped)
+
+    @property
+    def swap_pool(self) -> BlockPool | None:
+        """The executor's swap blocks; None when it has none."""
+        return self._swap_pool
+
+    @property
     def num_preemptions_total(self) -> int:
+        """By recompute and by swap."""
         return self._num_preemptions_total
 
+    @property
+    def num_swap_outs_total(self) -> int:
+        return self._num_swap_outs_total
+
+    @property
+    def num_swap_ins_total(self) -> int:
+        return self._num_swap_ins_total
+
+    @property
+    def prefix_cache_stats(self) -> PrefixCacheStats:
+        return self._prefix_cache_stats
+
+    def take_prefix_cache_events(self) -> list[PrefixCacheEvent]:
+        """Blocks cached, reused or evicted since the last call, oldest first; empty unless
+        made with `record_prefix_cache_events=True`."""
+        return self._block_pool.take_events()
+
     def has_unfinished_requests(self) -> bool:
-        return bool(self._running or self._waiting)
+        return bool(self._running or self._waiting or self._swapped)
 
     def get_request(self, request_id: str) -> Request | None:
-        """A waiting or running request; None once it has finished."""
+        """A waiting, running or swapped request; None once it has finished."""
         return self._requests.get(request_id)
 
     def kv_utilisation(self) -> float:
@@ -348,13 +540,19 @@ class Scheduler:
             req = self._running[index]
             num_new = num_tokens_to_schedule(req, token_budget)
             num_new_blocks = self._num_new_blocks(req, num_new)
-            if not self._make_room(index, num_new_blocks):
+            num_copies = int(self._shared_write_block(req) is not None)
+            if not self._make_room(index, num_new_blocks + num_copies):
                 continue  # req itself was preempted; self._running[index] is the next one
             num_blocks_before = len(req.block_ids)
+            # After _make_room: a preempted sharer may have left the block to req alone.
+            num_replaced = self._copy_on_write(req)
             req.block_ids.extend(self._block_pool.allocate(num_new_blocks))
             cached_requests.append(
                 CachedRequestData(
-                    req.request_id, req.block_ids[num_blocks_before:], req.num_computed_tokens
+                    req.request_id,
+                    req.block_ids[num_blocks_before - num_replaced :],
+                    req.num_computed_tokens,
+                    num_replaced_blocks=num_replaced,
                 )
             )
             counts.append(num_new)
@@ -364,21 +562,39 @@ class Scheduler:
 
     def _admit_waiting(self, token_budget: int) -> tuple[list[NewRequestData], list[int]]:
         """Admit from the head of the waiting queue while budget, sequence slots and free
-        blocks allow. A request resumed after preemption recomputes prompt + output."""
+        blocks allow. A request starts after the longest cached prefix of its tokens; one
+        resumed after preemption recomputes the rest of prompt + output."""
+        pool = self._block_pool
         new_requests: list[NewRequestData] = []
         counts: list[int] = []
+        num_samples_to_fork = sum(self._num_samples_to_fork(r) for r in self._running)
         while (
             self._waiting
             and token_budget > 0
             and len(self._running) < self.config.max_num_running
         ):
             req = self._waiting[0]
-            num_new = num_tokens_to_schedule(req, token_budget)
-            num_new_blocks = self._num_new_blocks(req, num_new)
-            if num_new_blocks > self._block_pool.num_free_blocks:
+            num_seqs_after = len(self._running) + num_samples_to_fork + 1 + self._num_samples_to_fork(req)
+            if num_seqs_after > self.config.max_num_running:
+                break  # samples still to fork (its own and others') need sequence slots too
+            num_samples_to_fork += self._num_samples_to_fork(req)
+            hit_block_ids = self._find_cached_prefix(req)
+            num_hit_tokens = len(hit_block_ids) * pool.block_size
+            num_new = min(req.num_tokens - num_hit_tokens, token_budget)
+            num_new_blocks = blocks_to_cover(num_hit_tokens + num_new, pool.block_size) - len(hit_block_ids)
+            # A hit on a cached block nobody holds takes it out of the free blocks too.
+            num_revived = sum(1 for block_id in hit_block_ids if pool.ref_count(block_id) == 0)
+            if num_new_blocks + num_revived > pool.num_free_blocks:
                 break  # FCFS: nobody overtakes the head of the queue
             self._waiting.pop(0)
-            req.block_ids.extend(self._block_pool.allocate(num_new_blocks))
+            pool.incref(hit_block_ids)  # before allocating, which could evict them
+            req.block_ids = hit_block_ids + pool.allocate(num_new_blocks)
+            req.num_computed_tokens = num_hit_tokens
+            req.num_cached_blocks = len(hit_block_ids)
+            if self.config.enable_prefix_caching:
+                self._prefix_cache_stats.record(req.num_tokens, num_hit_tokens)
+                if req.num_preemptions == 0:
+                    req.num_cached_tokens = num_hit_tokens
             req.status = RequestStatus.RUNNING
             self._running.append(req)
             new_requests.append(
@@ -395,11 +611,124 @@ class Scheduler:
             token_budget -= num_new
         return new_requests, counts
 
+    def _find_cached_prefix(self, req: Request) -> list[int]:
+        """The blocks holding the longest cached prefix of the request's tokens, in order.
+        Whole blocks only, and never all tokens: the step that samples the next token must
+        run the model on the last one."""
+        if not self.config.enable_prefix_caching:
+            return []
+        self._update_block_hashes(req)
+        max_hit_blocks = (req.num_tokens - 1) // self._block_pool.block_size
+        hit_block_ids: list[int] = []
+        for block_hash in req.block_hashes[:max_hit_blocks]:
+            block_id = self._block_pool.cached_block(block_hash)
+            if block_id is None:
+                break
+            hit_block_ids.append(block_id)
+        return hit_block_ids
+
+    def _cache_full_blocks(self, req: Request) -> None:
+        """Offer the blocks the last step made full (and computed) to the prefix cache."""
+        num_full_blocks = req.num_computed_tokens // self._block_pool.block_size
+        if num_full_blocks <= req.num_cached_blocks:
+            return
+        self._update_block_hashes(req)
+        for index in range(req.num_cached_blocks, num_full_blocks):
+            # False for a block another request computed first: this copy stays private.
+            self._block_pool.cache_block(req.block_ids[index], req.block_hashes[index])
+        req.num_cached_blocks = num_full_blocks
+
+    def _update_block_hashes(self, req: Request) -> None:
+        """Hash the full blocks of tokens the request has gained (at most one per call
+        after the prompt's), building the token list only when there is one."""
+        if req.num_tokens // self._block_pool.block_size > len(req.block_hashes):
+            extend_block_hashes(
+                req.block_hashes, req.all_token_ids, self._block_pool.block_size, self._hash_extra_keys
+            )
+
     def _num_new_blocks(self, req: Request, num_new_tokens: int) -> int:
         """Blocks to append so the table covers the tokens computed after this step; 0
         until the last block is full (waste stays under one block per request)."""
         num_covered = req.num_computed_tokens + num_new_tokens
         return blocks_to_cover(num_covered, self._block_pool.block_size) - len(req.block_ids)
+
+    def _fork(self, parent: Request, fork: ForkedRequest, token: SampledToken) -> Request:
+        """Make sample `fork.sample_index` of `parent`, which has just computed its prompt
+        and sampled its first token: the sample shares every block of the parent (one more
+        reference each; copy-on-write before its first write into the shared last block)
+        and holds its own first token, drawn from the same logits with its own seed."""
+        sample = Request(
+            fork.request_id,
+            parent.prompt_token_ids,
+            parent.sampling_params.for_sample(fork.sample_index),
+            arrival_time=parent.arrival_time,
+            eos_token_id=parent.eos_token_id,
+            priority=parent.priority,
+        )
+        sample.parent_request_id = parent.request_id
+        sample.sample_index = fork.sample_index
+        sample.arrival_seq = self._next_arrival_seq  # a tie with its parent: preempted first
+        self._next_arrival_seq += 1
+        sample.output_token_ids.append(token.token_id)
+        sample.num_computed_tokens = parent.num_computed_tokens
+        self._block_pool.incref(parent.block_ids)
+        sample.block_ids = list(parent.block_ids)
+        # The hashes of the prompt's full blocks are the sample's too; those of a block
+        # holding the parent's first token are not.
+        sample.block_hashes = parent.block_hashes[: parent.num_prompt_tokens // self._block_pool.block_size]
+        sample.num_cached_blocks = parent.num_cached_blocks
+        sample.num_cached_tokens = parent.num_cached_tokens
+        sample.status = RequestStatus.RUNNING
+        self._requests[sample.request_id] = sample
+        self._running.append(sample)
+        self._sample_ids.setdefault(parent.request_id, []).append(sample.request_id)
+        return sample
+
+    @staticmethod
+    def _num_samples_to_fork(req: Request) -> int:
+        """The samples `req` has yet to fork (n - 1 until its first token, then none)."""
+        if req.parent_request_id is None and req.num_output_tokens == 0:
+            return req.sampling_params.n - 1
+        return 0
+
+    def _forks(self, scheduled_ids: list[str], counts: list[int]) -> list[ForkedRequest]:
+        """The samples to fork off the requests with `n > 1` that sample their first token
+        in this step: samples 1 .. n-1, as ids f"{id}#{i}". They become requests when the
+        step's result comes back (`_fork`), sharing the parent's blocks."""
+        forks: list[ForkedRequest] = []
+        for request_id, num_new in zip(scheduled_ids, counts):
+            req = self._requests[request_id]
+            if self._num_samples_to_fork(req) and req.num_computed_tokens + num_new == req.num_tokens:
+                forks += [ForkedRequest(f"{request_id}#{i}", request_id, i) for i in range(1, req.sampling_params.n)]
+        return forks
+
+    def _shared_write_block(self, req: Request) -> int | None:
+        """The index in `req.block_ids` of the block its next token is written into, when
+        another request holds it too: a partly filled last block shared by forked samples.
+        (Full shared blocks, forked or prefix-cached, lie before `num_computed_tokens` and
+        are only read.)"""
+        index = req.num_computed_tokens // self._block_pool.block_size
+        if index < len(req.block_ids) and self._block_pool.ref_count(req.block_ids[index]) > 1:
+            return index
+        return None
+
+    def _copy_on_write(self, req: Request) -> int:
+        """Give `req` a private copy of the shared block it is about to write into (the
+        executor copies the K/V before the step's forward) and drop its reference to the
+        original, which the other holders keep; the last holder writes in place, so n
+        samples sharing a block make n - 1 copies. Returns the number of blocks replaced at
+        the end of the table (0 or 1)."""
+        index = self._shared_write_block(req)
+        if index is None:
+            return 0
+        # Only the last block can be partly filled, so the replaced block is the last one.
+        assert index == len(req.block_ids) - 1, f"{req!r}: shared block {index} is not the last"
+        source = req.block_ids[index]
+        (destination,) = self._block_pool.allocate(1)
+        self._block_pool.free([source])
+        req.block_ids[index] = destination
+        self._block_copies.append((source, destination))
+        return 1
 
     def _make_room(self, index: int, num_blocks: int) -> bool:
         """Preempt running requests not yet scheduled in this step (`self._running[index:]`)
@@ -408,29 +737,111 @@ class Scheduler:
         req = self._running[index]
         while self._block_pool.num_free_blocks < num_blocks:
             victim = pick_preemption_victim(self._running[index:])
-            self._preempt(victim)
+            if not self._swap_out(victim):
+                self._preempt(victim)
             if victim is req:
                 return False
         return True
 
     def _preempt(self, req: Request) -> None:
         """Preempt by recompute: drop its K/V, keep its output, requeue it. It resumes as
-        a NewRequestData with prompt + output and recomputes them all."""
+        a NewRequestData with prompt + output and recomputes what the prefix cache no
+        longer holds (its own full blocks stay cached until evicted)."""
         self._running.remove(req)
-        self._block_pool.free(req.block_ids)
+        self._block_pool.free(reversed(req.block_ids))  # tail first: see block_pool.py
         req.block_ids = []
         req.num_computed_tokens = 0
+        req.num_cached_blocks = 0
         req.status = RequestStatus.WAITING
         req.num_preemptions += 1
         self._num_preemptions_total += 1
         bisect.insort(self._waiting, req, key=waiting_order_key)
         self._finished_ids.append(req.request_id)  # the executor drops its mirror
 
+    def _swap_out(self, req: Request) -> bool:
+        """Preempt by swap, if that is the mode and the swap pool has room: its blocks are
+        copied to swap blocks at the start of the step, then freed here (another request
+        may get them in this same step: the executor copies out before anything else).
+        Full blocks keep their hashes, so they stay in the prefix cache until evicted.
+        False (nothing done) when the caller must preempt by recompute instead."""
+        swap_pool = self._swap_pool
+        if self.config.preemption_mode != "swap" or swap_pool is None:
+            return False
+        if len(req.block_ids) > swap_pool.num_free_blocks:
+            return False
+        self._running.remove(req)
+        req.swap_block_ids = swap_pool.allocate(len(req.block_ids))
+        self._swap_out_pairs.extend(zip(req.block_ids, req.swap_block_ids))
+        self._block_pool.free(reversed(req.block_ids))  # tail first: see block_pool.py
+        req.block_ids = []
+        req.status = RequestStatus.SWAPPED
+        req.num_preemptions += 1
+        self._num_preemptions_total += 1
+        self._num_swap_outs_total += 1
+        bisect.insort(self._swapped, req, key=waiting_order_key)
+        # The executor drops its mirror; the request comes back as a NewRequestData whose
+        # K/V up to num_computed_tokens is already in place, like a prefix-cache hit.
+        self._finished_ids.append(req.request_id)
+        return True
+
+    def _swap_in_swapped(self, token_budget: int) -> tuple[list[NewRequestData], list[int]]:
+        """Swap in from the head of the swapped queue while budget, sequence slots and
+        free blocks allow: fresh device blocks, copied into from the swap blocks at the
+        start of the step, then scheduled like a running request."""
+        pool = self._block_pool
+        new_requests: list[NewRequestData] = []
+        counts: list[int] = []
+        while self._swapped and token_budget > 0 and len(self._running) < self.config.max_num_running:
+            req = self._swapped[0]
+            num_new = num_tokens_to_schedule(req, token_budget)
+            num_blocks = blocks_to_cover(req.num_computed_tokens + num_new, pool.block_size)
+            if num_blocks > pool.num_free_blocks:
+                break  # in order: nobody overtakes the head of the queue
+            self._swapped.pop(0)
+            req.block_ids = pool.allocate(num_blocks)
+            self._swap_in_pairs.extend(zip(req.swap_block_ids, req.block_ids))
+            self._release_swap_blocks(req)
+            self._num_swap_ins_total += 1
+            req.status = RequestStatus.RUNNING
+            self._running.append(req)
+            # Fresh blocks: offer its full ones to the prefix cache again (a hash still
+            # cached in the block it was swapped out of keeps that block: first one wins).
+            # Their K/V arrive before anything in the step reads them.
+            req.num_cached_blocks = 0
+            if self.config.enable_prefix_caching:
+                self._cache_full_blocks(req)
+            new_requests.append(
+                NewRequestData(
+                    request_id=req.request_id,
+                    token_ids=req.all_token_ids,
+                    num_prompt_tokens=req.num_prompt_tokens,
+                    block_ids=list(req.block_ids),
+                    num_computed_tokens=req.num_computed_tokens,
+                    sampling_params=req.sampling_params,
+                )
+            )
+            counts.append(num_new)
+            token_budget -= num_new
+        return new_requests, counts
+
+    def _release_swap_blocks(self, req: Request) -> None:
+        if req.swap_block_ids:
+            assert self._swap_pool is not None
+            self._swap_pool.free(req.swap_block_ids)
+            req.swap_block_ids = []
+
     def _finish(self, req: Request, status: RequestStatus) -> None:
         """Free everything a request holds. The caller takes it out of its queue."""
         if req.status == RequestStatus.RUNNING:
-            self._finished_ids.append(req.request_id)  # waiting ones are not mirrored
-        self._block_pool.free(req.block_ids)
+            self._finished_ids.append(req.request_id)  # waiting and swapped ones are not mirrored
+        self._block_pool.free(reversed(req.block_ids))  # tail first: see block_pool.py
+        self._release_swap_blocks(req)
         req.block_ids = []
+        req.num_cached_blocks = 0
         req.status = status
         del self._requests[req.request_id]
+        parent_id = req.client_request_id
+        if parent_id in self._sample_ids and not any(
+            i in self._requests for i in self._with_samples(parent_id)
+        ):
+            del self._sample_ids[parent_id]  # the last sample of the request is gone

@@ -4,6 +4,14 @@ One loop, no threads: poll the gateway and executor sockets, apply what arrived 
 requests, aborts, status queries, executor capacity, step results), and whenever no step
 is in flight and work is pending, schedule the next step and send it. Everything it does
 between polls is in-memory; Redis mirroring happens on its own thread.
+
+Executor loss: an executor that sends nothing (heartbeat or result) for
+`heartbeat_timeout_s` is lost. Its running requests, the step in flight included, go back
+to the waiting queue for recompute, keeping the tokens already streamed, and wait up to
+`executor_timeout_s` for an executor to announce itself (ExecutorReady: a restarted one,
+or the same one reconnecting); then they, and whatever arrived meanwhile, end with a 503.
+Every ExecutorReady starts the executor afresh: its KV cache and request mirror are
+unknown, so nothing running or cached is trusted and everything running recomputes.
 """
 
 from __future__ import annotations
@@ -11,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,10 +33,10 @@ from services.scheduler.status import StepHistory, block_pool_status, executor_s
 from shared.messages import (
     AbortRequest,
     ExecuteStep,
+    ExecutorEvent,
     ExecutorMessage,
     ExecutorReady,
     GatewayMessage,
-    Heartbeat,
     RequestDelta,
     RequestDeltas,
     RequestError,
@@ -40,6 +48,7 @@ from shared.messages import (
     SubmitRequest,
 )
 from shared.transport import decode, encode, make_socket
+from shared.zmq_security import curve_server, start_curve_authenticator
 
 log = logging.getLogger("pagedserve.scheduler")
 
@@ -50,9 +59,22 @@ class SchedulerServiceConfig(msgspec.Struct, forbid_unknown_fields=True):
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     max_num_waiting: int = 1024
-    executor_timeout_s: float = 5.0  # no heartbeat for this long: the executor is dead
+    heartbeat_timeout_s: float = 3.0  # an executor silent this long is lost (it beats every 1 s)
+    executor_timeout_s: float = 60.0  # requeued requests wait this long for an executor to join
     redis_url: str | None = None
     replica_id: str = "replica-0"
+    enable_prefix_caching: bool = True
+    preemption_mode: str = "recompute"  # or "swap": into the executor's CPU swap pool
+    curve_keys_dir: str | None = None  # CURVE-secure both sockets (shared/zmq_security.py)
+
+
+@dataclass
+class _OwnedRequest:
+    """Who asked for a request, and how each of its samples finished (None: not yet): with
+    `n > 1` each sample finishes on its own and the request only once all have."""
+
+    gateway: bytes
+    finish_reasons: list[str | None]  # by sample index
 
 
 @dataclass
@@ -66,15 +88,27 @@ class SchedulerService:
     def __init__(self, config: SchedulerServiceConfig, context: zmq.Context[Any] | None = None) -> None:
         self.config = config
         self.context = context or zmq.Context.instance()
-        self.gateways = make_socket(self.context, zmq.ROUTER)
+        curve = curve_server(config.curve_keys_dir) if config.curve_keys_dir else None
+        # The authenticator must run before the sockets bind, or clients go unchecked.
+        self.authenticator = start_curve_authenticator(self.context, config.curve_keys_dir) if config.curve_keys_dir else None
+        self.gateways = make_socket(self.context, zmq.ROUTER, curve=curve)
         self.gateways.setsockopt(zmq.ROUTER_MANDATORY, 0)
         self.gateways.bind(config.gateway_address)
-        self.executors = make_socket(self.context, zmq.ROUTER)
+        self.executors = make_socket(self.context, zmq.ROUTER, curve=curve)
+        # A restarted executor may reuse its id while its old connection lingers.
+        self.executors.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.executors.bind(config.executor_address)
         self.core: Scheduler | None = None  # sized by the first executor's capacity
-        self.executor: _Executor | None = None
+        self.executor: _Executor | None = None  # the one steps go to; None while lost
+        # The latest executor to join, kept after it is lost: requests arriving meanwhile
+        # need its EOS token, and it is taken back should it speak again (it was only slow).
+        self.last_executor: _Executor | None = None
+        self.executor_lost_at: float | None = None  # monotonic; set while none replaces it
+        self.num_executors_lost = 0
+        self.executor_events: deque[ExecutorEvent] = deque(maxlen=20)
         self.in_flight: ExecuteStep | None = None
-        self.owner_of: dict[str, bytes] = {}  # request id -> gateway identity
+        # Client request id -> its gateway; forked samples report under their parent's id.
+        self.owner_of: dict[str, _OwnedRequest] = {}
         self.history = StepHistory()
         self.started_at = time.monotonic()
         self.redis = RedisMirror(config.redis_url, config.replica_id) if config.redis_url else None
@@ -94,6 +128,7 @@ class SchedulerService:
                 self._drain(self.executors, self._on_executor_frames)
             if self.gateways in events:
                 self._drain(self.gateways, self._on_gateway_frames)
+            self._check_executor(time.monotonic())
             self._maybe_step()
             self._maybe_report_load()
 
@@ -102,6 +137,8 @@ class SchedulerService:
             self.redis.close()
         self.gateways.close()
         self.executors.close()
+        if self.authenticator is not None:
+            self.authenticator.stop()
 
     @staticmethod
     def _drain(sock: zmq.Socket[Any], handle: Any) -> None:
@@ -128,12 +165,15 @@ class SchedulerService:
                     self.redis.update(f"req:{new.request_id}", {"status": "running", "scheduled_at": time.time()})
 
     def _maybe_report_load(self) -> None:
-        """Replica heartbeat and load, once a second, for gateways that route by load."""
+        """Replica heartbeat and load, and the changes to its cached prefixes, once a
+        second, for gateways that route by load or by prefix-cache hits."""
         now = time.monotonic()
         if self.redis is None or now < self._next_load_report:
             return
         self._next_load_report = now + 1.0
         core = self.core
+        if core is not None:
+            self.redis.update_prefix_cache(core.take_prefix_cache_events())
         self.redis.update(
             f"replica:{self.config.replica_id}",
             {
@@ -156,42 +196,137 @@ class SchedulerService:
         now = time.monotonic()
         if isinstance(message, ExecutorReady):
             self._on_executor_ready(identity, message, now)
-        elif isinstance(message, Heartbeat):
-            if self.executor is not None and self.executor.identity == identity:
-                self.executor.last_heard = now
-        elif isinstance(message, StepResultMessage):
-            if self.executor is not None and self.executor.identity == identity:
-                self.executor.last_heard = now
-            self._on_step_result(message)
+            return
+        executor = self.executor
+        if executor is not None and executor.identity == identity:
+            executor.last_heard = now
+            if isinstance(message, StepResultMessage):
+                self._on_step_result(message, now)
+        elif executor is None and self.last_executor is not None and self.last_executor.identity == identity:
+            # Counted as lost, yet it speaks: it was only slow. It serves again, from
+            # scratch (the next step tells it to forget every request it mirrors).
+            log.warning("executor %s is alive after all: serving again", self.last_executor.ready.executor_id)
+            self._on_executor_ready(identity, self.last_executor.ready, now)
+        # Anything else comes from an executor replaced by another, or from before this
+        # scheduler started (an executor announces itself again when it reconnects).
 
     def _on_executor_ready(self, identity: bytes, ready: ExecutorReady, now: float) -> None:
-        if self.core is None:
-            self.core = Scheduler(
-                SchedulerConfig(
-                    max_model_len=ready.max_model_len,
-                    max_num_seqs=self.config.max_num_seqs,
-                    max_num_batched_tokens=self.config.max_num_batched_tokens,
-                    max_num_waiting=self.config.max_num_waiting,
-                ),
-                num_blocks=ready.num_blocks,
-                block_size=ready.block_size,
-            )
-            log.info(
-                "executor %s ready: %s on %s, %d blocks of %d tokens", ready.executor_id, ready.model,
-                ready.device, ready.num_blocks, ready.block_size,
-            )
-        elif ready.num_blocks < self.core.block_pool.num_blocks or ready.block_size != self.core.block_pool.block_size:
-            log.error("executor %s has a smaller KV cache than the pool: ignored", ready.executor_id)
-            return
-        self.executor = _Executor(identity=identity, ready=ready, last_heard=now)
+        """An executor announced itself: started, reconnected, or replacing the one we had.
+        What its KV cache and request mirror hold is unknown, so everything running is
+        requeued for recompute and no cached prefix is trusted."""
+        core, last = self.core, self.last_executor
+        requeued: list[str] = []
+        if core is None or last is None:
+            self.core = self._new_core(ready)
+        else:
+            if (ready.model, ready.block_size, ready.max_model_len) != (last.ready.model, last.ready.block_size, last.ready.max_model_len):
+                log.error(
+                    "executor %s (%s, %d-token blocks, max_model_len %d) cannot serve this scheduler's requests "
+                    "(%s, %d-token blocks, max_model_len %d): ignored", ready.executor_id, ready.model, ready.block_size,
+                    ready.max_model_len, last.ready.model, last.ready.block_size, last.ready.max_model_len,
+                )
+                return
+            requeued = core.requeue_all_running()
+            self.in_flight = None  # its result, should it come, is dropped
+            if self.executor is not None and self.executor.identity != identity:
+                log.warning("executor %s replaces %s", ready.executor_id, self.executor.ready.executor_id)
+            num_swap_blocks = core.swap_pool.num_blocks if core.swap_pool else 0
+            if (ready.num_blocks, ready.num_swap_blocks) != (core.block_pool.num_blocks, num_swap_blocks):
+                self._resize(ready)
+        self.executor = self.last_executor = _Executor(identity=identity, ready=ready, last_heard=now)
+        self.executor_lost_at = None
+        detail = f"{ready.model} on {ready.device}, {ready.num_blocks:,} blocks of {ready.block_size} tokens"
+        if ready.num_swap_blocks:
+            detail += f", {ready.num_swap_blocks:,} swap blocks"
+        self._record_event(ready.executor_id, "joined", detail, len(requeued))
+        log.info("executor %s ready: %s; %d running request(s) requeued", ready.executor_id, detail, len(requeued))
 
-    def _on_step_result(self, message: StepResultMessage) -> None:
+    def _new_core(self, ready: ExecutorReady) -> Scheduler:
+        if self.redis is not None:
+            self.redis.clear_prefix_cache()  # a new core starts with an empty cache
+        return Scheduler(
+            SchedulerConfig(
+                max_model_len=ready.max_model_len,
+                max_num_seqs=self.config.max_num_seqs,
+                max_num_batched_tokens=self.config.max_num_batched_tokens,
+                max_num_waiting=self.config.max_num_waiting,
+                enable_prefix_caching=self.config.enable_prefix_caching,
+                model=ready.model,
+                preemption_mode=self.config.preemption_mode,
+            ),
+            num_blocks=ready.num_blocks,
+            block_size=ready.block_size,
+            num_swap_blocks=ready.num_swap_blocks,
+            record_prefix_cache_events=self.redis is not None,
+        )
+
+    def _resize(self, ready: ExecutorReady) -> None:
+        """A replacement executor with another KV capacity (a GPU's free memory varies
+        between starts): a core sized for it takes over the waiting requests, in their
+        order (nothing runs: the caller requeued it all). Those that no longer fit fail."""
+        old = self.core
+        assert old is not None and not old.num_running
+        self.core = self._new_core(ready)
+        for req in old.waiting:
+            try:
+                self.core.add_request(req)
+            except (ValueError, QueueFullError) as error:
+                self._send_error(req.client_request_id, 503, f"the replacement executor cannot take this request: {error}")
+
+    def _check_executor(self, now: float) -> None:
+        executor, core = self.executor, self.core
+        if executor is not None:
+            silent_s = now - executor.last_heard
+            if silent_s > self.config.heartbeat_timeout_s:
+                self._lose_executor(f"no heartbeat for {silent_s:.1f} s", now)
+        elif self.executor_lost_at is not None and core is not None and core.has_unfinished_requests():
+            if now - self.executor_lost_at > self.config.executor_timeout_s:
+                # Client ids, once each: failing a request fails all its samples.
+                request_ids = list(dict.fromkeys(r.client_request_id for r in (*core.running, *core.waiting)))
+                log.error("%s: failing %d request(s)", self._no_executor_message(now), len(request_ids))
+                self._fail_requests(request_ids, 503, self._no_executor_message(now))
+
+    def _lose_executor(self, reason: str, now: float) -> None:
+        executor, core = self.executor, self.core
+        assert executor is not None and core is not None
+        requeued = core.requeue_all_running()
+        self.in_flight = None  # its result, should it come, is dropped
+        self.executor = None
+        self.executor_lost_at = now
+        self.num_executors_lost += 1
+        self._record_event(executor.ready.executor_id, "lost", reason, len(requeued))
+        log.warning(
+            "executor %s lost (%s): %d running request(s) requeued for recompute, %d waiting in all; "
+            "waiting up to %g s for an executor", executor.ready.executor_id, reason, len(requeued),
+            core.num_waiting, self.config.executor_timeout_s,
+        )
+
+    def _no_executor_message(self, now: float) -> str:
+        lost_for_s = now - (self.executor_lost_at or now)
+        last = self.last_executor.ready.executor_id if self.last_executor else "?"
+        return (
+            f"no executor for {lost_for_s:.0f} s: executor {last} was lost and none joined within "
+            f"the scheduler's executor timeout ({self.config.executor_timeout_s:g} s); retry later"
+        )
+
+    def _record_event(self, executor_id: str, event: str, detail: str, num_requeued: int) -> None:
+        self.executor_events.append(ExecutorEvent(time.time(), executor_id, event, detail, num_requeued))
+
+    def _on_step_result(self, message: StepResultMessage, now: float) -> None:
         step = self.in_flight
         if step is None or self.core is None or message.result.step_id != step.step_id:
-            log.warning("dropped a result for step %d: not the step in flight", message.result.step_id)
+            # Normal after an executor reset: the result of a step that was requeued.
+            log.info("dropped a result for step %d: not the step in flight", message.result.step_id)
             return
         self.in_flight = None
-        deltas = self.core.update_from_output(step, message.result)
+        try:
+            deltas = self.core.update_from_output(step, message.result)
+        except ValueError as error:
+            # The executor's mirror disagrees with ours (nothing was applied): start it over
+            # rather than trust either; it is taken back at its next heartbeat.
+            log.error("step %d: %s", step.step_id, error)
+            self._lose_executor(f"its result for step {step.step_id} did not match the step", now)
+            return
         self.history.record(time.monotonic(), len(step.num_scheduled_tokens), sum(step.num_scheduled_tokens))
         self._send_deltas(deltas)
 
@@ -205,13 +340,23 @@ class SchedulerService:
         elif isinstance(message, AbortRequest):
             if self.core is not None:
                 self._send_deltas(self.core.abort_requests(message.request_ids))
+            # Samples not forked yet (the prompt was still computing) never send their own
+            # "abort": the request ends here whatever its samples reported.
+            for request_id in message.request_ids:
+                if self.owner_of.pop(request_id, None) is not None:
+                    self._mirror_finish(request_id, "abort")
         elif isinstance(message, StatusQuery):
             self._send(identity, self.snapshot(message.query_id))
 
     def _on_submit(self, identity: bytes, submit: SubmitRequest) -> None:
-        if self.core is None:
+        if self.core is None or self.last_executor is None:
             self._send(identity, RequestError(submit.request_id, 503, "no executor has joined this scheduler yet", 1.0))
             return
+        now = time.monotonic()
+        if self.executor_lost_at is not None and now - self.executor_lost_at > self.config.executor_timeout_s:
+            self._send(identity, RequestError(submit.request_id, 503, self._no_executor_message(now), 5.0))
+            return
+        # While an executor is lost (but not for long) requests queue: a restart is usually quick.
         try:
             submit.sampling_params.validate()
             self.core.add_request(
@@ -220,7 +365,7 @@ class SchedulerService:
                     submit.prompt_token_ids,
                     submit.sampling_params,
                     arrival_time=submit.arrival_time,
-                    eos_token_id=self.executor.ready.eos_token_id if self.executor else None,
+                    eos_token_id=self.last_executor.ready.eos_token_id,
                     priority=submit.priority,
                 )
             )
@@ -230,7 +375,7 @@ class SchedulerService:
         except ValueError as error:
             self._send(identity, RequestError(submit.request_id, 400, str(error)))
             return
-        self.owner_of[submit.request_id] = identity
+        self.owner_of[submit.request_id] = _OwnedRequest(identity, [None] * submit.sampling_params.n)
         if self.redis is not None:
             self.redis.update(
                 f"req:{submit.request_id}",
@@ -241,21 +386,39 @@ class SchedulerService:
     def _send_deltas(self, deltas: list[RequestDelta]) -> None:
         by_gateway: dict[bytes, list[RequestDelta]] = defaultdict(list)
         for delta in deltas:
-            owner = self.owner_of.get(delta.request_id)
-            if owner is None:
+            owned = self.owner_of.get(delta.request_id)
+            if owned is None:
                 continue
-            by_gateway[owner].append(delta)
+            by_gateway[owned.gateway].append(delta)
             if delta.finish_reason is not None:
-                del self.owner_of[delta.request_id]
-                self._mirror_finish(delta)
+                owned.finish_reasons[delta.sample_index] = delta.finish_reason
+                if None not in owned.finish_reasons:
+                    del self.owner_of[delta.request_id]
+                    # One per sample, as the gateway records them.
+                    self._mirror_finish(delta.request_id, ",".join(r or "" for r in owned.finish_reasons))
         for owner, owned in by_gateway.items():
             self._send(owner, RequestDeltas(deltas=owned))
 
-    def _mirror_finish(self, delta: RequestDelta) -> None:
+    def _mirror_finish(self, request_id: str, finish_reason: str) -> None:
+        """One record per client request (`req:{id}`), written when its last sample ends."""
         if self.redis is None or self.core is None:
             return
-        fields: dict[str, object] = {"status": "finished", "finish_reason": delta.finish_reason or "", "finished_at": time.time()}
-        self.redis.update(f"req:{delta.request_id}", fields, expire=True)
+        fields: dict[str, object] = {"status": "finished", "finish_reason": finish_reason, "finished_at": time.time()}
+        self.redis.update(f"req:{request_id}", fields, expire=True)
+
+    def _fail_requests(self, request_ids: list[str], status_code: int, message: str) -> None:
+        """End requests with an error for their clients, freeing what they hold."""
+        if self.core is not None:
+            self.core.abort_requests(request_ids)  # its "abort" deltas are replaced by the errors
+        for request_id in request_ids:
+            self._send_error(request_id, status_code, message)
+
+    def _send_error(self, request_id: str, status_code: int, message: str) -> None:
+        owned = self.owner_of.pop(request_id, None)
+        if owned is not None:
+            self._send(owned.gateway, RequestError(request_id, status_code, message, retry_after_s=5.0))
+        if self.redis is not None:
+            self.redis.update(f"req:{request_id}", {"status": "error", "error": message, "finished_at": time.time()}, expire=True)
 
     def _send(self, identity: bytes, message: msgspec.Struct) -> None:
         self.gateways.send_multipart([identity, *encode(message)])
@@ -270,21 +433,23 @@ class SchedulerService:
             executors.append(
                 executor_status(
                     ready.executor_id, ready.device, ready.num_blocks, ready.model,
-                    now - self.executor.last_heard, self.config.executor_timeout_s,
+                    now - self.executor.last_heard, self.config.heartbeat_timeout_s,
                 )
             )
         core = self.core
         return StatusSnapshot(
             query_id=query_id,
-            model=self.executor.ready.model if self.executor else "",
+            model=self.last_executor.ready.model if self.last_executor else "",
             max_model_len=core.config.max_model_len if core else 0,
             running=[request_status(r) for r in core.running] if core else [],
             waiting=[request_status(r) for r in core.waiting] if core else [],
-            swapped=[],
+            swapped=[request_status(r) for r in core.swapped] if core else [],
             block_pool=block_pool_status(core) if core else None,
             executors=executors,
             steps=self.history.stats(core.num_preemptions_total) if core else StepStats(0, 0.0, 0.0, 0.0, 0),
             uptime_s=now - self.started_at,
+            num_executors_lost=self.num_executors_lost,
+            executor_events=list(self.executor_events),
         )
 
 

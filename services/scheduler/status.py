@@ -13,6 +13,7 @@ from services.scheduler.scheduler import Scheduler
 from shared.messages import (
     BlockPoolStatus,
     ExecutorStatus,
+    PrefixCacheStatus,
     RunningRequestStatus,
     StepStats,
 )
@@ -42,10 +43,13 @@ class StepHistory:
         )
 
 
+_STATUS_NAMES = {RequestStatus.RUNNING: "running", RequestStatus.SWAPPED: "swapped"}
+
+
 def request_status(req: Request) -> RunningRequestStatus:
     return RunningRequestStatus(
         request_id=req.request_id,
-        status="running" if req.status == RequestStatus.RUNNING else "waiting",
+        status=_STATUS_NAMES.get(req.status, "waiting"),
         num_prompt_tokens=req.num_prompt_tokens,
         num_output_tokens=len(req.output_token_ids),
         num_computed_tokens=req.num_computed_tokens,
@@ -53,11 +57,12 @@ def request_status(req: Request) -> RunningRequestStatus:
         num_preemptions=req.num_preemptions,
         arrival_time=req.arrival_time,
         block_ids=list(req.block_ids),
+        parent_request_id=req.parent_request_id,
     )
 
 
 def block_pool_status(scheduler: Scheduler) -> BlockPoolStatus:
-    pool = scheduler.block_pool
+    pool, swap_pool = scheduler.block_pool, scheduler.swap_pool
     owners = [""] * pool.num_blocks
     tokens_stored = 0
     slots_allocated = 0
@@ -76,12 +81,28 @@ def block_pool_status(scheduler: Scheduler) -> BlockPoolStatus:
         block_size=pool.block_size,
         num_free_blocks=pool.num_free_blocks,
         num_used_blocks=pool.num_used_blocks,
-        num_cached_blocks=0,
+        num_cached_blocks=pool.num_cached_blocks,
         num_shared_blocks=num_shared,
         tokens_stored=tokens_stored,
         slots_allocated=slots_allocated,
         utilisation=tokens_stored / slots_allocated if slots_allocated else 1.0,
         block_owners=owners,
+        prefix_cache=prefix_cache_status(scheduler) if scheduler.config.enable_prefix_caching else None,
+        num_swap_blocks=swap_pool.num_blocks if swap_pool else 0,
+        num_used_swap_blocks=swap_pool.num_used_blocks if swap_pool else 0,
+        num_swap_outs=scheduler.num_swap_outs_total,
+        num_swap_ins=scheduler.num_swap_ins_total,
+    )
+
+
+def prefix_cache_status(scheduler: Scheduler) -> PrefixCacheStatus:
+    stats = scheduler.prefix_cache_stats
+    return PrefixCacheStatus(
+        num_queries=stats.num_queries,
+        num_hits=stats.num_hits,
+        num_query_tokens=stats.num_query_tokens,
+        num_hit_tokens=stats.num_hit_tokens,
+        hit_rate=stats.hit_rate,
     )
 
 

@@ -191,6 +191,25 @@ def test_api_keys_come_from_the_environment(raw_compose: dict[str, Any]) -> None
     assert "--api-key" not in command and "--admin-key" not in command, "keys in argv are visible in `ps`"
 
 
+def test_zmq_links_are_curve_secured(services: dict[str, dict[str, Any]]) -> None:
+    keys_service = services["zmq-keys"]
+    assert keys_service["build"]["dockerfile"] == "docker/Dockerfile" and "entrypoint" not in keys_service
+    keys = parse_pagedserve(keys_service["command"])
+    assert keys.command == "keys" and not keys.force, "a restart must keep the keys the services run with"
+    volume = f"zmq-keys:{keys.directory}"
+    assert keys_service["volumes"] == [volume]
+    for name in PAGEDSERVE_SERVICES:
+        service = services[name]
+        assert parse_pagedserve(service["command"]).zmq_curve_keys == keys.directory, name
+        assert f"{volume}:ro" in service["volumes"], f"{name} must mount the keys read-only"
+        assert service["depends_on"]["zmq-keys"]["condition"] == "service_completed_successfully", name
+    # The image owns the mount point, so the volume starts writable by its unprivileged user.
+    instructions = dockerfile_instructions()
+    arguments = instructions[index_of(instructions, "RUN", "useradd")][1]
+    assert re.search(rf"mkdir -p [^&]*{keys.directory}\b", arguments), arguments
+    assert re.search(rf"chown pagedserve [^&]*{keys.directory}\b", arguments), arguments
+
+
 def test_locust_runs_headless_against_the_gateway(services: dict[str, dict[str, Any]]) -> None:
     locust = services["locust"]
     assert locust["profiles"] == ["loadtest"]
@@ -265,7 +284,8 @@ def test_image_installs_like_setup_sh() -> None:
     [
         ["--redis-url", "redis://127.0.0.1:6379/0"],
         ["--redis-url", "redis://10.0.0.5:6380/1", "--host", "0.0.0.0", "--port", "9000", "--model", "/models/m.gguf",
-         "--kv-cache-memory", "1000000", "--block-size", "32", "--max-num-seqs", "8", "--dtype", "float32"],
+         "--kv-cache-memory", "1000000", "--block-size", "32", "--max-num-seqs", "8", "--dtype", "float32",
+         "--no-enable-prefix-caching", "--zmq-curve-keys", "/etc/pagedserve/keys"],
     ],
 )
 def test_up_runs_commands_the_cli_accepts(up_flags: list[str]) -> None:
@@ -284,4 +304,6 @@ def test_up_runs_commands_the_cli_accepts(up_flags: list[str]) -> None:
     assert gateway.redis_url == scheduler.redis_url == up_args.redis_url
     assert (gateway.host, int(gateway.port)) == (up_args.host, up_args.port)
     assert executor.model == up_args.model
+    assert scheduler.zmq_curve_keys == executor.zmq_curve_keys == gateway.zmq_curve_keys == up_args.zmq_curve_keys
+    assert scheduler.enable_prefix_caching == up_args.enable_prefix_caching
     assert commands.url == f"http://{up_args.host}:{up_args.port}"

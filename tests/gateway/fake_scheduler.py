@@ -2,7 +2,9 @@
 real wire protocol (shared/messages.py + shared/transport.py).
 
 Each step it sends every active request its next scripted tokens, like a scheduler
-running one decode step for its batch. Tests set `script` (tokens per step for a
+running one decode step for its batch. A submit with `n > 1` runs the script once per
+sample (each with `for_sample(i)`'s params), reported under the request's id with the
+sample's `sample_index`, as the real scheduler's forked samples are. Tests set `script` (tokens per step for a
 submit), `refuse` (answer submits with a RequestError), `answer_status`, `hold`
 (accept requests but produce nothing) and `drop_submits` (forget them), and wait on
 what it received with deadlines.
@@ -54,9 +56,15 @@ def one_token_per_step(token_ids: list[int]) -> Script:
 class _Active:
     identity: bytes
     submit: SubmitRequest
+    sample_index: int
     steps: list[list[int]]
     finish_reason: str
     num_sent: int = 0
+
+    @property
+    def sample_id(self) -> str:
+        """The id the real scheduler gives a forked sample (f"{id}#{i}")."""
+        return f"{self.submit.request_id}#{self.sample_index}" if self.sample_index else self.submit.request_id
 
 
 class FakeScheduler:
@@ -73,7 +81,7 @@ class FakeScheduler:
         self.submits: list[SubmitRequest] = []
         self.aborted: list[str] = []
         self.num_status_queries = 0
-        self._active: dict[str, _Active] = {}
+        self._active: dict[str, _Active] = {}  # by sample id
         self._changed = threading.Condition()
         self._stop = threading.Event()
         self._context = zmq.Context()
@@ -141,15 +149,21 @@ class FakeScheduler:
                     error = msgspec.structs.replace(self.refuse, request_id=message.request_id)
                     self._socket.send_multipart([identity, *encode(error)])
                 elif not self.drop_submits:
-                    steps, finish_reason = self.script(message)
-                    self._active[message.request_id] = _Active(identity, message, steps, finish_reason)
+                    for sample_index in range(message.sampling_params.n):
+                        sample = msgspec.structs.replace(message, sampling_params=message.sampling_params.for_sample(sample_index))
+                        steps, finish_reason = self.script(sample)
+                        active = _Active(identity, message, sample_index, steps, finish_reason)
+                        self._active[active.sample_id] = active
             elif isinstance(message, AbortRequest):
                 self.aborted.extend(message.request_ids)
                 for request_id in message.request_ids:
-                    active = self._active.pop(request_id, None)
-                    if active is not None:  # as the real scheduler does: a final "abort" delta
-                        deltas = RequestDeltas([RequestDelta(request_id, [], finish_reason="abort")])
-                        self._socket.send_multipart([identity, *encode(deltas)])
+                    # As the real scheduler does: every sample still running, a final "abort" delta.
+                    aborted = [a for a in self._active.values() if a.submit.request_id == request_id]
+                    for active in aborted:
+                        del self._active[active.sample_id]
+                    deltas = [RequestDelta(request_id, [], finish_reason="abort", sample_index=a.sample_index) for a in aborted]
+                    if deltas:
+                        self._socket.send_multipart([identity, *encode(RequestDeltas(deltas))])
             elif self.answer_status:
                 self.num_status_queries += 1
                 self._socket.send_multipart([identity, *encode(self._snapshot(message.query_id))])
@@ -158,7 +172,7 @@ class FakeScheduler:
     def _step(self) -> None:
         with self._changed:
             by_gateway: dict[bytes, list[RequestDelta]] = {}
-            for request_id, active in list(self._active.items()):
+            for sample_id, active in list(self._active.items()):
                 step = active.steps[active.num_sent] if active.num_sent < len(active.steps) else []
                 active.num_sent += 1
                 done = active.num_sent >= len(active.steps)
@@ -167,10 +181,13 @@ class FakeScheduler:
                     k = active.submit.sampling_params.logprobs
                     logprobs = [TokenLogprobs(-0.5, [t, *range(1000, 1000 + k - 1)][:k], [-0.5 - i for i in range(k)]) for t in step]
                 by_gateway.setdefault(active.identity, []).append(
-                    RequestDelta(request_id, step, logprobs, active.finish_reason if done else None, self.num_cached_tokens)
+                    RequestDelta(
+                        active.submit.request_id, step, logprobs, active.finish_reason if done else None,
+                        self.num_cached_tokens, active.sample_index,
+                    )
                 )
                 if done:
-                    del self._active[request_id]
+                    del self._active[sample_id]
             for identity, deltas in by_gateway.items():
                 self._socket.send_multipart([identity, *encode(RequestDeltas(deltas))])
             if by_gateway:
@@ -180,8 +197,9 @@ class FakeScheduler:
         def status(active: _Active) -> RunningRequestStatus:
             submit = active.submit
             return RunningRequestStatus(
-                submit.request_id, "running", len(submit.prompt_token_ids), active.num_sent, len(submit.prompt_token_ids),
+                active.sample_id, "running", len(submit.prompt_token_ids), active.num_sent, len(submit.prompt_token_ids),
                 submit.sampling_params.max_tokens, 0, submit.arrival_time, [0],
+                parent_request_id=submit.request_id if active.sample_index else None,
             )
 
         return StatusSnapshot(

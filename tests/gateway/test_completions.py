@@ -1,5 +1,5 @@
 """POST /v1/completions against a fake scheduler: text, usage, streaming framing, stop
-strings, fan-out of n and of prompt batches, logprobs."""
+strings, n samples as one request and prompt batches, logprobs."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import httpx
 from transformers import PreTrainedTokenizerBase
 
 from shared.messages import SubmitRequest
-from tests.gateway.fake_scheduler import FakeScheduler, one_token_per_step
+from tests.gateway.fake_scheduler import FakeScheduler, Script, one_token_per_step
 from tests.gateway.sse import sse_events
 
 TEXT = "Paged attention stores the KV cache in fixed-size blocks."
@@ -90,26 +90,55 @@ def test_multibyte_characters_stream_whole(client: httpx.Client, scheduler: Fake
     assert "".join(texts) == text
 
 
-def test_n_fans_out_with_consecutive_seeds(client: httpx.Client, scheduler: FakeScheduler, tokenizer: PreTrainedTokenizerBase) -> None:
-    scheduler.script = one_token_per_step(tokenizer("abc").input_ids)
+def per_seed(texts: dict[int, str], tokenizer: PreTrainedTokenizerBase) -> Script:
+    """A script whose tokens depend on the (sample's) seed, as seeded sampling's do."""
+
+    def script(submit: SubmitRequest) -> tuple[list[list[int]], str]:
+        return one_token_per_step(tokenizer(texts[submit.sampling_params.seed or 0]).input_ids)(submit)
+
+    return script
+
+
+def test_n_is_one_request_whose_samples_use_consecutive_seeds(client: httpx.Client, scheduler: FakeScheduler, tokenizer: PreTrainedTokenizerBase) -> None:
+    texts = {7: "abc", 8: "de f", 9: "ghij"}
+    scheduler.script = per_seed(texts, tokenizer)
     body = client.post("/v1/completions", json={"prompt": "p", "n": 3, "seed": 7, "max_tokens": 5, "temperature": 0.8}).json()
     assert [c["index"] for c in body["choices"]] == [0, 1, 2]
-    assert all(c["text"] == "abc" for c in body["choices"])
-    submits = sorted(scheduler.submits, key=lambda s: s.request_id)
-    assert [s.request_id for s in submits] == [f"{body['id']}-{i}" for i in range(3)]
-    assert [s.sampling_params.seed for s in submits] == [7, 8, 9]
-    assert all(s.sampling_params.n == 1 and s.sampling_params.temperature == 0.8 for s in submits)
+    assert [c["text"] for c in body["choices"]] == ["abc", "de f", "ghij"]  # sample i: seed 7 + i
+    (submit,) = scheduler.submits  # the scheduler computes the prompt once and forks the samples
+    assert submit.request_id == f"{body['id']}-0"
+    assert (submit.sampling_params.n, submit.sampling_params.seed, submit.sampling_params.temperature) == (3, 7, 0.8)
     assert body["usage"]["prompt_tokens"] == len(tokenizer("p").input_ids)  # the prompt counts once
-    assert body["usage"]["completion_tokens"] == 3 * len(tokenizer("abc").input_ids)
+    assert body["usage"]["completion_tokens"] == sum(len(tokenizer(t).input_ids) for t in texts.values())
+
+
+def test_n_streams_each_sample_under_its_choice_index(client: httpx.Client, scheduler: FakeScheduler, tokenizer: PreTrainedTokenizerBase) -> None:
+    texts = {7: "one two", 8: "three four five"}
+    scheduler.script = per_seed(texts, tokenizer)
+    events = sse_events(client.post("/v1/completions", json={"prompt": "p", "n": 2, "seed": 7, "max_tokens": 9, "stream": True}).text)
+    for index, text in enumerate(texts.values()):
+        chunks = [c for e in events for c in e["choices"] if c["index"] == index]
+        assert "".join(c["text"] for c in chunks) == text and chunks[-1]["finish_reason"] == "stop"
+
+
+def test_a_stop_string_in_one_sample_leaves_the_others_running(client: httpx.Client, scheduler: FakeScheduler, tokenizer: PreTrainedTokenizerBase) -> None:
+    texts = {1: "alpha STOP beta gamma", 2: "delta epsilon zeta eta"}
+    scheduler.script = per_seed(texts, tokenizer)
+    body = client.post("/v1/completions", json={"prompt": "p", "n": 2, "seed": 1, "max_tokens": 20, "stop": ["STOP"]}).json()
+    assert [(c["text"], c["finish_reason"]) for c in body["choices"]] == [("alpha ", "stop"), ("delta epsilon zeta eta", "stop")]
+    # Sample 0 stopped first: aborting the request then would have cut sample 1 short.
 
 
 def test_prompt_batches_and_token_prompts(client: httpx.Client, scheduler: FakeScheduler, tokenizer: PreTrainedTokenizerBase) -> None:
     scheduler.script = one_token_per_step(tokenizer("xy").input_ids)
     body = client.post("/v1/completions", json={"prompt": ["first prompt", "second"], "n": 2, "max_tokens": 5}).json()
-    assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
-    by_id = {s.request_id: s for s in scheduler.submits}
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]  # prompt_index * n + sample_index
+    assert all(c["text"] == "xy" for c in body["choices"])
+    by_id = {s.request_id: s for s in scheduler.submits}  # one request of n samples per prompt
+    assert len(by_id) == 2 and all(s.sampling_params.n == 2 for s in by_id.values())
     assert by_id[f"{body['id']}-0"].prompt_token_ids == tokenizer("first prompt").input_ids
-    assert by_id[f"{body['id']}-3"].prompt_token_ids == tokenizer("second").input_ids
+    assert by_id[f"{body['id']}-1"].prompt_token_ids == tokenizer("second").input_ids
+    assert body["usage"]["prompt_tokens"] == len(tokenizer("first prompt").input_ids) + len(tokenizer("second").input_ids)
 
     scheduler.reset()
     scheduler.script = one_token_per_step(tokenizer("xy").input_ids)

@@ -114,11 +114,29 @@ def test_queued_steps_merge_into_one_delta_per_choice(tokenizer: PreTrainedToken
 def test_a_silent_request_still_held_keeps_waiting_then_times_out(tokenizer: PreTrainedTokenizerBase) -> None:
     async def body(generation: Generation, stub: StubScheduler) -> None:
         stub.snapshot = snapshot_holding(["req-0"])
-        with pytest.raises(GatewayError) as error:
-            await generation.next_deltas()
-        assert error.value.status_code == 504
+        (delta,) = await generation.next_deltas()
+        assert (delta.index, delta.text, delta.finish_reason) == (0, "", "abort")
+        assert generation.timed_out and generation.finished
+        assert stub.aborted == ["req-0"]  # at the deadline, not only when the handler closes
+        error = generation.timeout_error()
+        assert (error.status_code, error.code) == (504, "timeout") and "0.2 s" in error.message
 
     _, stub = run(tokenizer, body, stall_timeout_s=0.02, request_timeout_s=0.2)
+    assert stub.aborted == ["req-0"]  # close() does not abort twice
+
+
+def test_the_deadline_keeps_what_was_generated(tokenizer: PreTrainedTokenizerBase) -> None:
+    token_ids = tokenizer("partial answer").input_ids
+
+    async def body(generation: Generation, stub: StubScheduler) -> Any:
+        stub.snapshot = snapshot_holding(["req-0"])
+        stub.queues["req-0"].put_nowait(RequestDelta("req-0", token_ids))
+        return await generation.run_to_end(), generation
+
+    ((result,), generation), stub = run(tokenizer, body, stall_timeout_s=0.05, request_timeout_s=0.3)
+    assert (result.text, result.token_ids, result.finish_reason) == ("partial answer", token_ids, "abort")
+    assert generation.timed_out and f"after {len(token_ids)} generated" in generation.timeout_error().message
+    assert generation.usage().completion_tokens == len(token_ids)
     assert stub.aborted == ["req-0"]
 
 

@@ -3,14 +3,16 @@ path; a Redis that is down degrades /health but never a request."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
 import redis
 from transformers import PreTrainedTokenizerBase
 
+from services.gateway.request_records import RequestRecorder
 from services.launcher import free_port, redis_server_binary
 from tests.cluster import wait_until
 from tests.gateway.conftest import gateway_config, running_gateway
@@ -72,3 +74,49 @@ def test_redis_down_degrades_health_but_serves(fake_scheduler: FakeScheduler, sc
         assert response.status_code == 200 and response.json()["choices"][0]["text"] == "still fine"
         health = http.get("/health")
         assert health.status_code == 200 and health.json()["redis"] == "degraded"
+
+
+def test_records_made_while_redis_is_down_are_written_once_it_is_back() -> None:
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    command = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    store = redis.Redis.from_url(url, decode_responses=True)
+
+    def answers() -> bool:
+        try:
+            return bool(store.ping())
+        except redis.ConnectionError:
+            return False
+
+    async def main() -> None:
+        recorder = RequestRecorder(url, ttl_s=60)
+        await recorder.start()
+        try:
+            recorder.record("early", {"status": "waiting"})  # nothing listens on that port yet
+            recorder.record("early", {"status": "finished", "output_tokens": 3})  # merged into one write
+            recorder.record("other", {"status": "waiting"})
+            await until(lambda: not recorder._healthy, "the writer's first (failed) attempt")
+            assert recorder.num_buffered == 2 and recorder.num_dropped == 0
+            assert await recorder.health() == "degraded"
+            process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                await until(answers, "redis-server to start")
+                await until(lambda: recorder.num_buffered == 0, "the buffered records to be written")
+                assert store.hgetall("req:early") == {"status": "finished", "output_tokens": "3"}
+                assert store.hgetall("req:other") == {"status": "waiting"} and 0 < store.ttl("req:other") <= 60
+                assert await recorder.health() == "ok"
+            finally:
+                process.terminate()
+                process.wait(timeout=10)
+        finally:
+            await recorder.close()
+
+    async def until(condition: Callable[[], bool], what: str, timeout_s: float = 10) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while not condition():
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"timed out waiting for {what}")
+            await asyncio.sleep(0.05)  # polling interval of a condition wait
+
+    asyncio.run(main())
+    store.close()

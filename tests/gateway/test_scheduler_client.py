@@ -6,9 +6,11 @@ import asyncio
 import time
 
 import pytest
+import zmq
 
 from services.gateway.scheduler_client import SchedulerClient, SchedulerUnavailable
-from shared.messages import RequestDelta, SubmitRequest
+from services.launcher import free_port
+from shared.messages import RequestDelta, RequestError, SubmitRequest
 from shared.sampling_params import SamplingParams
 from tests.gateway.fake_scheduler import FakeScheduler, one_token_per_step
 
@@ -63,3 +65,53 @@ def test_no_scheduler_fails_fast() -> None:
             await client.close()
 
     asyncio.run(main())
+
+
+def test_a_scheduler_that_goes_away_fails_requests_in_flight_and_is_reconnected_to() -> None:
+    address = f"tcp://127.0.0.1:{free_port()}"
+    context = zmq.Context()
+
+    def scheduler_socket() -> zmq.Socket:
+        sock = context.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind(address)
+        return sock
+
+    def submit(request_id: str) -> SubmitRequest:
+        return SubmitRequest(request_id, [1, 2], SamplingParams(max_tokens=3), time.time())
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        scheduler = scheduler_socket()
+        client = SchedulerClient(address, "gw-reconnect", submit_timeout_s=2.0)
+        await client.start()
+        try:
+            queue: asyncio.Queue = asyncio.Queue()
+            client.register(["in-flight"], queue)
+            await client.submit([submit("in-flight")])
+            assert (await asyncio.to_thread(scheduler.recv_multipart))[0] == b"gw-reconnect"
+            scheduler.close()  # the scheduler dies with the request
+
+            error = await asyncio.wait_for(queue.get(), 5)  # at once, not after a stall timeout
+            assert isinstance(error, RequestError) and error.request_id == "in-flight" and error.status_code == 503
+            assert "lost the connection to the scheduler" in error.message
+
+            # While it is down, a message waiting for a scheduler (an abort) must not hold up
+            # the others: each gives up after its own timeout.
+            started = loop.time()
+            waiting_abort = asyncio.create_task(client.abort(["in-flight"]))
+            assert await asyncio.gather(client.status(0.2), client.status(0.3)) == [None, None]
+            assert loop.time() - started < 1.5
+            with pytest.raises(SchedulerUnavailable):
+                await waiting_abort
+
+            scheduler = scheduler_socket()  # back on the same address: reconnected, same identity
+            await client.submit([submit("after")])
+            identity, *frames = await asyncio.to_thread(scheduler.recv_multipart)
+            assert identity == b"gw-reconnect"
+        finally:
+            await client.close()
+            scheduler.close()
+
+    asyncio.run(main())
+    context.term()

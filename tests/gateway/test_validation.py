@@ -75,21 +75,24 @@ def test_invalid_fields_are_400_naming_the_field(
 
 
 @pytest.mark.parametrize(
-    ("content", "content_type", "fragment"),
+    ("content", "content_type", "status", "code", "fragment"),
     [
-        (b'{"prompt": "p",', "application/json", "not valid JSON"),
-        (b'{"prompt": "p"} trailing', "application/json", "not valid JSON"),
-        (b'["prompt"]', "application/json", "Expected `object`"),
-        (b'{"prompt": "\xff\xfe"}', "application/json", "UTF-8"),
-        (b"", "application/json", "empty"),
-        (b'{"prompt": "p"}', "text/plain", "Content-Type"),
-        (b"prompt=p", "application/x-www-form-urlencoded", "Content-Type"),
-        (b'{"prompt": "p", "temperature": 1e999}', "application/json", "temperature"),
+        (b'{"prompt": "p",', "application/json", 400, "invalid_json", "not valid JSON"),
+        (b'{"prompt": "p"} trailing', "application/json", 400, "invalid_json", "not valid JSON"),
+        (b'["prompt"]', "application/json", 400, "invalid_type", "Expected `object`"),
+        (b'{"prompt": "\xff\xfe"}', "application/json", 400, "invalid_json", "UTF-8"),
+        (b"", "application/json", 400, "invalid_json", "empty"),
+        (b'{"prompt": "p"}', "text/plain", 415, "unsupported_media_type", "Content-Type"),
+        (b"prompt=p", "application/x-www-form-urlencoded", 415, "unsupported_media_type", "Content-Type"),
+        (b'{"prompt": "p", "temperature": 1e999}', "application/json", 400, "invalid_value", "temperature"),
     ],
 )
-def test_malformed_bodies_are_400(client: httpx.Client, scheduler: FakeScheduler, content: bytes, content_type: str, fragment: str) -> None:
+def test_malformed_bodies_are_4xx(
+    client: httpx.Client, scheduler: FakeScheduler, content: bytes, content_type: str, status: int, code: str, fragment: str
+) -> None:
     response = client.post(COMPLETIONS, content=content, headers={"content-type": content_type})
-    assert fragment in assert_openai_error(response, 400)["message"]
+    assert fragment in assert_openai_error(response, status, code=code)["message"]
+    assert scheduler.submits == []
 
 
 def test_json_with_charset_is_accepted(client: httpx.Client, scheduler: FakeScheduler) -> None:

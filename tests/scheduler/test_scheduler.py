@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import zlib
 from array import array
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -50,14 +51,23 @@ class Mirror:
 
 @dataclass
 class FakeExecutor:
+    """Also keeps a fake KV cache: the token id whose K/V each slot holds. Every request
+    checks, when it samples, that its block table holds exactly its tokens: so a prefix
+    cache hit on the wrong block, or a block reused while someone still reads it, fails."""
+
     block_size: int
     token_fn: TokenFn = model_token
     with_logprobs: bool = False
     mirrors: dict[str, Mirror] = field(default_factory=dict)
+    slots: dict[int, int] = field(default_factory=dict)  # slot (block * size + offset) -> token id
+    swap_slots: dict[int, int] = field(default_factory=dict)  # the CPU swap pool, the same way
 
     def execute(self, step: ExecuteStep) -> StepResult:
         for request_id in step.finished_request_ids:
             self.mirrors.pop(request_id)  # it must have been mirrored
+        # As the real executor: all swap-outs, then all swap-ins, then the step.
+        self._copy_blocks(self.slots, self.swap_slots, step.swap_out)
+        self._copy_blocks(self.swap_slots, self.slots, step.swap_in)
         scheduled: list[Mirror] = []
         for new in step.new_requests:
             assert new.request_id not in self.mirrors
@@ -75,16 +85,35 @@ class FakeExecutor:
         request_ids = [r.request_id for r in step.new_requests + step.cached_requests]
         counts = step.num_scheduled_tokens
         for request_id, mirror, num_tokens in zip(request_ids, scheduled, counts):
+            start = mirror.num_computed_tokens
             mirror.num_computed_tokens += num_tokens
             # Every slot written this step lies in the block table.
             assert mirror.num_computed_tokens <= len(mirror.block_ids) * self.block_size
             assert mirror.num_computed_tokens <= len(mirror.token_ids)
+            for position in range(start, mirror.num_computed_tokens):
+                self.slots[self._slot(mirror, position)] = mirror.token_ids[position]
+        for request_id, mirror in zip(request_ids, scheduled):
             if mirror.num_computed_tokens == len(mirror.token_ids):
+                # What attention would read: every position's K/V, through the table.
+                stored = [self.slots.get(self._slot(mirror, p)) for p in range(len(mirror.token_ids))]
+                assert stored == mirror.token_ids, f"{request_id} reads K/V of other tokens"
                 token = self.token_fn(request_id, mirror.token_ids)
                 mirror.token_ids.append(token)
                 logprob = -0.5 if self.with_logprobs else None
                 sampled.append(SampledToken(request_id, token, logprob))
         return StepResult(step.step_id, sampled)
+
+    def _copy_blocks(self, source: dict[int, int], destination: dict[int, int], pairs: list[tuple[int, int]]) -> None:
+        for src, dst in pairs:
+            for offset in range(self.block_size):
+                token = source.get(src * self.block_size + offset)
+                if token is None:
+                    destination.pop(dst * self.block_size + offset, None)
+                else:
+                    destination[dst * self.block_size + offset] = token
+
+    def _slot(self, mirror: Mirror, position: int) -> int:
+        return mirror.block_ids[position // self.block_size] * self.block_size + position % self.block_size
 
 
 def make_request(
@@ -125,12 +154,23 @@ def reference_output(
 
 
 def check_pool(sched: Scheduler) -> None:
-    """Every used block belongs to exactly one running request; waiting ones hold none."""
-    held = [b for r in sched.running for b in r.block_ids]
-    assert len(held) == len(set(held))
-    assert sched.block_pool.num_used_blocks == len(held)
-    assert all(sched.block_pool.ref_count(b) == 1 for b in held)
+    """A used block has one reference per running request holding it (prefix-cache hits
+    share blocks), a request holds a block once, waiting ones hold none."""
+    holders = Counter(b for r in sched.running for b in r.block_ids)
+    assert all(len(r.block_ids) == len(set(r.block_ids)) for r in sched.running)
+    assert sched.block_pool.num_used_blocks == len(holders)
+    assert all(sched.block_pool.ref_count(b) == n for b, n in holders.items())
     assert all(not r.block_ids and r.num_computed_tokens == 0 for r in sched.waiting)
+    # A swapped request holds swap blocks only: one per block of K/V it had computed.
+    block_size = sched.block_pool.block_size
+    assert all(not r.swap_block_ids for r in (*sched.running, *sched.waiting))
+    for req in sched.swapped:
+        assert req.status == RequestStatus.SWAPPED and not req.block_ids
+        assert len(req.swap_block_ids) == blocks_to_cover(req.num_computed_tokens, block_size)
+    swap_holders = Counter(b for r in sched.swapped for b in r.swap_block_ids)
+    assert all(n == 1 for n in swap_holders.values())
+    swap_pool = sched.swap_pool
+    assert (swap_pool.num_used_blocks if swap_pool else 0) == len(swap_holders)
 
 
 def check_step(sched: Scheduler, step: ExecuteStep) -> None:
@@ -200,7 +240,9 @@ def assert_all_free(sched: Scheduler) -> None:
     pool = sched.block_pool
     assert pool.num_free_blocks == pool.num_blocks
     assert all(pool.ref_count(b) == 0 for b in range(pool.num_blocks))
-    assert sched.num_running == sched.num_waiting == 0
+    assert sched.num_running == sched.num_waiting == sched.num_swapped == 0
+    swap_pool = sched.swap_pool
+    assert swap_pool is None or swap_pool.num_free_blocks == swap_pool.num_blocks
 
 
 def make_scheduler(
@@ -210,14 +252,19 @@ def make_scheduler(
     max_num_seqs: int = 8,
     max_num_batched_tokens: int = 64,
     max_num_waiting: int = 1024,
+    enable_prefix_caching: bool = True,
+    preemption_mode: str = "recompute",
+    num_swap_blocks: int = 0,
 ) -> Scheduler:
     config = SchedulerConfig(
         max_model_len=max_model_len,
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,
         max_num_waiting=max_num_waiting,
+        enable_prefix_caching=enable_prefix_caching,
+        preemption_mode=preemption_mode,
     )
-    return Scheduler(config, num_blocks, block_size)
+    return Scheduler(config, num_blocks, block_size, num_swap_blocks=num_swap_blocks)
 
 
 # --- chunked prefill, budget, on-demand blocks -------------------------------------
@@ -340,8 +387,9 @@ def test_empty_step_and_step_ids() -> None:
 
 def test_latest_arrival_is_preempted_and_resumes_with_same_output() -> None:
     # 6 blocks of 4: three 8-token prompts fill the pool; the first decode that needs a
-    # block preempts the latest arrival.
-    sched = make_scheduler(num_blocks=6, block_size=4, max_num_batched_tokens=64)
+    # block preempts the latest arrival. (The prompts are equal: without the prefix cache,
+    # so that they do fill the pool and the resumed request recomputes everything.)
+    sched = make_scheduler(num_blocks=6, block_size=4, max_num_batched_tokens=64, enable_prefix_caching=False)
     requests = [
         make_request(name, prompt_len=8, max_tokens=10, arrival_time=t)
         for t, name in enumerate("abc")
@@ -387,8 +435,9 @@ def test_preempted_request_goes_to_the_front_of_waiting() -> None:
 
 def test_request_preempts_itself_when_it_is_the_latest() -> None:
     # b runs first (admitted first) but a arrived earlier: when b needs a block, the
-    # unscheduled requests are b and a, and b is the victim.
-    sched = make_scheduler(num_blocks=4, block_size=4, max_num_batched_tokens=64)
+    # unscheduled requests are b and a, and b is the victim. (Their prompts share a block:
+    # without the prefix cache, so that the pool does fill up.)
+    sched = make_scheduler(num_blocks=4, block_size=4, max_num_batched_tokens=64, enable_prefix_caching=False)
     sched.add_request(make_request("b", prompt_len=7, max_tokens=8, arrival_time=1))
     executor, run = FakeExecutor(4), Run()
     step_once(sched, executor, run)
@@ -601,13 +650,22 @@ def test_result_that_disagrees_with_the_step_is_rejected_untouched() -> None:
 # --- random workloads ---------------------------------------------------------------
 
 
+@pytest.mark.parametrize("preemption_mode", ["recompute", "swap"])
+@pytest.mark.parametrize("enable_prefix_caching", [True, False])
 @pytest.mark.parametrize("seed", range(40))
-def test_random_workload_has_no_leaks_and_matches_reference(seed: int) -> None:
+def test_random_workload_has_no_leaks_and_matches_reference(
+    seed: int, enable_prefix_caching: bool, preemption_mode: str
+) -> None:
     rng = random.Random(seed)
     block_size = rng.choice([1, 2, 4, 16])
     max_model_len = rng.choice([48, 128, 512])
     max_num_seqs = rng.choice([1, 3, 8, 16])
     min_blocks = blocks_to_cover(max_model_len, block_size)
+    # Swap pools from none (all recompute) through too small (some fall back) to roomy;
+    # drawn apart so that both modes see the same workload.
+    num_swap_blocks = 0
+    if preemption_mode == "swap":
+        num_swap_blocks = random.Random(-seed).choice([0, 1, min_blocks // 2, min_blocks, 4 * min_blocks])
     sched = make_scheduler(
         # From just enough for one request at max_model_len: preemption is common.
         num_blocks=rng.randint(min_blocks, 2 * min_blocks),
@@ -616,6 +674,9 @@ def test_random_workload_has_no_leaks_and_matches_reference(seed: int) -> None:
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=rng.choice([1, max_num_seqs, 16, 64, 256]),
         max_num_waiting=rng.choice([4, 1024]),
+        enable_prefix_caching=enable_prefix_caching,
+        preemption_mode=preemption_mode,
+        num_swap_blocks=num_swap_blocks,
     )
     executor, run = FakeExecutor(block_size), Run()
     requests: dict[str, Request] = {}

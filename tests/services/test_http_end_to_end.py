@@ -91,3 +91,45 @@ def test_32_concurrent_streams_equal_the_engine(cluster: Cluster) -> None:
     keys = records.keys(f"req:{request_id}*")
     assert keys, f"no redis record for {request_id}"
     wait_until(lambda: all(records.hget(k, "status") == "finished" for k in keys), 10, "finished records in redis")
+
+
+def test_n_samples_compute_the_prompt_once_and_equal_separate_seeded_requests(cluster: Cluster) -> None:
+    client = openai.OpenAI(base_url=f"{cluster.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+    prompt, seed = "The three most useful kitchen tools are", 1234
+    sampling = dict(model="SmolLM2-135M-Instruct", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0.9, extra_body={"ignore_eos": True})
+
+    def settled_num_admissions() -> int:
+        """Prefix-cache lookups so far (one per admission: a forked sample is none), read
+        once every block is free, so no request is still on its way in."""
+        num_queries: list[int] = []
+
+        def idle() -> bool:
+            pool = admin_snapshot(cluster)["block_pool"]
+            num_queries.append(pool["prefix_cache"]["num_queries"])
+            return pool["num_free_blocks"] == pool["num_blocks"]
+
+        wait_until(idle, 30, "every block to be free")
+        return num_queries[-1]
+
+    admissions_before = settled_num_admissions()
+    together = client.completions.create(n=2, seed=seed, **sampling)
+    # The prompt was admitted, so computed, once; both samples forked off it.
+    wait_until(lambda: settled_num_admissions() == admissions_before + 1, 10, "the n=2 request's one admission")
+    separate = [client.completions.create(seed=seed + i, **sampling) for i in range(2)]
+
+    assert [c.index for c in together.choices] == [0, 1]
+    assert [c.text for c in together.choices] == [s.choices[0].text for s in separate]  # sample i = seed + i
+    assert separate[0].choices[0].text != separate[1].choices[0].text
+    assert together.usage.prompt_tokens == separate[0].usage.prompt_tokens  # counted once
+    assert together.usage.completion_tokens == 2 * MAX_TOKENS
+
+    greedy = client.completions.create(n=2, **{**sampling, "temperature": 0})
+    assert greedy.choices[0].text == greedy.choices[1].text
+    settled_num_admissions()  # every block free again
+
+    # One record per request in Redis, none per forked sample (`req:{id}-0#1`).
+    records = redis.Redis.from_url(cluster.redis_url, decode_responses=True)
+    key = f"req:{together.id}-0"
+    wait_until(lambda: records.hget(key, "status") == "finished", 10, "the finished record")
+    assert records.keys(f"req:{together.id}*") == [key]
+    assert records.hget(key, "finish_reason") == "length,length"  # one per sample

@@ -76,7 +76,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 @pytest.fixture()
 def gateway(cluster: Cluster) -> Iterator[FakeGatewaySocket]:
     sock = FakeGatewaySocket(cluster.gateway_zmq)
-    wait_until(lambda: any(e.alive for e in sock.status().executors), 120, "an executor to join", interval_s=0.2)
+
+    def executor_joined() -> bool:
+        try:
+            return any(e.alive for e in sock.status().executors)
+        except TimeoutError:  # the scheduler process is still importing on a busy machine
+            return False
+
+    wait_until(executor_joined, 120, "an executor to join", interval_s=0.2)
     yield sock
     sock.close()
 
@@ -159,3 +166,34 @@ def test_request_state_mirrored_to_redis(gateway: FakeGatewaySocket, cluster: Cl
     assert float(record["scheduled_at"]) <= float(record["finished_at"])
     assert client.ttl("req:mirrored") > 0
     wait_until(lambda: client.hget("replica:replica-0", "num_blocks") not in (None, "0"), 10, "the replica load")
+
+
+def test_prefix_cache_hits_reported_and_mirrored_to_redis(gateway: FakeGatewaySocket, cluster: Cluster) -> None:
+    import redis
+
+    from services.scheduler.prefix_cache import extend_block_hashes
+
+    prompt = [1] + list(range(700, 740))  # 41 tokens: two full 16-token blocks can be reused
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    cached_tokens: dict[str, int] = {}
+    for request_id in ("prefix-first", "prefix-again"):
+        gateway.send(SubmitRequest(request_id, prompt, params, arrival_time=time.time()))
+        finished = False
+        while not finished:
+            message = gateway.recv(60)
+            if isinstance(message, RequestDeltas):
+                for delta in message.deltas:
+                    cached_tokens[delta.request_id] = delta.num_cached_tokens
+                    finished |= delta.request_id == request_id and delta.finish_reason is not None
+    assert cached_tokens == {"prefix-first": 0, "prefix-again": 32}
+    snapshot = gateway.status()
+    assert snapshot.block_pool is not None and snapshot.block_pool.prefix_cache is not None
+    assert snapshot.block_pool.prefix_cache.num_hit_tokens >= 32
+    assert snapshot.block_pool.num_cached_blocks >= 2
+    # Anyone holding the token ids can compute the same hashes and find this replica.
+    hashes: list[bytes] = []
+    extend_block_hashes(hashes, prompt, 16, (snapshot.model,))
+    client = redis.Redis.from_url(cluster.redis_url, decode_responses=True)
+    wait_until(
+        lambda: all(client.zscore("prefix:replica-0", h.hex()) is not None for h in hashes), 10, "the prefix hashes in redis"
+    )
