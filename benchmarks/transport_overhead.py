@@ -1,0 +1,138 @@
+"""Transport overhead: output tokens/s of 32 concurrent streams through the services
+(`pagedserve up`: HTTP gateway -> ZeroMQ -> scheduler -> ZeroMQ -> executor) vs the
+in-process engine on the same workload.
+
+    python -m benchmarks.transport_overhead [--streams 32] [--max-tokens 128]
+
+Both sides get the same seeded requests (prompts given as token ids, so tokenization is
+not part of either measurement; EOS ignored so every request produces exactly its
+`max_tokens`), the same scheduler limits and KV budget, and a warm-up request before the
+clock starts. The services are timed from the client's side: from sending the first
+request to receiving the last `[DONE]` of 32 SSE streams. The design's goal is that the
+split costs a few percent of a decode step; the target here is that the services keep at
+least 90% of the engine's tokens/s. Ends with a one-line JSON summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+
+import httpx
+import torch
+
+from services.engine import LLMEngine
+from services.launcher import free_port, pagedserve_command
+from shared.config import EngineConfig
+from shared.sampling_params import SamplingParams
+
+KV_CACHE_MEMORY = 512 << 20
+
+
+def make_prompts(vocab_size: int, num_streams: int, seed: int = 0) -> list[list[int]]:
+    """Prompt token ids of 16-256 tokens; ids avoid the special tokens (< 100)."""
+    rng = random.Random(seed)
+    return [[rng.randrange(100, vocab_size) for _ in range(rng.randint(16, 256))] for _ in range(num_streams)]
+
+
+def bench_engine(prompts: list[list[int]], max_tokens: int, max_num_seqs: int) -> tuple[float, int]:
+    engine = LLMEngine(EngineConfig(kv_cache_memory_bytes=KV_CACHE_MEMORY, max_num_seqs=max_num_seqs))
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    engine.generate([prompts[0]], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))  # warm-up
+    start = time.perf_counter()
+    completions = engine.generate(prompts, params)
+    elapsed = time.perf_counter() - start
+    del engine
+    gc.collect()
+    return elapsed, sum(len(c.token_ids) for c in completions)
+
+
+async def _stream(client: httpx.AsyncClient, url: str, model: str, prompt: list[int], max_tokens: int) -> int:
+    body = {
+        "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+        "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+    }
+    completion_tokens = 0
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            usage = json.loads(line[6:]).get("usage")
+            if usage:
+                completion_tokens = usage["completion_tokens"]
+    return completion_tokens
+
+
+async def _run_streams(url: str, prompts: list[list[int]], max_tokens: int) -> tuple[float, int]:
+    limits = httpx.Limits(max_connections=len(prompts) + 1)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+        model = (await client.get(f"{url}/v1/models")).json()["data"][0]["id"]
+        await _stream(client, url, model, prompts[0], 4)  # warm-up
+        start = time.perf_counter()
+        counts = await asyncio.gather(*(_stream(client, url, model, p, max_tokens) for p in prompts))
+        return time.perf_counter() - start, sum(counts)
+
+
+def bench_services(prompts: list[list[int]], max_tokens: int, max_num_seqs: int) -> tuple[float, int]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = pagedserve_command() + [
+        "up", "--port", str(port), "--kv-cache-memory", str(KV_CACHE_MEMORY), "--max-num-seqs", str(max_num_seqs),
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:  # `up` prints its URL once the gateway is healthy
+            if "pagedserve is up" in line:
+                break
+        else:
+            raise RuntimeError(f"pagedserve up exited with {process.wait()} before it was healthy")
+        return asyncio.run(_run_streams(url, prompts, max_tokens))
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--streams", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    args = parser.parse_args()
+
+    from services.executor.model_config import load_model_config
+    from shared.model_source import resolve_model_source
+
+    vocab_size = load_model_config(resolve_model_source(None)).vocab_size
+    prompts = make_prompts(vocab_size, args.streams)
+    print(f"{args.streams} concurrent streams, prompts 16-256 tokens, {args.max_tokens} output tokens each "
+          f"(EOS ignored), {os.cpu_count()} CPUs, torch threads={torch.get_num_threads()}")
+    engine_s, engine_tokens = bench_engine(prompts, args.max_tokens, args.streams)
+    services_s, services_tokens = bench_services(prompts, args.max_tokens, args.streams)
+    if services_tokens != engine_tokens:
+        raise RuntimeError(f"services produced {services_tokens} tokens, the engine {engine_tokens}")
+    engine_tps, services_tps = engine_tokens / engine_s, services_tokens / services_s
+    print("\n| path | output tokens | seconds | output tok/s |\n|---|---|---|---|")
+    print(f"| in-process engine | {engine_tokens} | {engine_s:.1f} | {engine_tps:.1f} |")
+    print(f"| services (HTTP + ZeroMQ, 3 processes + Redis) | {services_tokens} | {services_s:.1f} | {services_tps:.1f} |")
+    overhead = 1 - services_tps / engine_tps
+    print(f"\nservices keep {services_tps / engine_tps:.1%} of the engine's throughput (overhead {overhead:.1%}; target <= 10%)")
+    print(json.dumps({
+        "engine_tok_s": round(engine_tps, 1),
+        "services_tok_s": round(services_tps, 1),
+        "overhead_fraction": round(overhead, 3),
+    }))
+
+
+if __name__ == "__main__":
+    main()
