@@ -100,6 +100,8 @@ class RedisMirror:
                 except queue.Empty:
                     break
             self._write(batch)
+            for _ in batch:  # lets a reader wait until everything queued is written
+                self.pending.task_done()
 
     def _write(self, batch: list[_HashUpdate | _PrefixUpdate]) -> None:
         try:

@@ -188,6 +188,19 @@ def validate_request(req: Request, max_model_len: int, num_blocks: int, block_si
         )
 
 
+def new_request_data(req: Request) -> NewRequestData:
+    """A request in full, for an executor that does not mirror it yet (first admission,
+    resumption after recompute, or swap-in into fresh blocks)."""
+    return NewRequestData(
+        request_id=req.request_id,
+        token_ids=req.all_token_ids,
+        num_prompt_tokens=req.num_prompt_tokens,
+        block_ids=list(req.block_ids),
+        num_computed_tokens=req.num_computed_tokens,
+        sampling_params=req.sampling_params,
+    )
+
+
 def _token_logprobs(token: SampledToken) -> list[TokenLogprobs]:
     if token.logprob is None:
         return []
@@ -597,16 +610,7 @@ class Scheduler:
                     req.num_cached_tokens = num_hit_tokens
             req.status = RequestStatus.RUNNING
             self._running.append(req)
-            new_requests.append(
-                NewRequestData(
-                    request_id=req.request_id,
-                    token_ids=req.all_token_ids,
-                    num_prompt_tokens=req.num_prompt_tokens,
-                    block_ids=list(req.block_ids),
-                    num_computed_tokens=req.num_computed_tokens,
-                    sampling_params=req.sampling_params,
-                )
-            )
+            new_requests.append(new_request_data(req))
             counts.append(num_new)
             token_budget -= num_new
         return new_requests, counts
@@ -810,16 +814,7 @@ class Scheduler:
             req.num_cached_blocks = 0
             if self.config.enable_prefix_caching:
                 self._cache_full_blocks(req)
-            new_requests.append(
-                NewRequestData(
-                    request_id=req.request_id,
-                    token_ids=req.all_token_ids,
-                    num_prompt_tokens=req.num_prompt_tokens,
-                    block_ids=list(req.block_ids),
-                    num_computed_tokens=req.num_computed_tokens,
-                    sampling_params=req.sampling_params,
-                )
-            )
+            new_requests.append(new_request_data(req))
             counts.append(num_new)
             token_budget -= num_new
         return new_requests, counts

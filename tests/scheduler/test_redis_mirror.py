@@ -54,8 +54,8 @@ def prefix_set(mirror: RedisMirror) -> dict[str, float]:
 
 
 def settle(mirror: RedisMirror) -> None:
-    wait_until(lambda: mirror.pending.empty(), 5, "the mirror's queue to drain")
-    time.sleep(0.1)  # the batch just taken is being written
+    # unfinished_tasks drops only after the batch holding an update has been written.
+    wait_until(lambda: mirror.pending.unfinished_tasks == 0, 5, "the mirror's queued updates to be written")
 
 
 def test_request_fields_are_still_mirrored(mirror: RedisMirror) -> None:
