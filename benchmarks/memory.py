@@ -16,7 +16,11 @@ cut at the context length. Parts:
    request (prompt blocks shared, the partly filled last prompt block copied on the first
    write), against the same samples as `n` separate requests, with memory to spare so
    both runs hold the same sequences for the same steps: blocks in use summed over the
-   steps of the run. (Beam search is not implemented.)
+   steps of the run. Beam search of width 4: prompts searched by the real scheduler
+   (forks, copy-on-write, unpicked beams freed), against what the same beams would hold
+   with no sharing (each beam its own copy of every block of its tokens), summed over
+   the steps; on synthetic candidate logprobs for the whole prompt set, and on the real
+   engine and model for a few prompts (the JSON figure, unless --no-engine).
 3. Prefix caching on the real engine and model: time to first token of requests that
    share a 1k-token system prompt, with the prefix cache on and off, and its hit rate.
 
@@ -42,6 +46,7 @@ CONTEXT_LEN = 2048
 BLOCK_SIZE = 16
 FILLER_TOKEN = 7  # any id that is not EOS
 PARALLEL_NS = (2, 4, 6)  # samples per prompt in the parallel sampling part
+BEAM_WIDTH = 4
 
 
 def sharegpt_like_lengths(num_requests: int, seed: int = 0) -> list[tuple[int, int]]:
@@ -65,11 +70,26 @@ def simulated_step_result(scheduler: Scheduler, step: ExecuteStep) -> StepResult
     sampled = []
     for (request_id, num_computed), num_new in zip(scheduled, step.num_scheduled_tokens):
         request = scheduler.get_request(request_id)
-        if request is not None and num_computed + num_new == request.num_tokens:
-            sampled.append(SampledToken(request_id=request_id, token_id=FILLER_TOKEN))
+        if request is not None and num_new > 0 and num_computed + num_new == request.num_tokens:
+            if request.beam is not None:
+                sampled.append(synthetic_beam_candidates(request_id, request.num_tokens, request.beam.search.num_candidates))
+            else:
+                sampled.append(SampledToken(request_id=request_id, token_id=FILLER_TOKEN))
     # Parallel samples forked off a request that sampled: each draws its first token too.
     sampled += [SampledToken(request_id=fork.request_id, token_id=FILLER_TOKEN) for fork in step.forked_requests]
     return StepResult(step_id=step.step_id, sampled=sampled)
+
+
+def synthetic_beam_candidates(request_id: str, num_tokens: int, count: int) -> SampledToken:
+    """A beam's report: `count` distinct tokens with descending logprobs, drawn from a
+    generator seeded by the beam and its length, so runs are reproducible. The gaps are
+    what decides how often several beams descend from one parent."""
+    rng = random.Random(f"{request_id}/{num_tokens}")
+    logprobs = [-rng.expovariate(2.0)]
+    for _ in range(count - 1):
+        logprobs.append(logprobs[-1] - rng.expovariate(1.0))
+    token_ids = rng.sample(range(100, 30000), count)
+    return SampledToken(request_id, token_ids[0], logprobs[0], token_ids, logprobs)
 
 
 @dataclass
@@ -113,15 +133,13 @@ class SharingRun:
     num_copies: int  # copy-on-write block copies
 
 
-def measure_block_steps(lengths: list[tuple[int, int]], n: int, forked: bool) -> SharingRun:
-    """Serve every prompt with `n` samples of its output length, either as one request
-    with `n` forked samples (prompt blocks shared, the partly filled last one copied on
-    the first write) or as `n` separate requests (seeds seed + i), all queued at once
-    with KV memory to spare, so that no sequence waits or is preempted: both runs hold
-    the same sequences for the same steps and only sharing tells them apart."""
-    num_seqs = len(lengths) * n
-    num_blocks = sum(blocks_to_cover(p + o, BLOCK_SIZE) for p, o in lengths) * n + 1
-    scheduler = Scheduler(
+def roomy_scheduler(lengths: list[tuple[int, int]], seqs_per_prompt: int) -> Scheduler:
+    """A scheduler whose KV memory, sequence slots and queue hold every sequence of the
+    prompts at its full length at once: nothing waits or is preempted, so a sharing
+    study measures sharing alone."""
+    num_seqs = len(lengths) * seqs_per_prompt
+    num_blocks = sum(blocks_to_cover(p + o, BLOCK_SIZE) for p, o in lengths) * seqs_per_prompt + 1
+    return Scheduler(
         SchedulerConfig(
             max_model_len=CONTEXT_LEN, max_num_seqs=num_seqs, max_num_batched_tokens=max(8192, num_seqs),
             max_num_waiting=num_seqs, enable_prefix_caching=False,
@@ -129,6 +147,15 @@ def measure_block_steps(lengths: list[tuple[int, int]], n: int, forked: bool) ->
         num_blocks=num_blocks,
         block_size=BLOCK_SIZE,
     )
+
+
+def measure_block_steps(lengths: list[tuple[int, int]], n: int, forked: bool) -> SharingRun:
+    """Serve every prompt with `n` samples of its output length, either as one request
+    with `n` forked samples (prompt blocks shared, the partly filled last one copied on
+    the first write) or as `n` separate requests (seeds seed + i), all queued at once
+    with KV memory to spare, so that no sequence waits or is preempted: both runs hold
+    the same sequences for the same steps and only sharing tells them apart."""
+    scheduler = roomy_scheduler(lengths, n)
     rng = random.Random(2)
     for i, (prompt_len, output_len) in enumerate(lengths):
         prompt = [rng.randrange(100, 30000) for _ in range(prompt_len)]
@@ -148,6 +175,52 @@ def measure_block_steps(lengths: list[tuple[int, int]], n: int, forked: bool) ->
     assert scheduler.num_preemptions_total == 0, "the sharing study needs memory to spare"
     assert scheduler.block_pool.num_free_blocks == scheduler.block_pool.num_blocks, "blocks leaked"
     return SharingRun(block_steps, num_steps, num_copies)
+
+
+def measure_beam_sharing_on_model(lengths: list[tuple[int, int]], width: int, max_tokens: int) -> tuple[int, int, int]:
+    """As `measure_beam_sharing`, on the real engine and embedded model (random-token
+    prompts of the given lengths, `max_tokens` each, EOS allowed), so the candidates are
+    the model's own."""
+    from services.engine import LLMEngine
+    from shared.config import EngineConfig
+
+    engine = LLMEngine(EngineConfig(enable_prefix_caching=False, kv_cache_memory_bytes=256 << 20))
+    rng = random.Random(4)
+    for prompt_len, _ in lengths:
+        prompt = [rng.randrange(100, 30000) for _ in range(prompt_len)]
+        engine.add_request(prompt, SamplingParams(max_tokens=max_tokens, beam_width=width))
+    scheduler = engine.scheduler
+    shared = unshared = num_copies = 0
+    while engine.has_unfinished_requests():
+        step = scheduler.schedule()
+        scheduler.update_from_output(step, engine.runner.execute(step))
+        shared += scheduler.block_pool.num_used_blocks
+        unshared += sum(len(r.block_ids) for r in scheduler.running)
+        num_copies += len(step.block_copies)
+    assert scheduler.block_pool.num_used_blocks == 0, "blocks leaked"
+    return shared, unshared, num_copies
+
+
+def measure_beam_sharing(lengths: list[tuple[int, int]], width: int) -> tuple[int, int, int]:
+    """Beam search of `width` over every prompt (its output length as max_tokens), all
+    queued at once with memory to spare. Returns (block-steps held, block-steps the same
+    beams would hold with no sharing, copy-on-write copies)."""
+    scheduler = roomy_scheduler(lengths, width)
+    rng = random.Random(3)
+    for i, (prompt_len, output_len) in enumerate(lengths):
+        prompt = [rng.randrange(100, 30000) for _ in range(prompt_len)]
+        params = SamplingParams(max_tokens=output_len, beam_width=width)
+        scheduler.add_request(Request(f"r{i}", prompt, params, arrival_time=float(i)))
+    shared = unshared = num_copies = 0
+    while scheduler.has_unfinished_requests():
+        step = scheduler.schedule()
+        scheduler.update_from_output(step, simulated_step_result(scheduler, step))
+        shared += scheduler.block_pool.num_used_blocks
+        unshared += sum(len(r.block_ids) for r in scheduler.running)
+        num_copies += len(step.block_copies)
+    assert scheduler.num_preemptions_total == 0, "the sharing study needs memory to spare"
+    assert scheduler.block_pool.num_free_blocks == scheduler.block_pool.num_blocks, "blocks leaked"
+    return shared, unshared, num_copies
 
 
 @dataclass
@@ -188,6 +261,8 @@ def main() -> None:
     parser.add_argument("--prefix-requests", type=int, default=8, help="timed requests per prefix-caching setting")
     parser.add_argument("--no-engine", action="store_true", help="skip the prefix-caching part (it loads the model)")
     parser.add_argument("--num-parallel-prompts", type=int, default=100, help="prompts of the parallel sampling part")
+    parser.add_argument("--beam-model-prompts", type=int, default=8, help="prompts of the beam search run on the model")
+    parser.add_argument("--beam-model-max-tokens", type=int, default=96, help="new tokens of the beam search run on the model")
     args = parser.parse_args()
 
     lengths = sharegpt_like_lengths(args.num_requests)
@@ -225,12 +300,37 @@ def main() -> None:
         print(f"| {n} | {separate.block_steps:,} | {shared.block_steps:,} | {shared.num_copies:,} | {savings[n]:.1%} |")
     print(f"(simulated in {time.perf_counter() - start:.1f} s; the PagedAttention paper reports 6.1-9.8% "
           "for parallel sampling on Alpaca, whose prompts average about 20 tokens)")
+
+    start = time.perf_counter()
+    beam_shared, beam_unshared, beam_copies = measure_beam_sharing(parallel_lengths, BEAM_WIDTH)
+    beam_saving = 1 - beam_shared / beam_unshared
+    print(f"\nBeam search, width {BEAM_WIDTH}, the same prompts (synthetic candidate logprobs): block-steps held vs "
+          "the same beams with no sharing")
+    print("\n| beam width | no sharing (block-steps) | shared, copy-on-write (block-steps) | copy-on-write copies "
+          "| blocks saved by sharing |\n|---|---|---|---|---|")
+    print(f"| {BEAM_WIDTH} | {beam_unshared:,} | {beam_shared:,} | {beam_copies:,} | {beam_saving:.1%} |")
+    print(f"(simulated in {time.perf_counter() - start:.1f} s; the paper reports 37.6-55.2% for beam widths 2-6)")
+    if not args.no_engine:
+        start = time.perf_counter()
+        model_lengths = lengths[: args.beam_model_prompts]
+        beam_shared, beam_unshared, beam_copies = measure_beam_sharing_on_model(
+            model_lengths, BEAM_WIDTH, args.beam_model_max_tokens
+        )
+        beam_saving = 1 - beam_shared / beam_unshared
+        print(f"\nBeam search, width {BEAM_WIDTH}, on the embedded model: {len(model_lengths)} random-token prompts "
+              f"of the workload's first lengths, {args.beam_model_max_tokens} new tokens at most")
+        print("\n| beam width | no sharing (block-steps) | shared, copy-on-write (block-steps) | copy-on-write copies "
+              "| blocks saved by sharing |\n|---|---|---|---|---|")
+        print(f"| {BEAM_WIDTH} | {beam_unshared:,} | {beam_shared:,} | {beam_copies:,} | {beam_saving:.1%} |")
+        print(f"(ran in {time.perf_counter() - start:.1f} s)")
     summary: dict[str, float | None] = {
         "kv_utilisation": round(steady.kv_utilisation, 4),
         "concurrency_vs_contiguous": round(ratio, 2),
         # Fraction of block-steps saved by sharing the prompt among n = 4 parallel samples.
         "parallel_block_saving": round(savings[4], 4),
-        "beam_block_saving": None,  # beam search is not implemented yet
+        # Fraction of block-steps saved by sharing among the beams of width-4 beam search
+        # (on the model unless --no-engine, else on synthetic candidates).
+        "beam_block_saving": round(beam_saving, 4),
         "prefix_ttft_speedup": None,
     }
 

@@ -36,6 +36,9 @@ class CachedRequestData(msgspec.Struct, **_PER_STEP):
     # from the end of the table before appending `new_block_ids`, whose first id is then
     # the private copy (listed in `ExecuteStep.block_copies`).
     num_replaced_blocks: int = 0
+    # Beam search: tokens the scheduler chose for this beam since the executor last saw
+    # it (the executor never appends a beam's own argmax), appended before computing.
+    new_token_ids: list[int] = []
 
 
 class ForkedRequest(msgspec.Struct, **_PER_STEP):
@@ -48,6 +51,16 @@ class ForkedRequest(msgspec.Struct, **_PER_STEP):
     request_id: str  # the new sample's own id
     parent_request_id: str
     sample_index: int
+
+
+class BeamFork(msgspec.Struct, **_PER_STEP):
+    """Beam search: a new beam branching off a live one (chosen more than once in the
+    last round). The executor mirrors it as a copy of the parent as it stands before this
+    step, token ids and block table; its own next token and copy-on-write arrive in its
+    CachedRequestData like any beam's."""
+
+    request_id: str
+    parent_request_id: str
 
 
 class ExecuteStep(msgspec.Struct, **_PER_STEP):
@@ -72,6 +85,9 @@ class ExecuteStep(msgspec.Struct, **_PER_STEP):
     # written, in this very step, and a swapped-in request reads its K/V in it.
     swap_out: list[tuple[int, int]] = []
     swap_in: list[tuple[int, int]] = []
+    # Beam forks, applied before anything else in the step (even `finished_request_ids`:
+    # a parent dropped or preempted in this step is still copied as it was).
+    beam_forks: list[BeamFork] = []
 
 
 class SampledToken(msgspec.Struct, **_PER_STEP):

@@ -6,7 +6,11 @@ validated once where it enters (the gateway or the Python API) by `validate()`.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import msgspec
+
+MAX_BEAM_WIDTH = 64
 
 
 class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
@@ -24,10 +28,35 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=T
     # None: no logprobs; 0: logprob of the sampled token only; k: plus the top-k alternatives.
     logprobs: int | None = None
     n: int = 1
+    # Beam search (an extension, as in vLLM and HF): beam_width > 1 keeps that many
+    # candidate sequences and returns the best n of them, scored by cumulative logprob /
+    # (generated length ** length_penalty), with HF transformers' `early_stopping` rules
+    # (False: stop when no running beam can beat the finished ones at its current length;
+    # True: stop once beam_width are finished; "never": only when none can ever beat them).
+    # Deterministic: temperature, top-k/p, min-p and seed do not apply.
+    beam_width: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | Literal["never"] = False
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def use_beam_search(self) -> bool:
+        return self.beam_width > 1
+
+    def num_beam_candidates(self, eos_token_id: int | None) -> int:
+        """How many continuations each beam offers per step: HF's (1 + stop ids) x width,
+        at least 2 x width, so that width of them survive even if every beam's best is a
+        stop token."""
+        return max(2, 1 + len(self.beam_stop_token_ids(eos_token_id))) * self.beam_width
+
+    def beam_stop_token_ids(self, eos_token_id: int | None) -> frozenset[int]:
+        stop = set(self.stop_token_ids)
+        if eos_token_id is not None and not self.ignore_eos:
+            stop.add(eos_token_id)
+        return frozenset(stop)
 
     def for_sample(self, sample_index: int) -> SamplingParams:
         """The params of sample `sample_index` of an `n > 1` request, drawn as one
@@ -59,3 +88,15 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=T
             raise ValueError(f"logprobs must be in [0, {max_logprobs}], got {self.logprobs}")
         if self.n < 1:
             raise ValueError(f"n must be at least 1, got {self.n}")
+        if not 1 <= self.beam_width <= MAX_BEAM_WIDTH:
+            raise ValueError(f"beam_width must be in [1, {MAX_BEAM_WIDTH}], got {self.beam_width}")
+        if not -10.0 <= self.length_penalty <= 10.0:
+            raise ValueError(f"length_penalty must be in [-10, 10], got {self.length_penalty}")
+        if self.use_beam_search:
+            if self.n > self.beam_width:
+                raise ValueError(f"n must be at most beam_width ({self.beam_width}) with beam search, got {self.n}")
+            if self.logprobs is not None:
+                raise ValueError("logprobs are not available with beam search (beam_width > 1)")
+            for name, neutral in (("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("repetition_penalty", 1.0)):
+                if getattr(self, name) != neutral:
+                    raise ValueError(f"{name} is not supported with beam search (beam_width > 1)")

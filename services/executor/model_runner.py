@@ -19,10 +19,10 @@ from services.executor.attention_metadata import AttentionMetadata
 from services.executor.kv_cache import allocate_kv_cache, copy_blocks, num_blocks_for_budget, num_swap_blocks_for_budget
 from services.executor.llama import LlamaForCausalLM
 from services.executor.model_config import ModelConfig, load_model_config
-from services.executor.sampler import Sampler
+from services.executor.sampler import Sampler, beam_candidates
 from services.executor.weight_loader import iter_weights
 from shared.config import EngineConfig
-from shared.messages import ExecuteStep, StepResult
+from shared.messages import ExecuteStep, SampledToken, StepResult
 from shared.model_source import ModelSource
 from shared.sampling_params import SamplingParams
 
@@ -36,6 +36,12 @@ class RequestState:
     num_prompt_tokens: int
     block_ids: list[int]
     sampling_params: SamplingParams
+
+    @property
+    def is_beam(self) -> bool:
+        """A beam of a beam search: not sampled; it reports its best next tokens, and the
+        scheduler sends back the one it picked in `CachedRequestData.new_token_ids`."""
+        return self.sampling_params.use_beam_search
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -104,6 +110,16 @@ class ModelRunner:
         return num_blocks_for_budget(self.model_config, self.block_size, self.dtype, budget)
 
     def execute(self, step: ExecuteStep) -> StepResult:
+        # Beam forks copy their parents as they stand, before anything else changes them.
+        for fork in step.beam_forks:
+            parent = self.requests[fork.parent_request_id]
+            self.requests[fork.request_id] = RequestState(
+                request_id=fork.request_id,
+                token_ids=list(parent.token_ids),
+                num_prompt_tokens=parent.num_prompt_tokens,
+                block_ids=list(parent.block_ids),
+                sampling_params=parent.sampling_params,
+            )
         for request_id in step.finished_request_ids:
             self.requests.pop(request_id, None)
         # Swap-outs first: their blocks may be reallocated and written in this very step.
@@ -131,12 +147,27 @@ class ModelRunner:
             states = [item.state for item in sampling_items]
             if step.forked_requests:
                 logits, states = self._fork(step, logits, states)
-            sampled = self.sampler(logits, states)
-            for state, token in zip(states, sampled):
-                state.token_ids.append(token.token_id)
+            sampled = self._sample(logits, states)
         self.timings.num_steps += 1
         self.timings.forward_s += time.perf_counter() - start
         return StepResult(step_id=step.step_id, sampled=sampled)
+
+    def _sample(self, logits: torch.Tensor, states: list[RequestState]) -> list[SampledToken]:
+        """Sample a token for each request (appended to its mirror), or, for a beam,
+        report its candidates (the scheduler appends the one it picks)."""
+        beam_rows = [row for row, state in enumerate(states) if state.is_beam]
+        if not beam_rows:
+            sample_rows, beam_tokens = list(range(len(states))), []
+        else:
+            sample_rows = [row for row, state in enumerate(states) if not state.is_beam]
+            beams = [states[row] for row in beam_rows]
+            beam_tokens = beam_candidates(logits[torch.tensor(beam_rows, device=logits.device)], beams, self.eos_token_id)
+            if sample_rows:
+                logits = logits[torch.tensor(sample_rows, device=logits.device)]
+        sampled = self.sampler(logits, [states[row] for row in sample_rows]) if sample_rows else []
+        for row, token in zip(sample_rows, sampled):
+            states[row].token_ids.append(token.token_id)
+        return sampled + beam_tokens
 
     def _fork(
         self, step: ExecuteStep, logits: torch.Tensor, states: list[RequestState]
@@ -178,6 +209,7 @@ class ModelRunner:
             if cached.num_replaced_blocks:  # copy-on-write: the copy replaces the shared block
                 del state.block_ids[-cached.num_replaced_blocks :]
             state.block_ids.extend(cached.new_block_ids)
+            state.token_ids.extend(cached.new_token_ids)
             items.append(_ScheduledItem(state, cached.num_computed_tokens, next(counts)))
         return [item for item in items if item.num_new_tokens > 0]
 

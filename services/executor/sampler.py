@@ -364,3 +364,20 @@ def _sampled_tokens(
             )
         )
     return messages
+
+
+def beam_candidates(
+    logits: torch.Tensor, beams: Sequence[SamplingRequest], eos_token_id: int | None
+) -> list[SampledToken]:
+    """What a beam reports instead of a sampled token: its `num_beam_candidates` best next
+    tokens with their logprobs, computed as HF's beam search does (log_softmax over the
+    logits in float32, whatever the model's dtype), best first. `token_id` is the best."""
+    logprobs = logits.float().log_softmax(dim=-1)
+    counts = [beam.sampling_params.num_beam_candidates(eos_token_id) for beam in beams]
+    values, ids = logprobs.topk(min(max(counts), logprobs.shape[1]), dim=-1)
+    value_rows: list[list[float]] = values.tolist()
+    id_rows: list[list[int]] = ids.tolist()
+    return [
+        SampledToken(beam.request_id, id_row[0], value_row[0], id_row[:count], value_row[:count])
+        for beam, count, id_row, value_row in zip(beams, counts, id_rows, value_rows)
+    ]

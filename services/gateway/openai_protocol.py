@@ -51,6 +51,11 @@ class SamplingFields(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # the server's --request-timeout). Not the OpenAI SDK's client-side `timeout`, which
     # never reaches the body.
     timeout: TimeoutSeconds | None = None
+    # Extension (vLLM's and HF's names): beam search over beam_width beams, returning the
+    # best n; deterministic, so the sampling knobs above do not apply.
+    beam_width: Count | None = None
+    length_penalty: FiniteFloat | None = None
+    early_stopping: bool | Literal["never"] | None = None
 
 
 class CompletionRequest(SamplingFields, kw_only=True):

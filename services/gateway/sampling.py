@@ -73,7 +73,16 @@ def build_sampling_params(
         stop_token_ids=list(fields.stop_token_ids or []),
         ignore_eos=fields.ignore_eos,
         logprobs=logprobs,
+        n=fields.n,
+        beam_width=defaults.beam_width if fields.beam_width is None else fields.beam_width,
+        length_penalty=defaults.length_penalty if fields.length_penalty is None else fields.length_penalty,
+        early_stopping=defaults.early_stopping if fields.early_stopping is None else fields.early_stopping,
     )
+    if params.beam_width > context.config.max_n:
+        raise invalid_request(
+            f"beam_width={params.beam_width} runs that many sequences; this server allows at most {context.config.max_n} per request",
+            "beam_width",
+        )
     try:
         params.validate(context.config.max_logprobs)
     except ValueError as error:

@@ -11,8 +11,11 @@ are all the same operation.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from enum import IntEnum
 
+from services.scheduler.beam_search import BeamSearchState
+from shared.messages import SampledToken
 from shared.sampling_params import SamplingParams
 
 
@@ -53,6 +56,8 @@ class Request:
         "num_cached_tokens",
         "parent_request_id",
         "sample_index",
+        "beam",
+        "unsent_token_ids",
     )
 
     def __init__(
@@ -97,6 +102,11 @@ class Request:
         # the request itself, sample 0), forked off it when its first token was sampled.
         self.parent_request_id: str | None = None
         self.sample_index = 0
+        # Beam search: the group this request is a beam of (None otherwise). A beam's
+        # tokens are chosen by the scheduler, not sampled by the executor, so the ones
+        # the executor has not been told yet wait here for the next CachedRequestData.
+        self.beam: BeamGroup | None = None
+        self.unsent_token_ids: list[int] = []
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -135,3 +145,21 @@ class Request:
             f"tokens={self.num_prompt_tokens}+{self.num_output_tokens}, "
             f"computed={self.num_computed_tokens}, blocks={len(self.block_ids)})"
         )
+
+
+@dataclass(eq=False)
+class BeamGroup:
+    """The live beams of one beam-search request and their scores. The first beam is the
+    request itself (its id is the client's); forked beams are f"{id}#b{k}". Every live beam
+    runs one token per round; the round ends, and `select_beams` runs, once each has
+    reported its best next tokens."""
+
+    client_request_id: str
+    search: BeamSearchState
+    n: int  # hypotheses returned
+    beams: list[Request] = field(default_factory=list)  # best first
+    scores: list[float] = field(default_factory=list)  # cumulative logprob, per beam
+    # This round's reports, by beam id (a beam preempted by recompute reports again).
+    reports: dict[str, SampledToken] = field(default_factory=dict)
+    num_cached_tokens: int = 0
+    num_forked: int = 0  # for fresh beam ids

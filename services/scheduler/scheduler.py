@@ -42,6 +42,18 @@ The first write into the shared, partly filled last block copies it (copy-on-wri
 sample under the request's id with its `sample_index`; each sample finishes, and is
 preempted (recompute or swap, as an ordinary request), on its own, and aborting the
 request aborts them all.
+
+Beam search (`SamplingParams.beam_width > 1`): the request is the first beam of a
+`BeamGroup`. The executor never samples a beam; it reports the raw logprobs of each
+beam's best next tokens, and once every live beam of the group has reported, the pure
+policy in `beam_search.py` picks the next beams. A beam picked once takes its token in
+place; one picked k times forks k - 1 new beams (`ExecuteStep.beam_forks`, ids
+f"{id}#b{k}") that share its blocks exactly as parallel samples do, copy-on-write
+included; a beam not picked is freed at once. Chosen tokens reach the executor in the
+next CachedRequestData (`new_token_ids`). Nothing is streamed: when the search ends, the
+best n hypotheses come back as n deltas (sample_index 0 .. n-1), each with all its
+tokens. A beam waits, scheduled for nothing, while the rest of its group catches up; it
+is preempted by recompute only (it then reports again), never swapped.
 """
 
 from __future__ import annotations
@@ -51,10 +63,12 @@ from collections.abc import Iterable, Sequence
 
 import msgspec
 
+from services.scheduler.beam_search import BeamSearchState, LiveBeam, select_beams
 from services.scheduler.block_pool import BlockPool
 from services.scheduler.prefix_cache import PrefixCacheEvent, PrefixCacheStats, extend_block_hashes
-from services.scheduler.request import Request, RequestStatus
+from services.scheduler.request import BeamGroup, Request, RequestStatus
 from shared.messages import (
+    BeamFork,
     CachedRequestData,
     ExecuteStep,
     ForkedRequest,
@@ -179,10 +193,15 @@ def validate_request(req: Request, max_model_len: int, num_blocks: int, block_si
             f"{max_model_len - 1:,} prompt tokens leave room for one generated token"
         )
     peak = peak_kv_tokens(req, max_model_len)
-    if blocks_to_cover(peak, block_size) > num_blocks:
+    # A beam search runs its beams as a gang (admitted and preempted together); resumed
+    # after a preemption, each beam recomputes into blocks of its own, so the group must
+    # fit with nothing shared.
+    width = req.sampling_params.beam_width
+    if width * blocks_to_cover(peak, block_size) > num_blocks:
+        beams = f" x {width} beams" if width > 1 else ""
         raise ValueError(
             f"KV cache holds {num_blocks:,} blocks ({num_blocks * block_size:,} tokens) but "
-            f"request {req.request_id} needs {peak:,} ({num_prompt:,} prompt + "
+            f"request {req.request_id} needs {peak:,}{beams} ({num_prompt:,} prompt + "
             f"{peak - num_prompt:,} generated): shorten the prompt, lower max_tokens, or "
             "raise --kv-cache-memory"
         )
@@ -190,7 +209,9 @@ def validate_request(req: Request, max_model_len: int, num_blocks: int, block_si
 
 def new_request_data(req: Request) -> NewRequestData:
     """A request in full, for an executor that does not mirror it yet (first admission,
-    resumption after recompute, or swap-in into fresh blocks)."""
+    resumption after recompute, or swap-in into fresh blocks). Every token goes with it,
+    so a beam has none left unsent."""
+    req.unsent_token_ids = []
     return NewRequestData(
         request_id=req.request_id,
         token_ids=req.all_token_ids,
@@ -242,6 +263,10 @@ class Scheduler:
         # samples forked off each parent request still alive (for aborting them together).
         self._block_copies: list[tuple[int, int]] = []
         self._sample_ids: dict[str, list[str]] = {}
+        # Beam search: the groups by client request id, and the beams forked in the last
+        # update, for the next step to announce.
+        self._beam_groups: dict[str, BeamGroup] = {}
+        self._beam_forks: list[BeamFork] = []
         self._num_swap_outs_total = 0
         self._num_swap_ins_total = 0
         # Requests the executor mirrors and must forget before the next step.
@@ -255,16 +280,19 @@ class Scheduler:
     def add_request(self, req: Request) -> None:
         """Queue a new request. ValueError if it can never run (permanent: 400),
         QueueFullError if the waiting queue is at its bound (transient: 429)."""
-        if req.request_id in self._requests:
+        if req.request_id in self._requests or req.request_id in self._beam_groups:
             raise ValueError(f"request {req.request_id} is already queued or running")
         if req.status != RequestStatus.WAITING or req.block_ids or req.num_computed_tokens:
             raise ValueError(f"request {req.request_id} is not fresh: {req!r}")
         validate_request(
             req, self.config.max_model_len, self._block_pool.num_blocks, self._block_pool.block_size
         )
-        if req.sampling_params.n > self.config.max_num_running:
+        num_sequences = max(req.sampling_params.n, req.sampling_params.beam_width)
+        if num_sequences > self.config.max_num_running:
+            params = req.sampling_params
+            what = f"beam_width={params.beam_width} beams" if params.use_beam_search else f"n={params.n} samples"
             raise ValueError(
-                f"request {req.request_id}: n={req.sampling_params.n} samples but at most "
+                f"request {req.request_id}: {what} but at most "
                 f"{self.config.max_num_running} sequences run at once (max_num_seqs "
                 f"{self.config.max_num_seqs}, max_num_batched_tokens {self.config.max_num_batched_tokens})"
             )
@@ -274,6 +302,12 @@ class Scheduler:
         self._next_arrival_seq += 1
         if self.config.enable_prefix_caching:
             self._update_block_hashes(req)
+        if req.sampling_params.use_beam_search:
+            search = BeamSearchState.for_request(
+                req.sampling_params, req.eos_token_id, req.num_prompt_tokens, self.config.max_model_len
+            )
+            req.beam = BeamGroup(req.request_id, search, req.sampling_params.n, beams=[req], scores=[0.0])
+            self._beam_groups[req.request_id] = req.beam
         self._requests[req.request_id] = req
         bisect.insort(self._waiting, req, key=waiting_order_key)
 
@@ -282,16 +316,27 @@ class Scheduler:
         (an abort can race a natural finish). Returns an "abort" delta per request that
         was still alive. Aborting a request aborts all its samples (n > 1)."""
         deltas: list[RequestDelta] = []
+        request_ids = list(request_ids)
+        for request_id in request_ids:
+            # A beam's own id stands for its whole search: a search cannot lose one beam.
+            beam = self._requests.get(request_id)
+            group = self._beam_groups.pop(beam.beam.client_request_id if beam and beam.beam else request_id, None)
+            if group is None:
+                continue
+            for beam in group.beams:
+                self._dequeue(beam)
+                self._finish(beam, RequestStatus.FINISHED_ABORTED)
+            deltas += [
+                RequestDelta(
+                    group.client_request_id, [], finish_reason="abort", num_cached_tokens=group.num_cached_tokens, sample_index=i
+                )
+                for i in range(group.n)
+            ]
         for request_id in [i for request_id in request_ids for i in self._with_samples(request_id)]:
             req = self._requests.get(request_id)
             if req is None:
                 continue
-            if req.status == RequestStatus.RUNNING:
-                self._running.remove(req)
-            elif req.status == RequestStatus.SWAPPED:
-                self._swapped.remove(req)
-            else:
-                self._waiting.remove(req)
+            self._dequeue(req)
             self._finish(req, RequestStatus.FINISHED_ABORTED)
             deltas.append(
                 RequestDelta(
@@ -303,6 +348,15 @@ class Scheduler:
                 )
             )
         return deltas
+
+    def _dequeue(self, req: Request) -> None:
+        """Take an alive request out of whichever queue holds it."""
+        if req.status == RequestStatus.RUNNING:
+            self._running.remove(req)
+        elif req.status == RequestStatus.SWAPPED:
+            self._swapped.remove(req)
+        else:
+            self._waiting.remove(req)
 
     def _with_samples(self, request_id: str) -> list[str]:
         """The request and the samples forked off it, alive or not."""
@@ -337,6 +391,7 @@ class Scheduler:
         swap_out, self._swap_out_pairs = self._swap_out_pairs, []
         swap_in, self._swap_in_pairs = self._swap_in_pairs, []
         block_copies, self._block_copies = self._block_copies, []
+        beam_forks, self._beam_forks = self._beam_forks, []
         scheduled_ids = [r.request_id for r in new_requests] + [r.request_id for r in cached_requests]
         step = ExecuteStep(
             step_id=self._next_step_id,
@@ -348,6 +403,7 @@ class Scheduler:
             swap_in=swap_in,
             block_copies=block_copies,
             forked_requests=self._forks(scheduled_ids, new_counts + cached_counts),
+            beam_forks=beam_forks,
         )
         self._next_step_id += 1
         return step
@@ -374,7 +430,7 @@ class Scheduler:
             req = self._requests.get(request_id)
             if req is None or req.status != RequestStatus.RUNNING:
                 continue  # aborted after the step was scheduled
-            samples = req.num_computed_tokens + num_scheduled == req.num_tokens
+            samples = num_scheduled > 0 and req.num_computed_tokens + num_scheduled == req.num_tokens
             if samples and token is None:
                 raise ValueError(f"step {step.step_id}: request {request_id} sampled nothing")
             if token is not None and not samples:
@@ -403,13 +459,19 @@ class Scheduler:
 
         deltas: list[RequestDelta] = []
         any_finished = False
+        beam_rounds: list[BeamGroup] = []  # groups with a new report, in first-report order
         for req, num_scheduled, token in updates:
             req.num_computed_tokens += num_scheduled
-            if token is not None:
+            if token is not None and req.beam is None:
                 req.output_token_ids.append(token.token_id)
             if self.config.enable_prefix_caching:
                 self._cache_full_blocks(req)
             if token is None:
+                continue
+            if req.beam is not None:
+                req.beam.reports[req.request_id] = token
+                if req.beam not in beam_rounds:
+                    beam_rounds.append(req.beam)
                 continue
             # Forked before the parent may finish: the samples take their references to
             # its blocks while it still holds them.
@@ -432,9 +494,92 @@ class Scheduler:
                         sample_index=sample.sample_index,
                     )
                 )
+        for group in beam_rounds:
+            if len(group.reports) == len(group.beams):
+                deltas += self._advance_beams(group)
+                any_finished = True
         if any_finished:
             self._running = [r for r in self._running if not r.is_finished]
         return deltas
+
+    def _advance_beams(self, group: BeamGroup) -> list[RequestDelta]:
+        """End a beam-search round: pick the next beams (fork, continue in place, free)
+        or, when the search is over, free every beam and report the best n hypotheses.
+        Finished beams are left in `self._running` for the caller to sweep."""
+        if group.search.num_generated == 0:
+            group.num_cached_tokens = group.beams[0].num_cached_tokens
+        live = [
+            LiveBeam(score, beam.output_token_ids, report.top_token_ids, report.top_logprobs)
+            for beam, score in zip(group.beams, group.scores)
+            for report in (group.reports[beam.request_id],)
+        ]
+        group.reports.clear()
+        selection = select_beams(group.search, live)
+        if selection.done:
+            for beam in group.beams:
+                self._finish(beam, RequestStatus.FINISHED_STOPPED)
+            del self._beam_groups[group.client_request_id]
+            return [
+                RequestDelta(
+                    group.client_request_id,
+                    hypothesis.output_token_ids,
+                    finish_reason=hypothesis.finish_reason,
+                    num_cached_tokens=group.num_cached_tokens,
+                    sample_index=index,
+                )
+                for index, hypothesis in enumerate(group.search.finished[: group.n])
+            ]
+        # Forks first: they copy their parent's tokens and blocks before it takes its own
+        # token, and before an unpicked beam gives its blocks back.
+        continuing: set[int] = set()
+        next_beams: list[Request] = []
+        for candidate in selection.next_beams:
+            parent = group.beams[candidate.parent]
+            if candidate.parent in continuing:
+                next_beams.append(self._fork_beam(parent, group))
+            else:
+                continuing.add(candidate.parent)
+                next_beams.append(parent)
+        for beam, candidate in zip(next_beams, selection.next_beams):
+            beam.output_token_ids.append(candidate.token_id)
+            beam.unsent_token_ids.append(candidate.token_id)
+        for index, beam in enumerate(group.beams):
+            if index not in continuing:
+                self._finish(beam, RequestStatus.FINISHED_STOPPED)
+        group.beams = next_beams
+        group.scores = [candidate.score for candidate in selection.next_beams]
+        return []
+
+    def _fork_beam(self, parent: Request, group: BeamGroup) -> Request:
+        """A new beam, a copy of `parent` sharing all its blocks (one more reference each;
+        copy-on-write before the first write into the shared last block)."""
+        group.num_forked += 1
+        beam = Request(
+            f"{group.client_request_id}#b{group.num_forked}",
+            parent.prompt_token_ids,
+            parent.sampling_params,
+            arrival_time=parent.arrival_time,
+            eos_token_id=parent.eos_token_id,
+            priority=parent.priority,
+        )
+        beam.parent_request_id = group.client_request_id
+        beam.beam = group
+        beam.arrival_seq = self._next_arrival_seq
+        self._next_arrival_seq += 1
+        beam.output_token_ids = list(parent.output_token_ids)
+        beam.num_computed_tokens = parent.num_computed_tokens
+        self._block_pool.incref(parent.block_ids)
+        beam.block_ids = list(parent.block_ids)
+        beam.block_hashes = list(parent.block_hashes)  # full blocks of tokens both hold
+        beam.num_cached_blocks = parent.num_cached_blocks
+        beam.num_cached_tokens = parent.num_cached_tokens
+        beam.status = RequestStatus.RUNNING
+        self._requests[beam.request_id] = beam
+        # Next to the rest of its group: a gang is scheduled and preempted as one run.
+        last = max(i for i, r in enumerate(self._running) if r.beam is group)
+        self._running.insert(last + 1, beam)
+        self._beam_forks.append(BeamFork(beam.request_id, parent.request_id))
+        return beam
 
     # --- executor loss (called by services/scheduler/service.py) ---------------------
 
@@ -449,6 +594,8 @@ class Scheduler:
         requeued = list(self._running)
         for req in requeued:
             self._preempt(req)
+        # The new executor mirrors nothing: forked beams come back as NewRequestData too.
+        self._beam_forks = []
         # The swap pool went with the executor too: swapped requests recompute as well
         # (they are not mirrored by the executor, so not in the step's finished ids).
         for req in self._swapped:
@@ -545,75 +692,123 @@ class Scheduler:
 
     def _schedule_running(self, token_budget: int) -> tuple[list[CachedRequestData], list[int]]:
         """Give each running request, in admission order, what it still needs within the
-        budget, preempting when the pool runs dry."""
+        budget, preempting when the pool runs dry. The beams of a beam search sit next to
+        each other in `self._running` and get their blocks as one: preempting some beams
+        of a group while others hold blocks and wait for them could stall it for good."""
         cached_requests: list[CachedRequestData] = []
         counts: list[int] = []
-        index = 0  # self._running[:index] are scheduled in this step
+        index = 0  # self._running[:index] are scheduled (or passed over) in this step
         while index < len(self._running) and token_budget > 0:
             req = self._running[index]
-            num_new = num_tokens_to_schedule(req, token_budget)
-            num_new_blocks = self._num_new_blocks(req, num_new)
-            num_copies = int(self._shared_write_block(req) is not None)
-            if not self._make_room(index, num_new_blocks + num_copies):
-                continue  # req itself was preempted; self._running[index] is the next one
-            num_blocks_before = len(req.block_ids)
-            # After _make_room: a preempted sharer may have left the block to req alone.
-            num_replaced = self._copy_on_write(req)
-            req.block_ids.extend(self._block_pool.allocate(num_new_blocks))
-            cached_requests.append(
-                CachedRequestData(
-                    req.request_id,
-                    req.block_ids[num_blocks_before - num_replaced :],
-                    req.num_computed_tokens,
-                    num_replaced_blocks=num_replaced,
-                )
+            gang = self._running[index : index + self._gang_size(index)]
+            plan: list[tuple[Request, int, int]] = []  # (request, tokens, new blocks)
+            budget_left = token_budget
+            for member in gang:
+                num_new = num_tokens_to_schedule(member, budget_left)
+                budget_left -= num_new
+                plan.append((member, num_new, self._num_new_blocks(member, num_new)))
+            num_copies = sum(
+                1 for member, num_new, _ in plan if num_new and self._shared_write_block(member) is not None
             )
-            counts.append(num_new)
-            token_budget -= num_new
-            index += 1
+            if not self._make_room(index, len(gang), sum(blocks for _, _, blocks in plan) + num_copies):
+                continue  # req's gang was preempted; self._running[index] is the next one
+            for member, num_new, num_new_blocks in plan:
+                if num_new == 0:  # a beam that reported, waiting for the rest of its group
+                    continue
+                num_blocks_before = len(member.block_ids)
+                # After _make_room: a preempted sharer may have left the block to it alone.
+                num_replaced = self._copy_on_write(member)
+                member.block_ids.extend(self._block_pool.allocate(num_new_blocks))
+                cached_requests.append(
+                    CachedRequestData(
+                        member.request_id,
+                        member.block_ids[num_blocks_before - num_replaced :],
+                        member.num_computed_tokens,
+                        num_replaced_blocks=num_replaced,
+                        new_token_ids=member.unsent_token_ids,
+                    )
+                )
+                member.unsent_token_ids = []
+                counts.append(num_new)
+                token_budget -= num_new
+            assert req is gang[0]
+            index += len(gang)
         return cached_requests, counts
+
+    def _gang_size(self, index: int) -> int:
+        """How many requests from `self._running[index]` on must be scheduled (and
+        preempted) together: the run of beams of its beam search, else 1."""
+        group = self._running[index].beam
+        if group is None:
+            return 1
+        size = 1
+        while index + size < len(self._running) and self._running[index + size].beam is group:
+            size += 1
+        return size
 
     def _admit_waiting(self, token_budget: int) -> tuple[list[NewRequestData], list[int]]:
         """Admit from the head of the waiting queue while budget, sequence slots and free
         blocks allow. A request starts after the longest cached prefix of its tokens; one
-        resumed after preemption recomputes the rest of prompt + output."""
+        resumed after preemption recomputes the rest of prompt + output. The beams of a
+        preempted beam search come back together, with blocks for all their tokens, or
+        not at all (see `_schedule_running`)."""
         pool = self._block_pool
         new_requests: list[NewRequestData] = []
         counts: list[int] = []
-        num_samples_to_fork = sum(self._num_samples_to_fork(r) for r in self._running)
+        num_samples_to_fork = sum(self._num_sequences_to_add(r) for r in self._running)
         while (
             self._waiting
             and token_budget > 0
             and len(self._running) < self.config.max_num_running
         ):
-            req = self._waiting[0]
-            num_seqs_after = len(self._running) + num_samples_to_fork + 1 + self._num_samples_to_fork(req)
+            head = self._waiting[0]
+            gang = [head] if head.beam is None else [r for r in self._waiting if r.beam is head.beam]
+            num_to_add = sum(self._num_sequences_to_add(r) for r in gang)
+            num_seqs_after = len(self._running) + num_samples_to_fork + len(gang) + num_to_add
             if num_seqs_after > self.config.max_num_running:
                 break  # samples still to fork (its own and others') need sequence slots too
-            num_samples_to_fork += self._num_samples_to_fork(req)
-            hit_block_ids = self._find_cached_prefix(req)
-            num_hit_tokens = len(hit_block_ids) * pool.block_size
-            num_new = min(req.num_tokens - num_hit_tokens, token_budget)
-            num_new_blocks = blocks_to_cover(num_hit_tokens + num_new, pool.block_size) - len(hit_block_ids)
+            hits = [self._find_cached_prefix(r) for r in gang]
             # A hit on a cached block nobody holds takes it out of the free blocks too.
-            num_revived = sum(1 for block_id in hit_block_ids if pool.ref_count(block_id) == 0)
-            if num_new_blocks + num_revived > pool.num_free_blocks:
+            revived = {block_id for hit in hits for block_id in hit if pool.ref_count(block_id) == 0}
+            if len(gang) == 1:
+                num_hit_tokens = len(hits[0]) * pool.block_size
+                num_new = min(head.num_tokens - num_hit_tokens, token_budget)
+                num_blocks = blocks_to_cover(num_hit_tokens + num_new, pool.block_size) - len(hits[0])
+            else:
+                num_blocks = sum(
+                    blocks_to_cover(r.num_tokens, pool.block_size) - len(hit) for r, hit in zip(gang, hits)
+                )
+            if num_blocks + len(revived) > pool.num_free_blocks:
                 break  # FCFS: nobody overtakes the head of the queue
-            self._waiting.pop(0)
-            pool.incref(hit_block_ids)  # before allocating, which could evict them
-            req.block_ids = hit_block_ids + pool.allocate(num_new_blocks)
-            req.num_computed_tokens = num_hit_tokens
-            req.num_cached_blocks = len(hit_block_ids)
-            if self.config.enable_prefix_caching:
-                self._prefix_cache_stats.record(req.num_tokens, num_hit_tokens)
-                if req.num_preemptions == 0:
-                    req.num_cached_tokens = num_hit_tokens
-            req.status = RequestStatus.RUNNING
-            self._running.append(req)
-            new_requests.append(new_request_data(req))
-            counts.append(num_new)
-            token_budget -= num_new
+            num_samples_to_fork += num_to_add
+            for hit_block_ids in hits:
+                pool.incref(hit_block_ids)  # all before allocating, which could evict them
+            for req, hit_block_ids in zip(gang, hits):
+                self._waiting.remove(req)
+                new_request, num_new = self._admit(req, hit_block_ids, token_budget)
+                new_requests.append(new_request)
+                counts.append(num_new)
+                token_budget -= num_new
         return new_requests, counts
+
+    def _admit(self, req: Request, hit_block_ids: list[int], token_budget: int) -> tuple[NewRequestData, int]:
+        """Make a waiting request running: its cached prefix, blocks for the tokens this
+        step computes (as many as the budget allows, maybe none), the executor's copy.
+        The caller has taken its references to the hit blocks."""
+        pool = self._block_pool
+        num_hit_tokens = len(hit_block_ids) * pool.block_size
+        num_new = min(req.num_tokens - num_hit_tokens, token_budget)
+        num_new_blocks = blocks_to_cover(num_hit_tokens + num_new, pool.block_size) - len(hit_block_ids)
+        req.block_ids = hit_block_ids + pool.allocate(num_new_blocks)
+        req.num_computed_tokens = num_hit_tokens
+        req.num_cached_blocks = len(hit_block_ids)
+        if self.config.enable_prefix_caching:
+            self._prefix_cache_stats.record(req.num_tokens, num_hit_tokens)
+            if req.num_preemptions == 0:
+                req.num_cached_tokens = num_hit_tokens
+        req.status = RequestStatus.RUNNING
+        self._running.append(req)
+        return new_request_data(req), num_new
 
     def _find_cached_prefix(self, req: Request) -> list[int]:
         """The blocks holding the longest cached prefix of the request's tokens, in order.
@@ -691,9 +886,17 @@ class Scheduler:
     @staticmethod
     def _num_samples_to_fork(req: Request) -> int:
         """The samples `req` has yet to fork (n - 1 until its first token, then none)."""
-        if req.parent_request_id is None and req.num_output_tokens == 0:
+        if req.beam is None and req.parent_request_id is None and req.num_output_tokens == 0:
             return req.sampling_params.n - 1
         return 0
+
+    @classmethod
+    def _num_sequences_to_add(cls, req: Request) -> int:
+        """Sequence slots `req` will take beyond its own: samples it has yet to fork, or
+        the other beams of a beam search that has not run its first round."""
+        if req.beam is not None:
+            return req.beam.search.beam_width - 1 if req.beam.search.num_generated == 0 else 0
+        return cls._num_samples_to_fork(req)
 
     def _forks(self, scheduled_ids: list[str], counts: list[int]) -> list[ForkedRequest]:
         """The samples to fork off the requests with `n > 1` that sample their first token
@@ -734,16 +937,20 @@ class Scheduler:
         self._block_copies.append((source, destination))
         return 1
 
-    def _make_room(self, index: int, num_blocks: int) -> bool:
+    def _make_room(self, index: int, gang_size: int, num_blocks: int) -> bool:
         """Preempt running requests not yet scheduled in this step (`self._running[index:]`)
-        until `num_blocks` are free for `self._running[index]`. False if that request was
+        until `num_blocks` are free for the gang `self._running[index : index + gang_size]`.
+        A victim that is a beam takes its whole group with it. False if the gang was
         itself the victim."""
-        req = self._running[index]
+        gang = self._running[index : index + gang_size]
         while self._block_pool.num_free_blocks < num_blocks:
             victim = pick_preemption_victim(self._running[index:])
-            if not self._swap_out(victim):
+            if victim.beam is not None:
+                for beam in [r for r in self._running[index:] if r.beam is victim.beam]:
+                    self._preempt(beam)
+            elif not self._swap_out(victim):
                 self._preempt(victim)
-            if victim is req:
+            if victim in gang:
                 return False
         return True
 
@@ -753,6 +960,8 @@ class Scheduler:
         longer holds (its own full blocks stay cached until evicted)."""
         self._running.remove(req)
         self._block_pool.free(reversed(req.block_ids))  # tail first: see block_pool.py
+        if req.beam is not None:
+            req.beam.reports.pop(req.request_id, None)  # it reports again after recomputing
         req.block_ids = []
         req.num_computed_tokens = 0
         req.num_cached_blocks = 0
@@ -769,7 +978,7 @@ class Scheduler:
         Full blocks keep their hashes, so they stay in the prefix cache until evicted.
         False (nothing done) when the caller must preempt by recompute instead."""
         swap_pool = self._swap_pool
-        if self.config.preemption_mode != "swap" or swap_pool is None:
+        if self.config.preemption_mode != "swap" or swap_pool is None or req.beam is not None:
             return False
         if len(req.block_ids) > swap_pool.num_free_blocks:
             return False

@@ -70,6 +70,8 @@ CASES = [
     BadInput("no messages", CHAT, body({"messages": []}), 400, "invalid_value", "messages"),
     BadInput("token id outside the vocabulary", COMPLETIONS, body({"prompt": [1, 10**7]}), 400, "invalid_value", "prompt"),
     BadInput("sampling value out of range", COMPLETIONS, body({"prompt": "p", "top_p": 1.5}), 400, "invalid_value", "top_p"),
+    BadInput("`beam_width` above `--max-n`", COMPLETIONS, body({"prompt": "p", "beam_width": 10**4}), 400, "invalid_value", "beam_width"),
+    BadInput("`n` above `beam_width`", COMPLETIONS, body({"prompt": "p", "beam_width": 2, "n": 3}), 400, "invalid_value", "n"),
     BadInput("`timeout` above `--request-timeout`", COMPLETIONS, body({"prompt": "p", "timeout": 10**6}), 400, "invalid_value", "timeout"),
     BadInput("unknown model", COMPLETIONS, body({"prompt": "p", "model": "gpt-9"}), 404, "model_not_found", "model"),
     BadInput("body over `--max-body-bytes`", COMPLETIONS, b'{"prompt": "' + b"a" * (1 << 20) + b'"}', 413, "request_too_large"),

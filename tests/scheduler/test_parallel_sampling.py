@@ -37,6 +37,18 @@ def seeded_token(seed: int | None, token_ids: list[int]) -> int:
     return FIRST_ORDINARY_TOKEN + digest % 990
 
 
+def beam_candidates(request_id: str, mirror: Mirror) -> SampledToken:
+    """A stand-in for a beam's report: distinct tokens (EOS among them now and then) with
+    descending logprobs, a function of the sequence only."""
+    count = mirror.params.num_beam_candidates(EOS)
+    digest = zlib.crc32(array("q", mirror.token_ids).tobytes())
+    token_ids = [FIRST_ORDINARY_TOKEN + (digest + 37 * i) % 990 for i in range(count)]
+    if digest % 5 == 0:
+        token_ids[digest % count] = EOS
+    logprobs = [-0.1 - 0.7 * i - (digest % 97) / 100 for i in range(count)]
+    return SampledToken(request_id, token_ids[0], logprobs[0], token_ids, logprobs)
+
+
 @dataclass
 class Mirror:
     token_ids: list[int]
@@ -53,6 +65,12 @@ class ForkingExecutor:
     swap_slots: dict[int, int] = field(default_factory=dict)  # the same, of the swap pool
 
     def execute(self, step: ExecuteStep) -> StepResult:
+        for fork in step.beam_forks:  # before anything else, as the model runner does
+            parent = self.mirrors[fork.parent_request_id]
+            assert fork.request_id not in self.mirrors
+            self.mirrors[fork.request_id] = Mirror(
+                list(parent.token_ids), list(parent.block_ids), parent.num_computed_tokens, parent.params
+            )
         for request_id in step.finished_request_ids:
             self.mirrors.pop(request_id)  # it must have been mirrored
         self._copy(self.slots, self.swap_slots, step.swap_out)
@@ -70,6 +88,7 @@ class ForkingExecutor:
             if cached.num_replaced_blocks:
                 del mirror.block_ids[-cached.num_replaced_blocks :]
             mirror.block_ids += cached.new_block_ids
+            mirror.token_ids += cached.new_token_ids
             scheduled.append((cached.request_id, mirror))
         for (_, mirror), num_tokens in zip(scheduled, step.num_scheduled_tokens):
             start = mirror.num_computed_tokens
@@ -91,6 +110,9 @@ class ForkingExecutor:
         for request_id, mirror in sampling:
             stored = [self.slots.get(self._slot(mirror, p)) for p in range(len(mirror.token_ids))]
             assert stored == mirror.token_ids, f"{request_id} reads K/V of other tokens"
+            if mirror.params.use_beam_search:  # candidates; the scheduler picks and sends one
+                sampled.append(beam_candidates(request_id, mirror))
+                continue
             token = seeded_token(mirror.params.seed, mirror.token_ids)
             mirror.token_ids.append(token)
             sampled.append(SampledToken(request_id, token))
@@ -380,7 +402,7 @@ class ParallelSamplingMachine(RuleBasedStateMachine):
     def abort(self, data: st.DataObject) -> None:
         alive = [r.request_id for r in (*self.sched.running, *self.sched.waiting)]
         if alive:
-            self.sched.abort_requests([data.draw(st.sampled_from(alive))])
+            self.outputs.record(self.sched.abort_requests([data.draw(st.sampled_from(alive))]))
 
     @invariant()
     def pool_consistent(self) -> None:
@@ -423,3 +445,35 @@ class SwappingParallelSamplingMachine(ParallelSamplingMachine):
 
 TestSwappingParallelSamplingMachine = SwappingParallelSamplingMachine.TestCase
 TestSwappingParallelSamplingMachine.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
+
+
+class BeamSearchMachine(ParallelSamplingMachine):
+    """The same with beam-search requests among the others: beams fork, copy-on-write,
+    are freed when not picked and are preempted as whole groups, and still no block is
+    read with another sequence's K/V, none is held twice or leaked, and each search ends
+    with its n hypotheses."""
+
+    @rule(prompt_len=st.integers(1, 10), max_tokens=st.integers(1, 8), width=st.integers(2, 3), data=st.data())
+    def add_beam_search(self, prompt_len: int, max_tokens: int, width: int, data: st.DataObject) -> None:
+        n = data.draw(st.integers(1, width))
+        req = make_request(f"r{self.num_added}", prompt_len, max_tokens, beam_width=width, n=n, seed=None)
+        self.num_added += 1
+        self.beam_requests[req.request_id] = n
+        if self.sched.num_waiting < 8:
+            self.sched.add_request(req)
+        else:
+            del self.beam_requests[req.request_id]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.beam_requests: dict[str, int] = {}
+
+    def teardown(self) -> None:
+        super().teardown()
+        for request_id, n in self.beam_requests.items():
+            assert [self.outputs.finish_reasons.get((request_id, i)) is not None for i in range(n)] == [True] * n
+            assert (request_id, n) not in self.outputs.finish_reasons
+
+
+TestBeamSearchMachine = BeamSearchMachine.TestCase
+TestBeamSearchMachine.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)

@@ -133,3 +133,36 @@ def test_n_samples_compute_the_prompt_once_and_equal_separate_seeded_requests(cl
     wait_until(lambda: records.hget(key, "status") == "finished", 10, "the finished record")
     assert records.keys(f"req:{together.id}*") == [key]
     assert records.hget(key, "finish_reason") == "length,length"  # one per sample
+
+
+def test_beam_search_over_http_equals_the_engine(cluster: Cluster) -> None:
+    client = openai.OpenAI(base_url=f"{cluster.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+    prompt = "The three most useful kitchen tools are"
+    beam = {"beam_width": 3, "length_penalty": 0.8}
+    request = dict(model="SmolLM2-135M-Instruct", prompt=prompt, max_tokens=12, n=2, extra_body=beam)
+    whole = client.completions.create(**request)
+    streamed = ["", ""]
+    finish_reasons: list[str | None] = [None, None]
+    for chunk in client.completions.create(stream=True, **request):
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.text
+            finish_reasons[choice.index] = choice.finish_reason or finish_reasons[choice.index]
+
+    engine = LLMEngine(EngineConfig(dtype="float64", kv_cache_memory_bytes=64 << 20))
+    reference = engine.generate([prompt], SamplingParams(max_tokens=12, n=2, beam_width=3, length_penalty=0.8))[0]
+    assert [c.text for c in whole.choices] == [o.text for o in reference.outputs] == streamed
+    assert [c.finish_reason for c in whole.choices] == [o.finish_reason for o in reference.outputs] == finish_reasons
+    assert whole.choices[0].text != whole.choices[1].text
+
+    # Beam-search fields are checked like any other.
+    for extra, param in (({"beam_width": 2}, "n"), ({"beam_width": 1000}, "beam_width"), ({"beam_width": 2, "early_stopping": "sometimes"}, "early_stopping")):
+        response = httpx.post(
+            f"{cluster.base_url}/v1/completions",
+            json={"model": "SmolLM2-135M-Instruct", "prompt": prompt, "max_tokens": 4, "n": 3, **extra},
+            timeout=10,
+        )
+        assert response.status_code == 400, response.text
+        assert param in response.text
+    pool = admin_snapshot(cluster)["block_pool"]
+    wait_until(lambda: admin_snapshot(cluster)["block_pool"]["num_used_blocks"] == 0, 30, "every beam's blocks back")
+    assert pool["num_blocks"] > 0
