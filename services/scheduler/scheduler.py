@@ -78,6 +78,7 @@ from shared.messages import (
     StepResult,
     TokenLogprobs,
 )
+from shared.sampling_params import SamplingParams
 
 
 class QueueFullError(RuntimeError):
@@ -319,8 +320,8 @@ class Scheduler:
         request_ids = list(request_ids)
         for request_id in request_ids:
             # A beam's own id stands for its whole search: a search cannot lose one beam.
-            beam = self._requests.get(request_id)
-            group = self._beam_groups.pop(beam.beam.client_request_id if beam and beam.beam else request_id, None)
+            req = self._requests.get(request_id)
+            group = self._beam_groups.pop(req.beam.client_request_id if req and req.beam else request_id, None)
             if group is None:
                 continue
             for beam in group.beams:
@@ -508,10 +509,10 @@ class Scheduler:
         Finished beams are left in `self._running` for the caller to sweep."""
         if group.search.num_generated == 0:
             group.num_cached_tokens = group.beams[0].num_cached_tokens
+        reports = [group.reports[beam.request_id] for beam in group.beams]
         live = [
             LiveBeam(score, beam.output_token_ids, report.top_token_ids, report.top_logprobs)
-            for beam, score in zip(group.beams, group.scores)
-            for report in (group.reports[beam.request_id],)
+            for beam, score, report in zip(group.beams, group.scores, reports)
         ]
         group.reports.clear()
         selection = select_beams(group.search, live)
@@ -554,27 +555,10 @@ class Scheduler:
         """A new beam, a copy of `parent` sharing all its blocks (one more reference each;
         copy-on-write before the first write into the shared last block)."""
         group.num_forked += 1
-        beam = Request(
-            f"{group.client_request_id}#b{group.num_forked}",
-            parent.prompt_token_ids,
-            parent.sampling_params,
-            arrival_time=parent.arrival_time,
-            eos_token_id=parent.eos_token_id,
-            priority=parent.priority,
-        )
-        beam.parent_request_id = group.client_request_id
+        beam = self._branch(parent, f"{group.client_request_id}#b{group.num_forked}", parent.sampling_params)
         beam.beam = group
-        beam.arrival_seq = self._next_arrival_seq
-        self._next_arrival_seq += 1
         beam.output_token_ids = list(parent.output_token_ids)
-        beam.num_computed_tokens = parent.num_computed_tokens
-        self._block_pool.incref(parent.block_ids)
-        beam.block_ids = list(parent.block_ids)
         beam.block_hashes = list(parent.block_hashes)  # full blocks of tokens both hold
-        beam.num_cached_blocks = parent.num_cached_blocks
-        beam.num_cached_tokens = parent.num_cached_tokens
-        beam.status = RequestStatus.RUNNING
-        self._requests[beam.request_id] = beam
         # Next to the rest of its group: a gang is scheduled and preempted as one run.
         last = max(i for i, r in enumerate(self._running) if r.beam is group)
         self._running.insert(last + 1, beam)
@@ -699,7 +683,6 @@ class Scheduler:
         counts: list[int] = []
         index = 0  # self._running[:index] are scheduled (or passed over) in this step
         while index < len(self._running) and token_budget > 0:
-            req = self._running[index]
             gang = self._running[index : index + self._gang_size(index)]
             plan: list[tuple[Request, int, int]] = []  # (request, tokens, new blocks)
             budget_left = token_budget
@@ -711,7 +694,7 @@ class Scheduler:
                 1 for member, num_new, _ in plan if num_new and self._shared_write_block(member) is not None
             )
             if not self._make_room(index, len(gang), sum(blocks for _, _, blocks in plan) + num_copies):
-                continue  # req's gang was preempted; self._running[index] is the next one
+                continue  # the gang was preempted; self._running[index] is the next one
             for member, num_new, num_new_blocks in plan:
                 if num_new == 0:  # a beam that reported, waiting for the rest of its group
                     continue
@@ -731,7 +714,6 @@ class Scheduler:
                 member.unsent_token_ids = []
                 counts.append(num_new)
                 token_budget -= num_new
-            assert req is gang[0]
             index += len(gang)
         return cached_requests, counts
 
@@ -770,14 +752,10 @@ class Scheduler:
             hits = [self._find_cached_prefix(r) for r in gang]
             # A hit on a cached block nobody holds takes it out of the free blocks too.
             revived = {block_id for hit in hits for block_id in hit if pool.ref_count(block_id) == 0}
-            if len(gang) == 1:
-                num_hit_tokens = len(hits[0]) * pool.block_size
-                num_new = min(head.num_tokens - num_hit_tokens, token_budget)
-                num_blocks = blocks_to_cover(num_hit_tokens + num_new, pool.block_size) - len(hits[0])
-            else:
-                num_blocks = sum(
-                    blocks_to_cover(r.num_tokens, pool.block_size) - len(hit) for r, hit in zip(gang, hits)
-                )
+            # One request needs blocks for what this step computes of it; a gang, for all
+            # its tokens (its members then never wait on each other for blocks).
+            budget = token_budget if len(gang) == 1 else None
+            num_blocks = sum(self._admission_need(r, hit, budget)[1] for r, hit in zip(gang, hits))
             if num_blocks + len(revived) > pool.num_free_blocks:
                 break  # FCFS: nobody overtakes the head of the queue
             num_samples_to_fork += num_to_add
@@ -796,10 +774,9 @@ class Scheduler:
         step computes (as many as the budget allows, maybe none), the executor's copy.
         The caller has taken its references to the hit blocks."""
         pool = self._block_pool
-        num_hit_tokens = len(hit_block_ids) * pool.block_size
-        num_new = min(req.num_tokens - num_hit_tokens, token_budget)
-        num_new_blocks = blocks_to_cover(num_hit_tokens + num_new, pool.block_size) - len(hit_block_ids)
+        num_new, num_new_blocks = self._admission_need(req, hit_block_ids, token_budget)
         req.block_ids = hit_block_ids + pool.allocate(num_new_blocks)
+        num_hit_tokens = len(hit_block_ids) * pool.block_size
         req.num_computed_tokens = num_hit_tokens
         req.num_cached_blocks = len(hit_block_ids)
         if self.config.enable_prefix_caching:
@@ -809,6 +786,16 @@ class Scheduler:
         req.status = RequestStatus.RUNNING
         self._running.append(req)
         return new_request_data(req), num_new
+
+    def _admission_need(self, req: Request, hit_block_ids: list[int], token_budget: int | None) -> tuple[int, int]:
+        """(tokens to compute, blocks to allocate) for admitting `req` after its cached
+        prefix, with `token_budget` tokens left in the step (None: all its tokens)."""
+        num_hit_tokens = len(hit_block_ids) * self._block_pool.block_size
+        num_new = req.num_tokens - num_hit_tokens
+        if token_budget is not None:
+            num_new = min(num_new, token_budget)
+        num_new_blocks = blocks_to_cover(num_hit_tokens + num_new, self._block_pool.block_size) - len(hit_block_ids)
+        return num_new, num_new_blocks
 
     def _find_cached_prefix(self, req: Request) -> list[int]:
         """The blocks holding the longest cached prefix of the request's tokens, in order.
@@ -856,32 +843,39 @@ class Scheduler:
         and sampled its first token: the sample shares every block of the parent (one more
         reference each; copy-on-write before its first write into the shared last block)
         and holds its own first token, drawn from the same logits with its own seed."""
-        sample = Request(
-            fork.request_id,
+        sample = self._branch(parent, fork.request_id, parent.sampling_params.for_sample(fork.sample_index))
+        sample.sample_index = fork.sample_index
+        sample.output_token_ids.append(token.token_id)
+        # The hashes of the prompt's full blocks are the sample's too; those of a block
+        # holding the parent's first token are not.
+        sample.block_hashes = parent.block_hashes[: parent.num_prompt_tokens // self._block_pool.block_size]
+        self._running.append(sample)
+        self._sample_ids.setdefault(parent.request_id, []).append(sample.request_id)
+        return sample
+
+    def _branch(self, parent: Request, request_id: str, params: SamplingParams) -> Request:
+        """A running request that shares every block of `parent` (one more reference
+        each) and its computed prompt: the common part of forking a parallel sample and
+        a beam. The caller gives it its tokens and hashes and queues it."""
+        child = Request(
+            request_id,
             parent.prompt_token_ids,
-            parent.sampling_params.for_sample(fork.sample_index),
+            params,
             arrival_time=parent.arrival_time,
             eos_token_id=parent.eos_token_id,
             priority=parent.priority,
         )
-        sample.parent_request_id = parent.request_id
-        sample.sample_index = fork.sample_index
-        sample.arrival_seq = self._next_arrival_seq  # a tie with its parent: preempted first
+        child.parent_request_id = parent.client_request_id
+        child.arrival_seq = self._next_arrival_seq  # a tie with its parent: preempted first
         self._next_arrival_seq += 1
-        sample.output_token_ids.append(token.token_id)
-        sample.num_computed_tokens = parent.num_computed_tokens
+        child.num_computed_tokens = parent.num_computed_tokens
         self._block_pool.incref(parent.block_ids)
-        sample.block_ids = list(parent.block_ids)
-        # The hashes of the prompt's full blocks are the sample's too; those of a block
-        # holding the parent's first token are not.
-        sample.block_hashes = parent.block_hashes[: parent.num_prompt_tokens // self._block_pool.block_size]
-        sample.num_cached_blocks = parent.num_cached_blocks
-        sample.num_cached_tokens = parent.num_cached_tokens
-        sample.status = RequestStatus.RUNNING
-        self._requests[sample.request_id] = sample
-        self._running.append(sample)
-        self._sample_ids.setdefault(parent.request_id, []).append(sample.request_id)
-        return sample
+        child.block_ids = list(parent.block_ids)
+        child.num_cached_blocks = parent.num_cached_blocks
+        child.num_cached_tokens = parent.num_cached_tokens
+        child.status = RequestStatus.RUNNING
+        self._requests[request_id] = child
+        return child
 
     @staticmethod
     def _num_samples_to_fork(req: Request) -> int:
