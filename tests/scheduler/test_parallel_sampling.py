@@ -26,6 +26,7 @@ from services.scheduler.request import Request
 from services.scheduler.scheduler import Scheduler, SchedulerConfig
 from shared.messages import ExecuteStep, RequestDelta, SampledToken, StepResult
 from shared.sampling_params import SamplingParams
+from tests.scheduler.fake_kv_cache import FakeKVCache
 
 EOS = 0
 FIRST_ORDINARY_TOKEN = 10
@@ -61,8 +62,10 @@ class Mirror:
 class ForkingExecutor:
     block_size: int
     mirrors: dict[str, Mirror] = field(default_factory=dict)
-    slots: dict[int, int] = field(default_factory=dict)  # slot -> token id whose K/V it holds
-    swap_slots: dict[int, int] = field(default_factory=dict)  # the same, of the swap pool
+    kv: FakeKVCache = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.kv = FakeKVCache(self.block_size)
 
     def execute(self, step: ExecuteStep) -> StepResult:
         for fork in step.beam_forks:  # before anything else, as the model runner does
@@ -73,9 +76,7 @@ class ForkingExecutor:
             )
         for request_id in step.finished_request_ids:
             self.mirrors.pop(request_id)  # it must have been mirrored
-        self._copy(self.slots, self.swap_slots, step.swap_out)
-        self._copy(self.swap_slots, self.slots, step.swap_in)
-        self._copy(self.slots, self.slots, step.block_copies)
+        self.kv.apply_copies(step.swap_out, step.swap_in, step.block_copies)
         scheduled: list[tuple[str, Mirror]] = []
         for new in step.new_requests:
             assert new.request_id not in self.mirrors
@@ -94,8 +95,7 @@ class ForkingExecutor:
             start = mirror.num_computed_tokens
             mirror.num_computed_tokens += num_tokens
             assert mirror.num_computed_tokens <= len(mirror.block_ids) * self.block_size
-            for position in range(start, mirror.num_computed_tokens):
-                self.slots[self._slot(mirror, position)] = mirror.token_ids[position]
+            self.kv.write(mirror.block_ids, mirror.token_ids, start, mirror.num_computed_tokens)
         sampled: list[SampledToken] = []
         sampling = [(rid, m) for rid, m in scheduled if m.num_computed_tokens == len(m.token_ids)]
         for fork in step.forked_requests:
@@ -108,7 +108,7 @@ class ForkingExecutor:
             self.mirrors[fork.request_id] = child
             sampling.append((fork.request_id, child))
         for request_id, mirror in sampling:
-            stored = [self.slots.get(self._slot(mirror, p)) for p in range(len(mirror.token_ids))]
+            stored = self.kv.read(mirror.block_ids, len(mirror.token_ids))
             assert stored == mirror.token_ids, f"{request_id} reads K/V of other tokens"
             if mirror.params.use_beam_search:  # candidates; the scheduler picks and sends one
                 sampled.append(beam_candidates(request_id, mirror))
@@ -117,18 +117,6 @@ class ForkingExecutor:
             mirror.token_ids.append(token)
             sampled.append(SampledToken(request_id, token))
         return StepResult(step.step_id, sampled)
-
-    def _slot(self, mirror: Mirror, position: int) -> int:
-        return mirror.block_ids[position // self.block_size] * self.block_size + position % self.block_size
-
-    def _copy(self, source: dict[int, int], destination: dict[int, int], pairs: list[tuple[int, int]]) -> None:
-        for src, dst in pairs:
-            for offset in range(self.block_size):
-                token = source.get(src * self.block_size + offset)
-                if token is None:
-                    destination.pop(dst * self.block_size + offset, None)
-                else:
-                    destination[dst * self.block_size + offset] = token
 
 
 def make_scheduler(num_blocks: int = 64, block_size: int = 4, num_swap_blocks: int = 0, **config: object) -> Scheduler:

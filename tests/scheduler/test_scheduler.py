@@ -27,6 +27,7 @@ from services.scheduler.scheduler import (
 )
 from shared.messages import ExecuteStep, RequestDelta, SampledToken, StepResult
 from shared.sampling_params import SamplingParams
+from tests.scheduler.fake_kv_cache import FakeKVCache
 
 EOS = 0
 VOCAB_SIZE = 1000
@@ -59,15 +60,16 @@ class FakeExecutor:
     token_fn: TokenFn = model_token
     with_logprobs: bool = False
     mirrors: dict[str, Mirror] = field(default_factory=dict)
-    slots: dict[int, int] = field(default_factory=dict)  # slot (block * size + offset) -> token id
-    swap_slots: dict[int, int] = field(default_factory=dict)  # the CPU swap pool, the same way
+    kv: FakeKVCache = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.kv = FakeKVCache(self.block_size)
 
     def execute(self, step: ExecuteStep) -> StepResult:
         for request_id in step.finished_request_ids:
             self.mirrors.pop(request_id)  # it must have been mirrored
         # As the real executor: all swap-outs, then all swap-ins, then the step.
-        self._copy_blocks(self.slots, self.swap_slots, step.swap_out)
-        self._copy_blocks(self.swap_slots, self.slots, step.swap_in)
+        self.kv.apply_copies(step.swap_out, step.swap_in, [])
         scheduled: list[Mirror] = []
         for new in step.new_requests:
             assert new.request_id not in self.mirrors
@@ -90,30 +92,17 @@ class FakeExecutor:
             # Every slot written this step lies in the block table.
             assert mirror.num_computed_tokens <= len(mirror.block_ids) * self.block_size
             assert mirror.num_computed_tokens <= len(mirror.token_ids)
-            for position in range(start, mirror.num_computed_tokens):
-                self.slots[self._slot(mirror, position)] = mirror.token_ids[position]
+            self.kv.write(mirror.block_ids, mirror.token_ids, start, mirror.num_computed_tokens)
         for request_id, mirror in zip(request_ids, scheduled):
             if mirror.num_computed_tokens == len(mirror.token_ids):
                 # What attention would read: every position's K/V, through the table.
-                stored = [self.slots.get(self._slot(mirror, p)) for p in range(len(mirror.token_ids))]
+                stored = self.kv.read(mirror.block_ids, len(mirror.token_ids))
                 assert stored == mirror.token_ids, f"{request_id} reads K/V of other tokens"
                 token = self.token_fn(request_id, mirror.token_ids)
                 mirror.token_ids.append(token)
                 logprob = -0.5 if self.with_logprobs else None
                 sampled.append(SampledToken(request_id, token, logprob))
         return StepResult(step.step_id, sampled)
-
-    def _copy_blocks(self, source: dict[int, int], destination: dict[int, int], pairs: list[tuple[int, int]]) -> None:
-        for src, dst in pairs:
-            for offset in range(self.block_size):
-                token = source.get(src * self.block_size + offset)
-                if token is None:
-                    destination.pop(dst * self.block_size + offset, None)
-                else:
-                    destination[dst * self.block_size + offset] = token
-
-    def _slot(self, mirror: Mirror, position: int) -> int:
-        return mirror.block_ids[position // self.block_size] * self.block_size + position % self.block_size
 
 
 def make_request(
