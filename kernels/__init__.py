@@ -1,5 +1,5 @@
-"""Paged-KV kernels: a torch implementation (CPU path and reference) and Triton kernels
-(CUDA path), chosen per device by `kernel_module`."""
+"""Paged-KV kernels: a torch implementation (the reference), a C decode kernel with torch ops
+for the rest (CPU path) and Triton kernels (CUDA path), chosen per device by `kernel_module`."""
 
 from kernels.dispatch import kernel_module
 

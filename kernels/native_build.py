@@ -1,0 +1,131 @@
+"""Compile the C kernels of `kernels/csrc/` on first use and load them with ctypes.
+
+Why at run time, like torch's own JIT extensions: `-march=native` code for the CPU it runs
+on, and no build step in the install. A C compiler is the only requirement (scripts/setup.sh
+and docker/Dockerfile install gcc where it is missing); a build takes well under a second.
+
+Why plain C through ctypes rather than a torch C++ extension: the kernels need nothing from
+torch but data pointers, and a C file compiles in a fraction of a second where one including
+torch's headers takes about a minute. ctypes releases the GIL during the call.
+
+Libraries are cached on disk, named by a hash of everything that decides the binary (source,
+compiler, flags, CPU), so a machine compiles each once. Concurrent processes build into
+private temporary files and rename them into place, so none ever loads a half-written file.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
+
+# Tried in order. The first vectorises expf through glibc's libmvec (-ffast-math lets the
+# compiler call it); the second is for C libraries without libmvec.
+FLAG_SETS: tuple[tuple[str, ...], ...] = (
+    ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared", "-lmvec", "-lm"),
+    ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-lm"),
+)
+
+
+class NativeBuildError(RuntimeError):
+    """No C compiler, or every flag set failed to compile or load the library."""
+
+
+def cache_dir() -> Path:
+    """$PAGEDSERVE_CACHE_DIR, else $XDG_CACHE_HOME/pagedserve/kernels, else ~/.cache/...;
+    a per-user temporary folder where none of those can be written."""
+    configured = os.environ.get("PAGEDSERVE_CACHE_DIR")
+    if configured:
+        return Path(configured)
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    for candidate in (base / "pagedserve" / "kernels", Path(tempfile.gettempdir()) / f"pagedserve-kernels-{os.getuid()}"):
+        try:
+            candidate.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(candidate, os.W_OK):
+            return candidate
+    raise NativeBuildError(f"no writable folder for built kernels; set PAGEDSERVE_CACHE_DIR (tried {base})")
+
+
+def find_compiler() -> str:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        raise NativeBuildError("no C compiler found: install gcc or set CC")
+    return compiler
+
+
+@functools.cache
+def _compiler_identity(compiler: str) -> str:
+    try:
+        result = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as error:
+        raise NativeBuildError(f"C compiler '{compiler}' does not run: {error}") from error
+    return result.stdout
+
+
+def _cpu_identity() -> str:
+    """The CPU's feature flags (what -march=native compiles for), where Linux reports them."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            return next((line for line in cpuinfo if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return ""
+
+
+def library_path(source: Path, compiler: str, flags: tuple[str, ...]) -> Path:
+    digest = hashlib.sha256()
+    for part in (source.read_bytes(), compiler.encode(), _compiler_identity(compiler).encode(),
+                 " ".join(flags).encode(), platform.machine().encode(), _cpu_identity().encode()):
+        digest.update(part)
+        digest.update(b"\0")
+    return cache_dir() / f"{source.stem}-{digest.hexdigest()[:16]}.so"
+
+
+def _compile(compiler: str, source: Path, target: Path, flags: tuple[str, ...]) -> None:
+    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}-", suffix=".so")
+    os.close(handle)
+    try:
+        # Libraries after the source: the linker resolves symbols left to right.
+        compile_flags = [f for f in flags if not f.startswith("-l")]
+        libraries = [f for f in flags if f.startswith("-l")]
+        result = subprocess.run(
+            [compiler, *compile_flags, str(source), "-o", temporary, *libraries],
+            capture_output=True, text=True, timeout=300,
+        )
+        if result.returncode != 0:
+            raise NativeBuildError(f"{compiler} {' '.join(flags)} failed on {source.name}:\n{result.stderr.strip()}")
+        os.replace(temporary, target)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+def build_library(source: Path) -> ctypes.CDLL:
+    """Compile `source` (or reuse its cached build) and load it; the first flag set that
+    both compiles and loads wins."""
+    compiler = find_compiler()
+    errors = []
+    for flags in FLAG_SETS:
+        path = library_path(source, compiler, flags)
+        try:
+            if not path.exists():
+                _compile(compiler, source, path, flags)
+            return ctypes.CDLL(str(path))
+        except (NativeBuildError, OSError) as error:
+            errors.append(str(error))
+    raise NativeBuildError("could not build a native kernel library:\n" + "\n".join(errors))
+
+
+@functools.cache
+def load_library(name: str) -> ctypes.CDLL:
+    """`kernels/csrc/<name>.c`, built once per process (and once per machine on disk)."""
+    return build_library(SOURCE_DIR / f"{name}.c")

@@ -1,0 +1,175 @@
+"""Tests for `kernels/cpu_ops.py`: the C decode attention kernel (built for real with the
+machine's C compiler) against `kernels/torch_ops.py`, on caches that are NaN wherever no
+real token sits (`tests/kernels/paged_cache.py`), and the build and fallback around it."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernels import cpu_ops, kernel_module, native_build, torch_ops
+from tests.kernels.paged_cache import paged_cache, seeded_generator, tolerance
+
+
+def _clear_build_caches() -> None:
+    native_build.load_library.cache_clear()
+    cpu_ops._decode_kernel.cache_clear()
+    cpu_ops._decode_kernel_or_none.cache_clear()
+
+
+@pytest.fixture
+def fresh_build(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
+    """An empty kernel cache folder and no library loaded yet in this process; afterwards
+    the next user loads the real one again (from the normal cache, already built)."""
+    monkeypatch.setenv("PAGEDSERVE_CACHE_DIR", str(tmp_path))
+    _clear_build_caches()
+    yield tmp_path
+    monkeypatch.undo()
+    _clear_build_caches()
+
+
+# (seq_lens, num_heads, num_kv_heads, head_dim, block_size): one token, lengths on and off
+# block boundaries, contexts of many blocks; MHA, GQA 3 (the embedded model), GQA 4, MQA.
+_DECODE_CASES = [
+    ([1, 8, 13, 16, 17], 2, 2, 16, 8),
+    ([16, 21, 5, 200], 9, 3, 64, 16),
+    ([3, 32, 40, 1], 8, 1, 64, 16),
+    ([64, 127, 2], 8, 2, 128, 32),
+    ([300, 45], 4, 4, 32, 1),
+]
+
+
+@pytest.mark.parametrize(("seq_lens", "num_heads", "num_kv_heads", "head_dim", "block_size"), _DECODE_CASES)
+def test_native_decode_matches_torch(
+    request: pytest.FixtureRequest,
+    seq_lens: list[int],
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+) -> None:
+    gen = seeded_generator(request)
+    cache = paged_cache(seq_lens, num_kv_heads, head_dim, block_size, torch.float32, gen)
+    # The query as the model hands it over: a strided view of a larger projection output.
+    query = torch.randn(len(seq_lens), 2, num_heads, head_dim, generator=gen)[:, 1]
+    scale = head_dim**-0.5
+
+    out = cpu_ops.native_decode_attention(
+        query, cache.key_cache, cache.value_cache, cache.block_tables, cache.seq_lens, scale
+    )
+    expected = torch_ops.paged_decode_attention(
+        query, cache.reference_key_cache, cache.reference_value_cache, cache.block_tables, cache.seq_lens,
+        scale, max(seq_lens),
+    )
+
+    assert out.shape == query.shape and out.dtype == torch.float32
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, expected, **tolerance(torch.float32))
+
+
+def test_native_decode_on_a_serving_sized_batch() -> None:
+    """Fresh random lengths and data each run, at the embedded model's shape (9 query heads
+    over 3 KV heads, head_dim 64, blocks of 16) and a batch the size the engine runs."""
+    seed = random.randrange(2**31)
+    gen = torch.Generator().manual_seed(seed)
+    seq_lens = torch.randint(1, 700, (48,), generator=gen).tolist()
+    cache = paged_cache(seq_lens, 3, 64, 16, torch.float32, gen)
+    query = torch.randn(len(seq_lens), 9, 64, generator=gen)
+    out = cpu_ops.native_decode_attention(query, cache.key_cache, cache.value_cache, cache.block_tables, cache.seq_lens, 0.125)
+    expected = torch_ops.paged_decode_attention(
+        query, cache.reference_key_cache, cache.reference_value_cache, cache.block_tables, cache.seq_lens,
+        0.125, max(seq_lens),
+    )
+    torch.testing.assert_close(out, expected, **tolerance(torch.float32), msg=lambda m: f"seed {seed}: {m}")
+
+
+def test_native_decode_is_the_same_on_any_number_of_threads(request: pytest.FixtureRequest) -> None:
+    """Each (sequence, KV head) is computed whole by one thread, so the thread count (the
+    OpenMP runtime is torch's: torch.set_num_threads applies) cannot change a single bit."""
+    gen = seeded_generator(request)
+    seq_lens = [90, 3, 250, 16, 41]
+    cache = paged_cache(seq_lens, 2, 64, 16, torch.float32, gen)
+    query = torch.randn(len(seq_lens), 6, 64, generator=gen)
+    args = (query, cache.key_cache, cache.value_cache, cache.block_tables, cache.seq_lens, 0.125)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_ops.native_decode_attention(*args)
+        torch.set_num_threads(3)
+        three = cpu_ops.native_decode_attention(*args)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, three)
+
+
+def test_serving_path_uses_the_native_kernel_for_float32_and_torch_otherwise(request: pytest.FixtureRequest) -> None:
+    gen = seeded_generator(request)
+    seq_lens = [20, 7]
+    assert kernel_module(torch.device("cpu")) is cpu_ops
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        cache = paged_cache(seq_lens, 1, 32, 8, dtype, gen)
+        query = torch.randn(len(seq_lens), 2, 32, generator=gen).to(dtype)
+        keys, values = cache.reference_key_cache, cache.reference_value_cache
+        args = (cache.block_tables, cache.seq_lens, 0.2)
+        out = cpu_ops.paged_decode_attention(query, keys, values, *args, max(seq_lens))
+        if dtype == torch.float32:
+            assert torch.equal(out, cpu_ops.native_decode_attention(query, keys, values, *args))
+        else:
+            with pytest.raises(ValueError, match="float32"):
+                cpu_ops.native_decode_attention(query, keys, values, *args)
+            assert torch.equal(out, torch_ops.paged_decode_attention(query, keys, values, *args, max(seq_lens)))
+
+
+def test_mismatched_shapes_are_refused() -> None:
+    key_cache = torch.zeros(4, 8, 2, 32)
+    with pytest.raises(ValueError, match="does not fit"):  # 3 query heads over 2 KV heads
+        cpu_ops.native_decode_attention(
+            torch.zeros(1, 3, 32), key_cache, key_cache, torch.zeros(1, 1, dtype=torch.int32),
+            torch.ones(1, dtype=torch.int32), 1.0,
+        )
+
+
+# ----------------------------------------------------------------------------------------
+# building the library
+
+
+def test_library_is_built_once_and_then_reused(fresh_build: Path) -> None:
+    native_build.load_library("paged_attention_cpu")
+    built = sorted(fresh_build.glob("paged_attention_cpu-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    native_build.load_library.cache_clear()  # a new process, as far as the build knows
+    native_build.load_library("paged_attention_cpu")
+    assert sorted(fresh_build.glob("*")) == built  # no temporary files left either
+    assert built[0].stat().st_mtime_ns == stamp
+
+
+def test_a_compile_error_names_the_file_and_the_compiler_message(fresh_build: Path) -> None:
+    source = fresh_build / "broken_kernel.c"
+    source.write_text("int broken(void) { return undeclared_name; }\n")
+    with pytest.raises(native_build.NativeBuildError, match=r"broken_kernel\.c(.|\n)*undeclared_name"):
+        native_build.build_library(source)
+    assert list(fresh_build.glob("*.so")) == []
+
+
+def test_without_a_compiler_serving_falls_back_to_torch_with_a_warning(
+    request: pytest.FixtureRequest, fresh_build: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("CC", str(fresh_build / "no-such-compiler"))
+    with pytest.raises(native_build.NativeBuildError, match="does not run"):
+        native_build.load_library("paged_attention_cpu")
+    gen = seeded_generator(request)
+    cache = paged_cache([12, 30], 2, 16, 8, torch.float32, gen)
+    query = torch.randn(2, 4, 16, generator=gen)
+    args = (query, cache.reference_key_cache, cache.reference_value_cache, cache.block_tables, cache.seq_lens, 0.25, 30)
+    with caplog.at_level(logging.WARNING, logger="kernels.cpu_ops"):
+        out = cpu_ops.paged_decode_attention(*args)
+        cpu_ops.paged_decode_attention(*args)
+    assert torch.equal(out, torch_ops.paged_decode_attention(*args))
+    warnings = [r.getMessage() for r in caplog.records if r.name == "kernels.cpu_ops"]
+    assert len(warnings) == 1 and "torch path" in warnings[0] and "no-such-compiler" in warnings[0]
