@@ -33,26 +33,35 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for every position, computed once in float32 like HF's, then cast."""
+    """cos/sin of every position, computed once in float32 like HF's, then cast.
+
+    HF rotates with `x * cos + rotate_half(x) * sin`, its cos/sin tables being one half
+    repeated twice. Per half that is `x1 * cos - x2 * sin` and `x2 * cos + x1 * sin`: the
+    same products and sums, so the same bits, in half the arithmetic and without
+    `rotate_half`'s negated, concatenated copy. q and k are rotated in one pass.
+    """
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
         super().__init__()
         inv_freq, scaling = _rope_inv_freq(config)
         positions = torch.arange(config.max_position_embeddings, dtype=torch.float32)
-        freqs = positions[:, None] * inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos", (emb.cos() * scaling).to(dtype), persistent=False)
-        self.register_buffer("sin", (emb.sin() * scaling).to(dtype), persistent=False)
+        freqs = positions[:, None] * inv_freq[None, :]  # [positions, head_dim / 2]
+        self.register_buffer("cos", (freqs.cos() * scaling).to(dtype), persistent=False)
+        self.register_buffer("sin", (freqs.sin() * scaling).to(dtype), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = self.cos[positions][:, None, :]  # [num_tokens, 1, head_dim]
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x [num_tokens, num_heads, head_dim] (any strides) -> a rotated, contiguous copy."""
+        half = x.shape[-1] // 2
+        cos = self.cos[positions][:, None, :]  # [num_tokens, 1, head_dim / 2]
         sin = self.sin[positions][:, None, :]
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        x1, x2 = x[..., :half], x[..., half:]
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        first, second = out[..., :half], out[..., half:]
+        torch.mul(x1, cos, out=first)
+        first.sub_(x2 * sin)
+        torch.mul(x2, cos, out=second)
+        second.add_(x1 * sin)
+        return out
 
 
 def _rope_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
@@ -94,11 +103,11 @@ class Attention(nn.Module):
         kernels: ModuleType,
     ) -> torch.Tensor:
         num_tokens = hidden.shape[0]
-        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = rotary(positions, q, k)
+        qkv = self.qkv_proj(hidden)
+        qk = qkv[:, : self.q_size + self.kv_size].view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
+        qk = rotary(positions, qk)
+        q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+        v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
         key_cache, value_cache = kv_cache
         # New K/V go into the cache first: attention then reads every token, new or
         # cached, through the block table.
@@ -133,7 +142,9 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        # In place, in the projection's own output: the same values as silu(gate) * up
+        # without two [num_tokens, intermediate] temporaries.
+        return self.down_proj(F.silu(gate, inplace=True).mul_(up))
 
 
 class DecoderLayer(nn.Module):
