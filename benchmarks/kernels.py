@@ -11,7 +11,8 @@ torch implementation; prefill reports TFLOP/s as well, as it is compute-bound.
 On CUDA the Triton kernels run, timed with CUDA events (median of --iters runs after
 --warmup), each call replayed from a CUDA graph where it can be captured so host launch
 overhead is not counted (a decode step in a server runs from a graph too). On CPU there is
-no Triton: the torch implementation runs on small shapes, and the output says so.
+no Triton: the CPU path (kernels/cpu_ops.py: the C decode attention kernel, torch ops for
+the rest) runs on small shapes, and the output says so.
 
     python benchmarks/kernels.py                       # defaults for the device found
     python benchmarks/kernels.py --batch-sizes 1,64 --context-lens 2048,8192 --dtype bf16
@@ -120,7 +121,7 @@ def _parse_args(argv: Sequence[str] | None) -> BenchConfig:
         num_kv_heads=args.num_kv_heads,
         head_dim=args.head_dim,
         block_size=args.block_size,
-        # CPU defaults stay small: the torch path gathers whole contexts per call.
+        # CPU defaults stay small: the torch reference gathers whole contexts per call.
         batch_sizes=args.batch_sizes or ([1, 8, 32, 64, 128, 256] if on_cuda else [1, 4]),
         context_lens=args.context_lens
         or ([128, 1024, 4096, 16384, 32768] if on_cuda else [128, 512]),
@@ -375,8 +376,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"device: {torch.cuda.get_device_name(config.device)}; kernels: Triton (kernels/triton_ops.py)")
     else:
         print(
-            "device: CPU; kernels: the torch implementation (kernels/torch_ops.py) on small "
-            "shapes.\nNO TRITON NUMBERS: Triton kernels need CUDA (the interpreter is a "
+            "device: CPU; kernels: the CPU path (kernels/cpu_ops.py: C decode attention, torch "
+            "ops for the rest) on small shapes.\nNO TRITON NUMBERS: Triton kernels need CUDA (the interpreter is a "
             "correctness tool, not a benchmark)."
         )
     print(
