@@ -27,11 +27,14 @@ from pathlib import Path
 
 SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
 
-# Tried in order. The first vectorises expf through glibc's libmvec (-ffast-math lets the
-# compiler call it); the second is for C libraries without libmvec.
-FLAG_SETS: tuple[tuple[str, ...], ...] = (
-    ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared", "-lmvec", "-lm"),
-    ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-lm"),
+# (compile flags, link flags), tried in order. The first vectorises expf through glibc's
+# libmvec (-ffast-math lets the compiler call it); the second is for C libraries without
+# libmvec. Compiling and linking are separate steps on purpose: linking with -ffast-math
+# adds crtfastmath.o, whose constructor turns on flush-to-zero for the whole process the
+# moment the library loads, silently changing every float computation around it.
+FLAG_SETS: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
+    (("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC"), ("-shared", "-fopenmp", "-lmvec", "-lm")),
+    (("-O3", "-march=native", "-fopenmp", "-fPIC"), ("-shared", "-fopenmp", "-lm")),
 )
 
 
@@ -81,32 +84,39 @@ def _cpu_identity() -> str:
         return ""
 
 
-def library_path(source: Path, compiler: str, flags: tuple[str, ...]) -> Path:
+def library_path(source: Path, compiler: str, flags: tuple[tuple[str, ...], tuple[str, ...]]) -> Path:
     digest = hashlib.sha256()
+    compile_flags, link_flags = flags
     for part in (source.read_bytes(), compiler.encode(), _compiler_identity(compiler).encode(),
-                 " ".join(flags).encode(), platform.machine().encode(), _cpu_identity().encode()):
+                 " ".join(compile_flags).encode(), " ".join(link_flags).encode(),
+                 platform.machine().encode(), _cpu_identity().encode()):
         digest.update(part)
         digest.update(b"\0")
     return cache_dir() / f"{source.stem}-{digest.hexdigest()[:16]}.so"
 
 
-def _compile(compiler: str, source: Path, target: Path, flags: tuple[str, ...]) -> None:
+def _run(command: list[str], source: Path) -> None:
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    if result.returncode != 0:
+        raise NativeBuildError(f"{' '.join(command)} failed on {source.name}:\n{result.stderr.strip()}")
+
+
+def _compile(
+    compiler: str, source: Path, target: Path, flags: tuple[tuple[str, ...], tuple[str, ...]]
+) -> None:
+    compile_flags, link_flags = flags
     handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}-", suffix=".so")
     os.close(handle)
+    obj = temporary[: -len(".so")] + ".o"
     try:
-        # Libraries after the source: the linker resolves symbols left to right.
-        compile_flags = [f for f in flags if not f.startswith("-l")]
-        libraries = [f for f in flags if f.startswith("-l")]
-        result = subprocess.run(
-            [compiler, *compile_flags, str(source), "-o", temporary, *libraries],
-            capture_output=True, text=True, timeout=300,
-        )
-        if result.returncode != 0:
-            raise NativeBuildError(f"{compiler} {' '.join(flags)} failed on {source.name}:\n{result.stderr.strip()}")
+        _run([compiler, *compile_flags, "-c", str(source), "-o", obj], source)
+        # Libraries after the object: the linker resolves symbols left to right.
+        _run([compiler, obj, "-o", temporary, *link_flags], source)
         os.replace(temporary, target)
     finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+        for leftover in (temporary, obj):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
 
 
 def build_library(source: Path) -> ctypes.CDLL:

@@ -149,6 +149,20 @@ def test_library_is_built_once_and_then_reused(fresh_build: Path) -> None:
     assert built[0].stat().st_mtime_ns == stamp
 
 
+def test_loading_the_library_keeps_subnormal_floats(fresh_build: Path) -> None:
+    """A library linked with -ffast-math would switch the whole process to flush-to-zero
+    when it loads (crtfastmath.o), changing every float computation around it."""
+    tiny = torch.finfo(torch.float32).tiny
+    native_build.load_library("paged_attention_cpu")
+    assert (torch.tensor([tiny]) / 4).item() > 0.0
+    assert halve(5e-324 * 2) == 5e-324
+
+
+def halve(value: float) -> float:
+    """Python float arithmetic (SSE doubles in the same process) on a subnormal."""
+    return value / 2
+
+
 def test_a_compile_error_names_the_file_and_the_compiler_message(fresh_build: Path) -> None:
     source = fresh_build / "broken_kernel.c"
     source.write_text("int broken(void) { return undeclared_name; }\n")
