@@ -74,7 +74,7 @@ def simulated_step_result(scheduler: Scheduler, step: ExecuteStep) -> StepResult
             if request.beam is not None:
                 sampled.append(synthetic_beam_candidates(request_id, request.num_tokens, request.beam.search.num_candidates))
             else:
-                sampled.append(SampledToken(request_id=request_id, token_id=FILLER_TOKEN))
+                sampled.append(SampledToken(sequence_id=request_id, token_id=FILLER_TOKEN))
     # Parallel samples forked off a request that sampled: each draws its first token too.
     sampled += [SampledToken(request_id=fork.request_id, token_id=FILLER_TOKEN) for fork in step.forked_requests]
     return StepResult(step_id=step.step_id, sampled=sampled)

@@ -71,9 +71,9 @@ class ExecuteStep(msgspec.Struct, **_PER_STEP):
     new_requests: list[NewRequestData]
     cached_requests: list[CachedRequestData]
     num_scheduled_tokens: list[int]
-    # Requests the executor must forget before running this step (finished, aborted, or
-    # preempted: a preempted request comes back later as a NewRequestData).
-    finished_request_ids: list[str] = []
+    # Requests the executor must drop from its mirror before running this step: finished,
+    # aborted, or preempted (a preempted request comes back later as a NewRequestData).
+    dropped_request_ids: list[str] = []
     # (source, destination) block ids whose K and V, in every layer, the executor copies
     # before running the model (copy-on-write of a block shared by forked samples).
     block_copies: list[tuple[int, int]] = []
@@ -85,13 +85,16 @@ class ExecuteStep(msgspec.Struct, **_PER_STEP):
     # written, in this very step, and a swapped-in request reads its K/V in it.
     swap_out: list[tuple[int, int]] = []
     swap_in: list[tuple[int, int]] = []
-    # Beam forks, applied before anything else in the step (even `finished_request_ids`:
+    # Beam forks, applied before anything else in the step (even `dropped_request_ids`:
     # a parent dropped or preempted in this step is still copied as it was).
     beam_forks: list[BeamFork] = []
 
 
 class SampledToken(msgspec.Struct, **_PER_STEP):
-    request_id: str
+    """One sequence's token. A sequence is a request, or one sample or beam of it
+    (f"{id}#{i}", f"{id}#b{k}"): unlike `RequestDelta.request_id`, not the client's id."""
+
+    sequence_id: str
     token_id: int
     logprob: float | None = None  # of the sampled token, when logprobs were asked for
     top_token_ids: list[int] = []
@@ -123,6 +126,9 @@ class RequestDelta(msgspec.Struct, **_PER_STEP):
     # Which of the request's `n` samples the tokens belong to (0 .. n-1); `request_id` is
     # the request's, whichever sample it is. Each sample finishes on its own.
     sample_index: int = 0
+    # True on the last delta of the request as a whole (every sample, or the whole beam
+    # search, has finished): the scheduler core decides it once; nobody else counts.
+    request_finished: bool = False
 
 
 # ---------------------------------------------------------------------------------------
@@ -166,7 +172,9 @@ class RequestError(msgspec.Struct, tag="error", array_like=True):
     retry_after_s: float = 0.0
 
 
-class RunningRequestStatus(msgspec.Struct):
+class RequestSummary(msgspec.Struct):
+    """One waiting, running or swapped request as the admin snapshot lists it."""
+
     request_id: str
     status: str  # waiting | running | swapped
     num_prompt_tokens: int
@@ -242,9 +250,9 @@ class StatusSnapshot(msgspec.Struct, tag="snapshot", array_like=True):
     query_id: int
     model: str
     max_model_len: int
-    running: list[RunningRequestStatus]
-    waiting: list[RunningRequestStatus]
-    swapped: list[RunningRequestStatus]
+    running: list[RequestSummary]
+    waiting: list[RequestSummary]
+    swapped: list[RequestSummary]
     block_pool: BlockPoolStatus | None  # None until an executor reported its capacity
     executors: list[ExecutorStatus]
     steps: StepStats

@@ -120,7 +120,7 @@ class ModelRunner:
                 block_ids=list(parent.block_ids),
                 sampling_params=parent.sampling_params,
             )
-        for request_id in step.finished_request_ids:
+        for request_id in step.dropped_request_ids:
             self.requests.pop(request_id, None)
         # Swap-outs first: their blocks may be reallocated and written in this very step.
         copy_blocks(self.kv_caches, self.swap_caches, step.swap_out)

@@ -338,7 +338,7 @@ def _sampled_tokens(
     token_id_list: list[int] = token_ids.tolist()
     if all(n is None for n in num_logprobs):
         return [
-            SampledToken(request_id=request.request_id, token_id=token_id)
+            SampledToken(sequence_id=request.request_id, token_id=token_id)
             for request, token_id in zip(requests, token_id_list)
         ]
     logprobs = raw_logits.log_softmax(dim=-1)
@@ -356,7 +356,7 @@ def _sampled_tokens(
             continue
         messages.append(
             SampledToken(
-                request_id=request.request_id,
+                sequence_id=request.request_id,
                 token_id=token_id_list[row],
                 logprob=sampled_logprobs[row],
                 top_token_ids=top_token_ids[row][:n],

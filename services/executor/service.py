@@ -127,7 +127,7 @@ def _forget_all_requests(runner: ModelRunner) -> None:
     if runner.requests:
         runner.execute(ExecuteStep(
             step_id=-1, new_requests=[], cached_requests=[], num_scheduled_tokens=[],
-            finished_request_ids=list(runner.requests),
+            dropped_request_ids=list(runner.requests),
         ))
 
 

@@ -342,8 +342,8 @@ class Generation:
         context = self._context
         unfinished = [c for c in self._choices if c.finish_reason is None or c.finish_reason == "error"]
         # Aborting a request aborts every sample of it, finished ones being no matter.
-        unfinished_request_ids = list(dict.fromkeys(c.request_id for c in unfinished))
-        context.scheduler.abort_soon(unfinished_request_ids)
+        undropped_request_ids = list(dict.fromkeys(c.request_id for c in unfinished))
+        context.scheduler.abort_soon(undropped_request_ids)
         context.scheduler.unregister(list(self._samples_of))
         reason = "error" if self._error is not None else "abort"
         now = time.time()
@@ -351,7 +351,7 @@ class Generation:
             choice.finish_reason = reason
             context.metrics.finished(reason)
             context.metrics.generation_tokens.inc(choice.num_output_tokens)
-        for request_id in unfinished_request_ids:
+        for request_id in undropped_request_ids:
             output_tokens = sum(c.num_output_tokens for c in self._samples_of[request_id])
             fields: dict[str, str | int | float] = {"status": "error" if self._error else "aborted", "finished_time": now, "output_tokens": output_tokens}
             if self._error is not None:

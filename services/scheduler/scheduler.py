@@ -348,7 +348,26 @@ class Scheduler:
                     sample_index=req.sample_index,
                 )
             )
+        return self._mark_request_ends(deltas)
+
+    def _mark_request_ends(self, deltas: list[RequestDelta]) -> list[RequestDelta]:
+        """Flag the last delta of each client request that has just ended as a whole (all
+        its samples, or its whole beam search): the one fact every consumer reads, instead
+        of each counting samples."""
+        ended: set[str] = set()
+        for delta in reversed(deltas):
+            client_id = delta.request_id
+            if delta.finish_reason is None or client_id in ended or self._client_request_alive(client_id):
+                continue
+            ended.add(client_id)
+            delta.request_finished = True
         return deltas
+
+    def _client_request_alive(self, client_request_id: str) -> bool:
+        """Whether any sequence of the client request is still waiting, running or swapped."""
+        return client_request_id in self._beam_groups or any(
+            i in self._requests for i in self._with_samples(client_request_id)
+        )
 
     def _dequeue(self, req: Request) -> None:
         """Take an alive request out of whichever queue holds it."""
@@ -399,7 +418,7 @@ class Scheduler:
             new_requests=new_requests,
             cached_requests=cached_requests,
             num_scheduled_tokens=new_counts + cached_counts,
-            finished_request_ids=finished_ids,
+            dropped_request_ids=finished_ids,
             swap_out=swap_out,
             swap_in=swap_in,
             block_copies=block_copies,
@@ -417,7 +436,7 @@ class Scheduler:
         become requests. Returns one delta per request or sample that got a token."""
         if result.step_id != step.step_id:
             raise ValueError(f"result of step {result.step_id} applied to step {step.step_id}")
-        sampled = {token.request_id: token for token in result.sampled}
+        sampled = {token.sequence_id: token for token in result.sampled}
         scheduled_ids = [r.request_id for r in step.new_requests] + [
             r.request_id for r in step.cached_requests
         ]
@@ -501,7 +520,7 @@ class Scheduler:
                 any_finished = True
         if any_finished:
             self._running = [r for r in self._running if not r.is_finished]
-        return deltas
+        return self._mark_request_ends(deltas)
 
     def _advance_beams(self, group: BeamGroup) -> list[RequestDelta]:
         """End a beam-search round: pick the next beams (fork, continue in place, free)

@@ -14,7 +14,7 @@ from shared.messages import (
     BlockPoolStatus,
     ExecutorStatus,
     PrefixCacheStatus,
-    RunningRequestStatus,
+    RequestSummary,
     StepStats,
 )
 
@@ -46,8 +46,8 @@ class StepHistory:
 _STATUS_NAMES = {RequestStatus.RUNNING: "running", RequestStatus.SWAPPED: "swapped"}
 
 
-def request_status(req: Request) -> RunningRequestStatus:
-    return RunningRequestStatus(
+def request_status(req: Request) -> RequestSummary:
+    return RequestSummary(
         request_id=req.request_id,
         status=_STATUS_NAMES.get(req.status, "waiting"),
         num_prompt_tokens=req.num_prompt_tokens,

@@ -76,7 +76,7 @@ def test_greedy_is_argmax(device: str) -> None:
     logits = _random_logits(16).to(device)
     tokens = Sampler(VOCAB_SIZE)(logits, _requests([SamplingParams(temperature=0.0)] * 16))
     assert [t.token_id for t in tokens] == logits.argmax(dim=-1).tolist()
-    assert [t.request_id for t in tokens] == [f"req-{i}" for i in range(16)]
+    assert [t.sequence_id for t in tokens] == [f"req-{i}" for i in range(16)]
 
 
 def test_greedy_ties_pick_the_lowest_index() -> None:

@@ -28,7 +28,7 @@ from shared.messages import (
     RequestDelta,
     RequestDeltas,
     RequestError,
-    RunningRequestStatus,
+    RequestSummary,
     StatusQuery,
     StatusSnapshot,
     StepStats,
@@ -194,9 +194,9 @@ class FakeScheduler:
                 self._changed.notify_all()
 
     def _snapshot(self, query_id: int) -> StatusSnapshot:
-        def status(active: _Active) -> RunningRequestStatus:
+        def status(active: _Active) -> RequestSummary:
             submit = active.submit
-            return RunningRequestStatus(
+            return RequestSummary(
                 active.sample_id, "running", len(submit.prompt_token_ids), active.num_sent, len(submit.prompt_token_ids),
                 submit.sampling_params.max_tokens, 0, submit.arrival_time, [0],
                 parent_request_id=submit.request_id if active.sample_index else None,

@@ -47,9 +47,9 @@ class StubScheduler:
 
 
 def snapshot_holding(request_ids: list[str]) -> StatusSnapshot:
-    from shared.messages import RunningRequestStatus
+    from shared.messages import RequestSummary
 
-    running = [RunningRequestStatus(r, "waiting", 1, 0, 0, 16, 0, 0.0, []) for r in request_ids]
+    running = [RequestSummary(r, "waiting", 1, 0, 0, 16, 0, 0.0, []) for r in request_ids]
     return StatusSnapshot(1, "m", 256, [], running, [], None, [], StepStats(0, 0.0, 0.0, 0.0, 0), 0.0)
 
 

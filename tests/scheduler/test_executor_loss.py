@@ -27,8 +27,8 @@ class FreshExecutor(FakeExecutor):
     """A replacement executor: it never saw the requests the scheduler tells it to forget."""
 
     def execute(self, step: ExecuteStep) -> StepResult:
-        known = [i for i in step.finished_request_ids if i in self.mirrors]
-        return super().execute(msgspec.structs.replace(step, finished_request_ids=known))
+        known = [i for i in step.dropped_request_ids if i in self.mirrors]
+        return super().execute(msgspec.structs.replace(step, dropped_request_ids=known))
 
 
 def test_running_requests_resume_in_a_new_executor_without_losing_or_repeating_tokens() -> None:

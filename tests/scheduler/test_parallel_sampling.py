@@ -74,7 +74,7 @@ class ForkingExecutor:
             self.mirrors[fork.request_id] = Mirror(
                 list(parent.token_ids), list(parent.block_ids), parent.num_computed_tokens, parent.params
             )
-        for request_id in step.finished_request_ids:
+        for request_id in step.dropped_request_ids:
             self.mirrors.pop(request_id)  # it must have been mirrored
         self.kv.apply_copies(step.swap_out, step.swap_in, step.block_copies)
         scheduled: list[tuple[str, Mirror]] = []

@@ -241,7 +241,7 @@ def test_preempted_request_resumes_from_its_own_cached_blocks() -> None:
     step_once(sched, executor, run)
     c_blocks = first_admission(run, "c")[0].block_ids
     step_once(sched, executor, run)
-    assert run.steps[-1].finished_request_ids == ["c"]  # preempted
+    assert run.steps[-1].dropped_request_ids == ["c"]  # preempted
     step_once(sched, executor, run)
     [resumed] = run.steps[-1].new_requests
     assert resumed.request_id == "c" and len(resumed.token_ids) == 9  # prompt + 1 output

@@ -66,7 +66,7 @@ class FakeExecutor:
         self.kv = FakeKVCache(self.block_size)
 
     def execute(self, step: ExecuteStep) -> StepResult:
-        for request_id in step.finished_request_ids:
+        for request_id in step.dropped_request_ids:
             self.mirrors.pop(request_id)  # it must have been mirrored
         # As the real executor: all swap-outs, then all swap-ins, then the step.
         self.kv.apply_copies(step.swap_out, step.swap_in, [])
@@ -390,7 +390,7 @@ def test_latest_arrival_is_preempted_and_resumes_with_same_output() -> None:
     assert sched.block_pool.num_free_blocks == 0
     step_once(sched, executor, run)
     step = run.steps[-1]
-    assert step.finished_request_ids == ["c"]  # the executor forgets it now
+    assert step.dropped_request_ids == ["c"]  # the executor forgets it now
     assert [r.request_id for r in step.cached_requests] == ["a", "b"]
     assert [r.request_id for r in sched.waiting] == ["c"]
     c = sched.get_request("c")
@@ -435,7 +435,7 @@ def test_request_preempts_itself_when_it_is_the_latest() -> None:
     assert sched.block_pool.num_free_blocks == 0
     step_once(sched, executor, run)  # b needs a 3rd block
     step = run.steps[-1]
-    assert step.finished_request_ids == ["b"]
+    assert step.dropped_request_ids == ["b"]
     assert [r.request_id for r in step.cached_requests] == ["a"]
     assert [r.request_id for r in sched.waiting] == ["b"]
     run_to_completion(sched, executor, run)
@@ -450,7 +450,7 @@ def test_low_priority_is_preempted_before_late_arrival() -> None:
     executor, run = FakeExecutor(4), Run()
     step_once(sched, executor, run)  # admitted by priority: a, b, low
     step_once(sched, executor, run)
-    assert run.steps[-1].finished_request_ids == ["low"]
+    assert run.steps[-1].dropped_request_ids == ["low"]
     run_to_completion(sched, executor, run)
 
 
@@ -523,10 +523,10 @@ def test_abort_waiting_request() -> None:
     sched.add_request(make_request("b", arrival_time=1))
     executor, run = FakeExecutor(4), Run()
     step_once(sched, executor, run)
-    assert sched.abort_requests(["b"]) == [RequestDelta("b", [], finish_reason="abort")]
+    assert sched.abort_requests(["b"]) == [RequestDelta("b", [], finish_reason="abort", request_finished=True)]
     assert sched.get_request("b") is None and sched.num_waiting == 0
     step_once(sched, executor, run)
-    assert run.steps[-1].finished_request_ids == []  # the executor never saw b
+    assert run.steps[-1].dropped_request_ids == []  # the executor never saw b
     run_to_completion(sched, executor, run)
 
 
@@ -541,7 +541,7 @@ def test_abort_running_request_frees_blocks_at_once() -> None:
     assert sched.block_pool.num_used_blocks == 0
     assert sched.abort_requests(["a"]) == []  # already gone
     step = sched.schedule()
-    assert step.finished_request_ids == ["a"]
+    assert step.dropped_request_ids == ["a"]
     executor.execute(step)
     assert executor.mirrors == {}
 

@@ -286,7 +286,7 @@ def test_an_executor_that_was_only_slow_is_taken_back(start_service: Callable[..
     executor.send(StepResultMessage(executor.model.execute(stalled.step)))
     executor.heartbeat()
     resumed = executor.run_step()
-    assert set(resumed.step.finished_request_ids) == {"a", "b"}  # forget the old mirrors...
+    assert set(resumed.step.dropped_request_ids) == {"a", "b"}  # forget the old mirrors...
     assert resumed.step.new_requests and not resumed.step.cached_requests  # ...and recompute
     drive(service, executor, lambda g: len(g.finished) == 2)
     assert service.gateway.outputs == {i: expected_output(i) for i in PROMPTS}

@@ -53,7 +53,7 @@ def test_latest_arrival_is_swapped_out_and_back_in_without_recompute() -> None:
     c_blocks = list(c.block_ids)
     step_once(sched, executor, run)
     step = run.steps[-1]
-    assert step.finished_request_ids == ["c"]  # the executor forgets its mirror
+    assert step.dropped_request_ids == ["c"]  # the executor forgets its mirror
     assert [r.request_id for r in step.cached_requests] == ["a", "b"]
     assert step.swap_out == list(zip(c_blocks, c.swap_block_ids)) and step.swap_in == []
     assert c.status == RequestStatus.SWAPPED and c.block_ids == []
@@ -90,7 +90,7 @@ def test_swapped_requests_come_back_in_order_before_waiting_ones() -> None:
     late = make_request("e", prompt_len=4, max_tokens=4, arrival_time=10)
     sched.add_request(late)
     step_once(sched, executor, run)
-    assert run.steps[-1].finished_request_ids == ["d", "c"]
+    assert run.steps[-1].dropped_request_ids == ["d", "c"]
     assert [r.request_id for r in sched.swapped] == ["c", "d"]
     assert [r.request_id for r in sched.waiting] == ["e"]
     while sched.num_swapped:
@@ -116,7 +116,7 @@ def test_victim_the_swap_pool_cannot_hold_is_recomputed() -> None:
     step_once(sched, executor, run)
     step_once(sched, executor, run)
     step = run.steps[-1]
-    assert step.finished_request_ids == ["d", "c"] and len(step.swap_out) == 2
+    assert step.dropped_request_ids == ["d", "c"] and len(step.swap_out) == 2
     c, d = sched.get_request("c"), sched.get_request("d")
     assert c is not None and d is not None
     assert d.status == RequestStatus.SWAPPED and d.num_computed_tokens == 8
@@ -162,7 +162,7 @@ def test_abort_of_a_swapped_request_frees_its_swap_blocks() -> None:
     assert delta.finish_reason == "abort"
     assert sched.swap_pool.num_used_blocks == 0 and sched.num_swapped == 0
     step_once(sched, executor, run)
-    assert "c" not in run.steps[-1].finished_request_ids  # the executor forgot it at swap-out
+    assert "c" not in run.steps[-1].dropped_request_ids  # the executor forgot it at swap-out
     run_to_completion(sched, executor, run)
     executor.execute(sched.schedule())
     assert executor.mirrors == {}
