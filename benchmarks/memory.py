@@ -38,7 +38,8 @@ import time
 from dataclasses import dataclass
 
 from services.scheduler.request import Request
-from services.scheduler.scheduler import Scheduler, SchedulerConfig, blocks_to_cover
+from services.scheduler.config import SchedulerConfig
+from services.scheduler.scheduler import Scheduler, blocks_to_cover
 from shared.messages import ExecuteStep, SampledToken, StepResult
 from shared.sampling_params import SamplingParams
 

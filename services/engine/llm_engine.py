@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 from services.executor.model_runner import ModelRunner
 from services.scheduler.request import Request
-from services.scheduler.scheduler import Scheduler, SchedulerConfig
+from services.scheduler.config import SchedulerConfig
+from services.scheduler.scheduler import Scheduler
 from shared.config import EngineConfig
 from shared.messages import RequestDelta, TokenLogprobs
 from shared.model_source import resolve_model_source

@@ -28,7 +28,8 @@ import zmq
 
 from services.scheduler.redis_mirror import RedisMirror
 from services.scheduler.request import Request
-from services.scheduler.scheduler import QueueFullError, Scheduler, SchedulerConfig
+from services.scheduler.config import SchedulerConfig
+from services.scheduler.scheduler import QueueFullError, Scheduler
 from services.scheduler.status import StepHistory, block_pool_status, executor_status, request_status
 from shared.messages import (
     AbortRequest,

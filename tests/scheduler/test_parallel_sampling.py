@@ -23,7 +23,8 @@ from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from services.scheduler.request import Request
-from services.scheduler.scheduler import Scheduler, SchedulerConfig
+from services.scheduler.config import SchedulerConfig
+from services.scheduler.scheduler import Scheduler
 from shared.messages import ExecuteStep, RequestDelta, SampledToken, StepResult
 from shared.sampling_params import SamplingParams
 from tests.scheduler.fake_kv_cache import FakeKVCache

@@ -16,7 +16,8 @@ from services.scheduler.prefix_cache import (
     hash_block_tokens,
 )
 from services.scheduler.request import Request
-from services.scheduler.scheduler import Scheduler, SchedulerConfig
+from services.scheduler.config import SchedulerConfig
+from services.scheduler.scheduler import Scheduler
 from services.scheduler.status import block_pool_status
 from shared.messages import NewRequestData
 from shared.sampling_params import SamplingParams

@@ -14,7 +14,8 @@ from services.launcher import free_port, redis_server_binary
 from services.scheduler.prefix_cache import PrefixCacheEvent
 from services.scheduler.redis_mirror import RedisMirror, prefix_cache_key
 from services.scheduler.request import Request
-from services.scheduler.scheduler import Scheduler, SchedulerConfig
+from services.scheduler.config import SchedulerConfig
+from services.scheduler.scheduler import Scheduler
 from shared.sampling_params import SamplingParams
 from tests.cluster import port_open, wait_until
 from tests.scheduler.test_scheduler import FakeExecutor, Run, run_to_completion

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from services.scheduler.config import SchedulerConfig
 from services.scheduler.request import Request, RequestStatus
 from services.scheduler.scheduler import (
     QueueFullError,
     Scheduler,
-    SchedulerConfig,
     blocks_to_cover,
     stop_status,
 )

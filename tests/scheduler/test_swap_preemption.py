@@ -13,7 +13,7 @@ import zmq
 
 from services.launcher import free_port
 from services.scheduler.request import RequestStatus
-from services.scheduler.scheduler import SchedulerConfig
+from services.scheduler.config import SchedulerConfig
 from services.scheduler.service import SchedulerService, SchedulerServiceConfig
 from services.scheduler.status import block_pool_status, request_status
 from shared.messages import ExecuteStep, ExecutorReady, StepMessage
