@@ -1,10 +1,10 @@
 """The CPU serving path: decode attention from the C kernel in
 `kernels/csrc/paged_attention_cpu.c`, everything else from `kernels/torch_ops.py`.
 
-Same signatures and semantics as `torch_ops` and `triton_ops`. Decode attention is where
-the CPU spends its time (the torch version gathers each sequence's blocks into a padded
-copy before attending; the C kernel reads the blocks in place, several times faster);
-prefill attention is compute-bound and SDPA already does it well.
+Implements `kernels.paged_attention_ops.PagedAttentionOps` like `torch_ops`. Decode
+attention is where the CPU spends its time (the torch version gathers each sequence's
+blocks into a padded copy before attending; the C kernel reads the blocks in place, several
+times faster); prefill attention is compute-bound and SDPA already does it well.
 
 The C kernel takes float32 on CPU; other dtypes go to torch_ops. Where the kernel cannot be
 built (no C compiler) serving still works on torch_ops, with one warning in the log.

@@ -7,15 +7,14 @@ path on CPU (under TRITON_INTERPRET=1) with `use_triton=True`.
 
 from __future__ import annotations
 
-from types import ModuleType
-
 import torch
 
 from kernels import cpu_ops, torch_ops
+from kernels.paged_attention_ops import PagedAttentionOps
 
 
-def kernel_module(device: torch.device, use_triton: bool | None = None) -> ModuleType:
-    """The module providing reshape_and_cache / paged_decode_attention / paged_prefill_attention.
+def kernel_module(device: torch.device, use_triton: bool | None = None) -> PagedAttentionOps:
+    """The module implementing `PagedAttentionOps` for `device`.
 
     `use_triton=False` on CPU means the CPU serving path (cpu_ops), not the bare reference."""
     if use_triton is None:

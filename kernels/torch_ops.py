@@ -1,14 +1,8 @@
-"""Torch implementations of the paged-KV kernels: the CPU serving path and the reference
-the Triton kernels are tested against.
+"""Torch implementations of the paged-KV ops (`kernels.paged_attention_ops.PagedAttentionOps`,
+whose docstring holds the tensor shapes): the reference the C and Triton kernels are tested
+against, and the fallback wherever neither runs.
 
-Shapes at this boundary (shared with `kernels/triton_ops.py`):
-  key_cache, value_cache: [num_blocks, block_size, num_kv_heads, head_dim]
-  slot_mapping:           int64 [num_tokens]; slot = block_id * block_size + offset, < 0 skips
-  block_tables:           int32 [num_seqs, max_blocks_per_seq]; entries past a sequence's
-                          last block are padding and must still be valid block ids (0)
-  seq_lens:               int32 [num_seqs]; tokens in the cache *including* this step's
-  query_start_loc:        int32 [num_seqs + 1]; cumulative query lengths (varlen batch)
-Softmax runs in float32 at least, whatever the cache dtype.
+Softmax runs in float32 at least, whatever the cache dtype (float64 inputs in float64).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""Tests for `kernels/triton_ops.py`: every kernel, run by the Triton interpreter on CPU
-tensors (tests/conftest.py sets TRITON_INTERPRET=1), against `kernels/torch_ops.py`.
+"""Tests for `kernels/triton_ops.py` and the kernels it launches (`kernels/triton_kernels/`):
+every kernel, run by the Triton interpreter on CPU tensors (tests/conftest.py sets
+TRITON_INTERPRET=1), against `kernels/torch_ops.py`.
 
 Everything a kernel must not touch or read is poisoned with NaN: reshape_and_cache must
 leave unwritten slots NaN; outputs start NaN (`torch.empty` is patched to fill), so an
@@ -103,7 +104,7 @@ def test_reshape_and_cache_converts_dtype(request: pytest.FixtureRequest) -> Non
 # paged decode attention
 
 # (seq_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, partition_size or None
-# for the module default). Lengths mix short and long, mid-block and block-boundary ends.
+# for the shipped default). Lengths mix short and long, mid-block and block-boundary ends.
 _DECODE_CASES = [
     ([1, 16, 37, 100], 2, 2, 64, 16, torch.float32, None),  # GQA 1, single partition
     ([8, 23, 64], 6, 2, 128, 8, torch.float16, None),  # GQA 3
@@ -132,19 +133,26 @@ def test_paged_decode_matches_torch(
     partition_size: int | None,
 ) -> None:
     gen = seeded_generator(request)
-    if partition_size is not None:
-        monkeypatch.setattr(triton_ops, "PARTITION_SIZE", partition_size)
-    decode_kernel = _LaunchRecorder(triton_ops._paged_decode_kernel)
-    reduce_kernel = _LaunchRecorder(triton_ops._reduce_partitions_kernel)
-    monkeypatch.setattr(triton_ops, "_paged_decode_kernel", decode_kernel)
-    monkeypatch.setattr(triton_ops, "_reduce_partitions_kernel", reduce_kernel)
+    # The launcher looks its kernels up in triton_ops: record their grids there.
+    decode_kernel = _LaunchRecorder(triton_ops.paged_decode_kernel)
+    reduce_kernel = _LaunchRecorder(triton_ops.reduce_partitions_kernel)
+    monkeypatch.setattr(triton_ops, "paged_decode_kernel", decode_kernel)
+    monkeypatch.setattr(triton_ops, "reduce_partitions_kernel", reduce_kernel)
+    split_args = {} if partition_size is None else {"partition_size": partition_size}
     cache = paged_cache(seq_lens, num_kv_heads, head_dim, block_size, dtype, gen)
     query = torch.randn(len(seq_lens), num_heads, head_dim, generator=gen).to(dtype)
     scale = head_dim**-0.5
     max_seq_len = max(seq_lens)
 
     out = triton_ops.paged_decode_attention(
-        query, cache.key_cache, cache.value_cache, cache.block_tables, cache.seq_lens, scale, max_seq_len
+        query,
+        cache.key_cache,
+        cache.value_cache,
+        cache.block_tables,
+        cache.seq_lens,
+        scale,
+        max_seq_len,
+        **split_args,
     )
     expected = torch_ops.paged_decode_attention(
         query,
@@ -160,32 +168,28 @@ def test_paged_decode_matches_torch(
     assert not out.isnan().any()
     torch.testing.assert_close(out, expected, **tolerance(dtype))
     # Split-KV really ran when the context spans several partitions, and only then.
-    num_partitions = math.ceil(max_seq_len / triton_ops.PARTITION_SIZE)
+    num_partitions = math.ceil(max_seq_len / (partition_size or triton_ops.DEFAULT_PARTITION_SIZE))
     assert decode_kernel.grids == [(len(seq_lens), num_kv_heads, num_partitions)]
     assert len(reduce_kernel.grids) == (1 if num_partitions > 1 else 0)
 
 
-def test_decode_reduction_loops_over_many_partitions(
-    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_decode_reduction_loops_over_many_partitions(request: pytest.FixtureRequest) -> None:
     """More partitions than the reduction combines per iteration (lowered here to 4)."""
     gen = seeded_generator(request)
-    monkeypatch.setattr(triton_ops, "PARTITION_SIZE", 16)
-    monkeypatch.setattr(triton_ops, "_REDUCE_PARTITIONS_PER_ITER", 4)
     seq_lens = [150, 40, 2]  # 10, 3 and 1 partitions
     cache = paged_cache(seq_lens, 1, 64, 16, torch.float32, gen)
     query = torch.randn(len(seq_lens), 3, 64, generator=gen)
     args = (cache.block_tables, cache.seq_lens, 0.125, max(seq_lens))
-    out = triton_ops.paged_decode_attention(query, cache.key_cache, cache.value_cache, *args)
+    out = triton_ops.paged_decode_attention(
+        query, cache.key_cache, cache.value_cache, *args, partition_size=16, partitions_per_reduce_iter=4
+    )
     expected = torch_ops.paged_decode_attention(
         query, cache.reference_key_cache, cache.reference_value_cache, *args
     )
     torch.testing.assert_close(out, expected, **tolerance(torch.float32))
 
 
-def test_decode_split_and_unsplit_agree(
-    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_decode_split_and_unsplit_agree(request: pytest.FixtureRequest) -> None:
     """The log-sum-exp combination must reproduce the single-pass softmax."""
     gen = seeded_generator(request)
     seq_lens = [70, 33]
@@ -193,9 +197,24 @@ def test_decode_split_and_unsplit_agree(
     query = torch.randn(len(seq_lens), 4, 64, generator=gen)
     args = (query, cache.key_cache, cache.value_cache, cache.block_tables, cache.seq_lens, 0.125, 70)
     unsplit = triton_ops.paged_decode_attention(*args)
-    monkeypatch.setattr(triton_ops, "PARTITION_SIZE", 16)
-    split = triton_ops.paged_decode_attention(*args)
+    split = triton_ops.paged_decode_attention(*args, partition_size=16)
     torch.testing.assert_close(split, unsplit, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("split_args", "message"),
+    [
+        ({"partition_size": 48}, "power of two"),
+        ({"partition_size": 8}, ">= the block size"),  # blocks are 16 tokens here
+        ({"partitions_per_reduce_iter": 3}, "power of two"),
+    ],
+)
+def test_decode_refuses_unusable_split_sizes(split_args: dict[str, int], message: str) -> None:
+    """Split sizes become `tl.arange` extents and whole-block tiles: refused before launch."""
+    cache = torch.zeros(2, 16, 1, 64)
+    args = (torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32), 1.0, 1)
+    with pytest.raises(ValueError, match=message):
+        triton_ops.paged_decode_attention(torch.zeros(1, 2, 64), cache, cache, *args, **split_args)
 
 
 # ----------------------------------------------------------------------------------------

@@ -14,31 +14,22 @@ overhead is not counted (a decode step in a server runs from a graph too). On CP
 no Triton: the CPU path (kernels/cpu_ops.py: the C decode attention kernel, torch ops for
 the rest) runs on small shapes, and the output says so.
 
-    python benchmarks/kernels.py                       # defaults for the device found
-    python benchmarks/kernels.py --batch-sizes 1,64 --context-lens 2048,8192 --dtype bf16
+    python benchmarks/kernel_roofline.py               # defaults for the device found
+    python -m benchmarks.kernel_roofline --batch-sizes 1,64 --context-lens 2048,8192 --dtype bf16
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from types import ModuleType
 
-# Run as `python benchmarks/kernels.py`, this file's folder heads sys.path and its name
-# would shadow the `kernels` package, so the package is looked up from the repository root.
-_HERE = Path(__file__).resolve().parent
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from kernels import kernel_module, torch_ops  # noqa: E402
+from kernels import PagedAttentionOps, kernel_module, torch_ops
 
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -252,7 +243,7 @@ def _fits(config: BenchConfig, num_tokens: int) -> bool:
 # benchmarks
 
 
-def _bench_decode(config: BenchConfig, ops: ModuleType, batch: int, context_len: int) -> Row:
+def _bench_decode(config: BenchConfig, ops: PagedAttentionOps, batch: int, context_len: int) -> Row:
     paged = _paged_batch(config, batch, context_len)
     scale = config.head_dim**-0.5
     query = torch.randn(batch, config.num_heads, config.head_dim, dtype=config.dtype, device=config.device)
@@ -280,7 +271,7 @@ def _bench_decode(config: BenchConfig, ops: ModuleType, batch: int, context_len:
     )  # fmt: skip
 
 
-def _bench_prefill(config: BenchConfig, ops: ModuleType, batch: int, prompt_len: int) -> Row:
+def _bench_prefill(config: BenchConfig, ops: PagedAttentionOps, batch: int, prompt_len: int) -> Row:
     """Whole prompts (q_len == seq_len), so the dense baseline is plain causal SDPA."""
     paged = _paged_batch(config, batch, prompt_len)
     scale = config.head_dim**-0.5
@@ -318,7 +309,7 @@ def _bench_prefill(config: BenchConfig, ops: ModuleType, batch: int, prompt_len:
     )  # fmt: skip
 
 
-def _bench_reshape_and_cache(config: BenchConfig, ops: ModuleType, num_tokens: int) -> Row:
+def _bench_reshape_and_cache(config: BenchConfig, ops: PagedAttentionOps, num_tokens: int) -> Row:
     """Writing one step's K/V: `num_tokens` new tokens into scattered slots."""
     blocks = -(-num_tokens // config.block_size) * 4  # room to scatter into
     shape = (blocks, config.block_size, config.num_kv_heads, config.head_dim)
