@@ -183,7 +183,7 @@ def measure_beam_sharing_on_model(lengths: list[tuple[int, int]], width: int, ma
     prompts of the given lengths, `max_tokens` each, EOS allowed), so the candidates are
     the model's own."""
     from services.engine import LLMEngine
-    from shared.config import EngineConfig
+    from services.executor.config import EngineConfig
 
     engine = LLMEngine(EngineConfig(enable_prefix_caching=False, kv_cache_memory_bytes=256 << 20))
     rng = random.Random(4)
@@ -235,7 +235,7 @@ def measure_prefix_ttft(enable_prefix_caching: bool, num_requests: int, system_p
     system prompt plus its own short question; the first one, which fills the cache, is
     not timed. TTFT = from `add_request` to the step that returns its first token."""
     from services.engine import LLMEngine
-    from shared.config import EngineConfig
+    from services.executor.config import EngineConfig
 
     engine = LLMEngine(EngineConfig(enable_prefix_caching=enable_prefix_caching, kv_cache_memory_bytes=256 << 20))
     rng = random.Random(2)

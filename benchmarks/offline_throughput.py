@@ -21,7 +21,7 @@ import time
 import torch
 
 from services.engine import LLMEngine
-from shared.config import EngineConfig
+from services.executor.config import EngineConfig
 from shared.sampling_params import SamplingParams
 
 

@@ -29,8 +29,8 @@ import httpx
 import torch
 
 from services.engine import LLMEngine
+from services.executor.config import EngineConfig
 from services.launcher import free_port, pagedserve_command
-from shared.config import EngineConfig
 from shared.sampling_params import SamplingParams
 
 KV_CACHE_MEMORY = 512 << 20

@@ -1,5 +1,11 @@
 """The `pagedserve` command: one subcommand per job, each building its typed config from
-flags in one place."""
+flags in one place. Flags take their defaults from those configs (EngineConfig,
+SchedulerServiceConfig, GatewayConfig), the scheduling limits from
+services/scheduler/config.py, their one owner.
+
+Importing this module loads no torch: the scheduler and gateway processes run it too.
+The executor, engine and gateway app are imported by the subcommand that runs them.
+"""
 
 from __future__ import annotations
 
@@ -14,39 +20,59 @@ from collections.abc import Sequence
 
 import msgspec
 
-from shared.config import DTYPES, EngineConfig
+from services.executor.config import DTYPES, EngineConfig
+from services.gateway.config import GatewayConfig, add_gateway_flags, gateway_config_from_args
+from services.scheduler.config import (
+    DEFAULT_ENABLE_PREFIX_CACHING,
+    DEFAULT_MAX_NUM_BATCHED_TOKENS,
+    DEFAULT_MAX_NUM_SEQS,
+    DEFAULT_MAX_NUM_WAITING,
+    DEFAULT_PREEMPTION_MODE,
+    PREEMPTION_MODES,
+)
+from services.scheduler.service import SchedulerServiceConfig, serve as serve_scheduler
 from shared.sampling_params import SamplingParams
 
 
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    defaults = EngineConfig()
     parser.add_argument("--model", default=None, help="GGUF file or HF folder (default: embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: auto)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="model and KV cache dtype")
-    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    parser.add_argument("--kv-cache-memory", type=int, default=1 << 30, help="KV cache bytes on CPU")
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:N (default: %(default)s)")
+    parser.add_argument("--dtype", default=defaults.dtype, choices=DTYPES, help="model and KV cache dtype")
+    parser.add_argument("--block-size", type=int, default=defaults.block_size, help="tokens per KV block")
+    parser.add_argument("--kv-cache-memory", type=int, default=defaults.kv_cache_memory_bytes, help="KV cache bytes on CPU")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=defaults.gpu_memory_utilization)
     parser.add_argument("--num-kv-blocks", type=int, default=None, help="force the number of KV blocks")
     parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    add_batch_limit_flags(parser)
     parser.add_argument(
-        "--swap-space", type=int, default=0, metavar="BYTES",
+        "--swap-space", type=int, default=defaults.swap_space_bytes, metavar="BYTES",
         help="CPU swap pool for --preemption-mode swap (default 0: every preemption recomputes)",
+    )
+
+
+def add_batch_limit_flags(parser: argparse.ArgumentParser) -> None:
+    """The scheduler core's per-step limits, with its defaults (services/scheduler/config.py)."""
+    parser.add_argument("--max-num-seqs", type=int, default=DEFAULT_MAX_NUM_SEQS, help="requests running at once")
+    parser.add_argument(
+        "--max-num-batched-tokens", type=int, default=DEFAULT_MAX_NUM_BATCHED_TOKENS,
+        help="tokens computed in one step, over all requests",
     )
 
 
 def add_preemption_mode_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--preemption-mode", choices=["recompute", "swap"], default="recompute",
+        "--preemption-mode", choices=PREEMPTION_MODES, default=DEFAULT_PREEMPTION_MODE,
         help="when KV blocks run out, drop a request's K/V and recompute it later, or swap it "
-        "to the executor's CPU swap pool (--swap-space) and back (default: recompute)",
+        "to the executor's CPU swap pool (--swap-space) and back (default: %(default)s)",
     )
 
 
 def add_prefix_caching_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
-        help="reuse the KV cache of full blocks shared with earlier prompts (default: on)",
+        "--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=DEFAULT_ENABLE_PREFIX_CACHING,
+        help="reuse the KV cache of full blocks shared with earlier prompts "
+        f"(default: {'on' if DEFAULT_ENABLE_PREFIX_CACHING else 'off'})",
     )
 
 
@@ -97,10 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_curve_flag(ex)
     ex.set_defaults(handler=run_executor)
 
-    from services.gateway.config import add_gateway_flags
-
     gw = sub.add_parser("gateway", help="run the OpenAI-compatible HTTP gateway")
     add_gateway_flags(gw)
+    gw.add_argument(
+        "--log-health-checks", action=argparse.BooleanOptionalAction, default=True,
+        help="an access-log line for each GET /health (`up` turns it off: it polls while the model loads)",
+    )
     gw.set_defaults(handler=run_gateway)
 
     up = sub.add_parser("up", help="run redis, scheduler, executor and gateway as local processes")
@@ -122,44 +150,52 @@ def add_curve_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def add_scheduler_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--gateway-address", default="tcp://127.0.0.1:5555", help="ZMQ address to bind for gateways")
-    parser.add_argument("--executor-address", default="tcp://127.0.0.1:5556", help="ZMQ address to bind for executors")
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    parser.add_argument("--max-num-waiting", type=int, default=1024, help="bound of the waiting queue (then 429)")
+    defaults = SchedulerServiceConfig()
+    parser.add_argument("--gateway-address", default=defaults.gateway_address, help="ZMQ address to bind for gateways")
+    parser.add_argument("--executor-address", default=defaults.executor_address, help="ZMQ address to bind for executors")
+    add_batch_limit_flags(parser)
+    parser.add_argument("--max-num-waiting", type=int, default=DEFAULT_MAX_NUM_WAITING, help="bound of the waiting queue (then 429)")
     parser.add_argument(
-        "--heartbeat-timeout", type=float, default=3.0, metavar="SECONDS",
+        "--heartbeat-timeout", type=float, default=defaults.heartbeat_timeout_s, metavar="SECONDS",
         help="an executor silent this long is lost: its running requests are requeued for recompute",
     )
     parser.add_argument(
-        "--executor-timeout", type=float, default=60.0, metavar="SECONDS",
+        "--executor-timeout", type=float, default=defaults.executor_timeout_s, metavar="SECONDS",
         help="how long requeued requests wait for an executor to (re)join before failing with 503 "
         "(a restarted executor reloads the model: ~25 s for the embedded one on a busy 2-core CPU)",
     )
     parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL"))
-    parser.add_argument("--replica-id", default="replica-0")
+    parser.add_argument("--replica-id", default=defaults.replica_id)
     add_prefix_caching_flag(parser)
     add_preemption_mode_flag(parser)
     add_curve_flag(parser)
 
 
 def add_up_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    gateway_defaults = GatewayConfig(gateway_id="")
+    parser.add_argument("--host", default=gateway_defaults.host)
+    parser.add_argument("--port", type=int, default=gateway_defaults.port)
     parser.add_argument("--model", default=None)
     parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL"), help="default: start a local redis-server")
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--admin-key", default=None)
-    parser.add_argument("--kv-cache-memory", type=int, default=1 << 30)
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
+    engine_defaults = EngineConfig()
+    parser.add_argument("--kv-cache-memory", type=int, default=engine_defaults.kv_cache_memory_bytes)
+    parser.add_argument("--block-size", type=int, default=engine_defaults.block_size)
+    add_batch_limit_flags(parser)
+    parser.add_argument("--dtype", default=engine_defaults.dtype, choices=DTYPES)
     add_prefix_caching_flag(parser)
     add_preemption_mode_flag(parser)
-    parser.add_argument("--swap-space", type=int, default=0, metavar="BYTES", help="passed to the executor")
-    parser.add_argument("--heartbeat-timeout", type=float, default=3.0, metavar="SECONDS", help="passed to the scheduler")
-    parser.add_argument("--executor-timeout", type=float, default=60.0, metavar="SECONDS", help="passed to the scheduler")
+    parser.add_argument("--swap-space", type=int, default=engine_defaults.swap_space_bytes, metavar="BYTES", help="passed to the executor")
+    scheduler_defaults = SchedulerServiceConfig()
+    parser.add_argument(
+        "--heartbeat-timeout", type=float, default=scheduler_defaults.heartbeat_timeout_s, metavar="SECONDS",
+        help="passed to the scheduler",
+    )
+    parser.add_argument(
+        "--executor-timeout", type=float, default=scheduler_defaults.executor_timeout_s, metavar="SECONDS",
+        help="passed to the scheduler",
+    )
     parser.add_argument(
         "--zmq-curve-keys", default=None, metavar="DIR",
         help="CURVE-secure the services' ZeroMQ links with the keys in DIR (generated there if missing)",
@@ -178,10 +214,8 @@ def _stop_on_signals() -> threading.Event:
 
 
 def run_scheduler(args: argparse.Namespace) -> int:
-    from services.scheduler.service import SchedulerServiceConfig, serve
-
     _configure_logging()
-    serve(
+    serve_scheduler(
         SchedulerServiceConfig(
             gateway_address=args.gateway_address,
             executor_address=args.executor_address,
@@ -218,11 +252,19 @@ def run_executor(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_not_a_health_check(record: logging.LogRecord) -> bool:
+    """False for uvicorn's access-log line of a GET /health ('%s - "%s %s HTTP/%s" %d')."""
+    return '"GET /health HTTP/' not in record.getMessage()
+
+
 def run_gateway(args: argparse.Namespace) -> int:
-    from services.gateway.config import gateway_config_from_args
     from services.gateway.server import serve
 
     _configure_logging()
+    if not args.log_health_checks:
+        # On the logger, not a handler: uvicorn's logging set-up replaces the handlers of
+        # "uvicorn.access" and keeps its filters.
+        logging.getLogger("uvicorn.access").addFilter(_is_not_a_health_check)
     serve(gateway_config_from_args(args))
     return 0
 

@@ -1,11 +1,13 @@
 """`pagedserve up`: Redis, a scheduler, an executor and a gateway as local processes.
 
-It runs exactly the service commands the compose file runs (`pagedserve scheduler ...`),
-on free loopback ports, waits until the gateway is healthy, prints the URL, then
-supervises: a service that exits (crashed, killed) is restarted on the same ports after a
-backoff, while the others ride it out (the scheduler requeues the requests of a lost
-executor; gateways reconnect to a restarted scheduler). Ctrl-C / SIGTERM stops everything.
-A service that exits during start-up is a configuration error: `up` stops and says so.
+It runs the service commands the compose file runs (`pagedserve scheduler ...`) on free
+loopback ports, waits until the gateway is healthy (logging what it waits for when that
+changes, not each poll: the gateway does not access-log them either), prints the URL,
+then supervises: a service that exits (crashed, killed) is restarted on the same ports
+after a backoff, while the others ride it out (the scheduler requeues the requests of a
+lost executor; gateways reconnect to a restarted scheduler). Ctrl-C / SIGTERM stops
+everything. A service that exits during start-up is a configuration error: `up` stops and
+says so.
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ def service_commands(args: argparse.Namespace) -> ServiceCommands:
     ]
     gateway = base + [
         "gateway", "--host", args.host, "--port", str(args.port), "--scheduler-address", gateway_zmq,
-        "--redis-url", redis_url, *model, *curve,
+        "--redis-url", redis_url, "--no-log-health-checks", *model, *curve,
     ]
     return ServiceCommands(redis_cmd, redis_url, scheduler, executor, gateway, f"http://{args.host}:{args.port}")
 
@@ -106,6 +108,8 @@ def launch(args: argparse.Namespace) -> int:
             log.error("CURVE keys: %s", error)
             return 1
     commands = service_commands(args)
+    # httpx logs each request at INFO: a line per health poll, twice a second.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     env = dict(os.environ)
     # Keys travel by environment, not argv: argv is visible to every local user in `ps`.
     if args.api_key:
@@ -227,16 +231,42 @@ class Supervisor:
 
 
 def _wait_healthy(url: str, supervisor: Supervisor, stop: threading.Event, timeout_s: float = 300) -> bool:
+    """Poll the gateway's /health twice a second until it answers 200. What it still waits
+    for is logged when it changes, so start-up reads as a few lines, not a poll log."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and not stop.is_set():
-        for service in supervisor.exited():
-            assert service.process is not None
-            log.error("%s exited with code %s during start-up", service.name, service.process.returncode)
-            return False
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+    waiting_for: str | None = None
+    with httpx.Client(timeout=2) as client:
+        while time.monotonic() < deadline and not stop.is_set():
+            for service in supervisor.exited():
+                assert service.process is not None
+                log.error("%s exited with code %s during start-up", service.name, service.process.returncode)
+                return False
+            now_waiting_for = _waiting_for(client, url)
+            if now_waiting_for is None:
                 return True
-        except httpx.HTTPError:
-            pass
-        stop.wait(0.5)
+            if now_waiting_for != waiting_for:
+                log.info("waiting for the gateway: %s", now_waiting_for)
+                waiting_for = now_waiting_for
+            stop.wait(0.5)
+    if not stop.is_set():
+        log.error("the gateway was not healthy after %g s: %s", timeout_s, waiting_for)
     return False
+
+
+def _waiting_for(client: httpx.Client, url: str) -> str | None:
+    """What the gateway at `url` is waiting for, in words; None once /health says 200."""
+    try:
+        response = client.get(f"{url}/health")
+    except httpx.HTTPError:
+        return "it is not listening yet (it loads the tokenizer first)"
+    if response.status_code == 200:
+        return None
+    try:
+        scheduler_state = response.json().get("scheduler")
+    except ValueError:
+        scheduler_state = None
+    if scheduler_state == "not answering":
+        return "the scheduler is not answering yet"
+    if scheduler_state == "no live executor":
+        return "the scheduler has no executor yet (it loads the model)"
+    return f"/health answers {response.status_code}"

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from shared.model_source import ModelSource
 
 
 def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
+    # Imported here, not at the top: AutoTokenizer imports torch, and importing the
+    # gateway's modules must not (tests/test_import_boundaries.py). Loading a tokenizer
+    # still does: transformers reads configs and GGUF files with torch at hand.
+    from transformers import AutoTokenizer
+
     if source.gguf_file is not None:
         return AutoTokenizer.from_pretrained(source.directory, gguf_file=source.gguf_file)
     return AutoTokenizer.from_pretrained(source.directory)

@@ -15,7 +15,7 @@ from services.executor.model_runner import ModelRunner
 from services.scheduler.request import Request
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.scheduler import Scheduler
-from shared.config import EngineConfig
+from services.executor.config import EngineConfig
 from shared.messages import RequestDelta, TokenLogprobs
 from shared.model_source import resolve_model_source
 from shared.sampling_params import SamplingParams

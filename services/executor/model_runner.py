@@ -21,7 +21,7 @@ from services.executor.llama import LlamaForCausalLM
 from services.executor.model_config import ModelConfig, load_model_config
 from services.executor.sampler import Sampler, beam_candidates
 from services.executor.weight_loader import iter_weights
-from shared.config import EngineConfig
+from services.executor.config import EngineConfig
 from shared.messages import ExecuteStep, SampledToken, StepResult
 from shared.model_source import ModelSource
 from shared.sampling_params import SamplingParams

@@ -27,7 +27,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from services.executor.model_runner import ModelRunner
-from shared.config import EngineConfig
+from services.executor.config import EngineConfig
 from shared.messages import ExecuteStep, ExecutorReady, Heartbeat, StepMessage, StepResultMessage
 from shared.model_source import resolve_model_source
 from shared.transport import decode, encode, make_socket

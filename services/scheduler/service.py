@@ -28,7 +28,15 @@ import zmq
 
 from services.scheduler.redis_mirror import RedisMirror
 from services.scheduler.request import Request
-from services.scheduler.config import SchedulerConfig
+from services.scheduler.config import (
+    DEFAULT_ENABLE_PREFIX_CACHING,
+    DEFAULT_MAX_NUM_BATCHED_TOKENS,
+    DEFAULT_MAX_NUM_SEQS,
+    DEFAULT_MAX_NUM_WAITING,
+    DEFAULT_PREEMPTION_MODE,
+    PreemptionMode,
+    SchedulerConfig,
+)
 from services.scheduler.scheduler import QueueFullError, Scheduler
 from services.scheduler.status import StepHistory, block_pool_status, executor_status, request_status
 from shared.messages import (
@@ -57,15 +65,16 @@ log = logging.getLogger("pagedserve.scheduler")
 class SchedulerServiceConfig(msgspec.Struct, forbid_unknown_fields=True):
     gateway_address: str = "tcp://127.0.0.1:5555"  # bound: gateways connect here
     executor_address: str = "tcp://127.0.0.1:5556"  # bound: executors connect here
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    max_num_waiting: int = 1024
+    # The scheduler core's limits (services/scheduler/config.py owns them and their defaults).
+    max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
+    max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
+    max_num_waiting: int = DEFAULT_MAX_NUM_WAITING
     heartbeat_timeout_s: float = 3.0  # an executor silent this long is lost (it beats every 1 s)
     executor_timeout_s: float = 60.0  # requeued requests wait this long for an executor to join
     redis_url: str | None = None
     replica_id: str = "replica-0"
-    enable_prefix_caching: bool = True
-    preemption_mode: str = "recompute"  # or "swap": into the executor's CPU swap pool
+    enable_prefix_caching: bool = DEFAULT_ENABLE_PREFIX_CACHING
+    preemption_mode: PreemptionMode = DEFAULT_PREEMPTION_MODE  # "swap": into the executor's CPU swap pool
     curve_keys_dir: str | None = None  # CURVE-secure both sockets (shared/zmq_security.py)
 
 

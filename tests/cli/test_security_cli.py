@@ -10,11 +10,11 @@ from urllib.parse import urlparse
 import pytest
 
 from services.cli import build_parser, main
+from services.executor.config import EngineConfig
 from services.executor.service import ExecutorConfig
 from services.gateway.config import GatewayConfig, gateway_config_from_args
 from services.launcher import pagedserve_command, service_commands
 from services.scheduler.service import SchedulerServiceConfig
-from shared.config import EngineConfig
 from shared.zmq_security import curve_client, curve_server
 
 

@@ -1,18 +1,23 @@
 """The supervisor behind `pagedserve up` (services/launcher.py), with stand-in child
 processes instead of the services: a child that exits is restarted after a backoff that
 grows while it keeps failing, the others are left alone, and stopping ends them all, even
-one that ignores SIGTERM. (test_fault_load.py kills the real services under `up`.)"""
+one that ignores SIGTERM. Then `pagedserve up` itself, with the real services: its
+start-up output says what it waits for in a few lines, not a line per health poll.
+(test_fault_load.py kills the real services under `up`.)"""
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-from services.launcher import RestartPolicy, Supervisor
-from tests.cluster import wait_until
+import pytest
+
+from services.launcher import RestartPolicy, Supervisor, free_port, pagedserve_command
+from tests.cluster import port_open, wait_until
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
 POLICY = RestartPolicy(min_backoff_s=0.05, max_backoff_s=0.2, stable_after_s=30)
@@ -79,3 +84,32 @@ def test_stop_all_kills_a_child_that_ignores_sigterm(tmp_path: Path) -> None:
     process = supervisor.services["stubborn"].process
     assert process is not None and process.returncode == -signal.SIGKILL
     assert time.monotonic() - started < 5
+
+
+@pytest.mark.slow
+def test_up_logs_its_wait_for_the_services_in_a_few_lines(tmp_path: Path) -> None:
+    """The launcher polls /health twice a second while the executor loads the model; it
+    used to log each poll (an httpx line) and the gateway an access line for each (mostly
+    503s): dozens of lines of errors on a newcomer's first screen."""
+    port = free_port()
+    log_path = tmp_path / "up.log"
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"} | {"PYTHONUNBUFFERED": "1"}
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [*pagedserve_command(), "up", "--port", str(port), "--kv-cache-memory", str(256 << 20)],
+            stdout=log, stderr=subprocess.STDOUT, text=True, env=env,
+        )
+        try:
+            def up_or_exited() -> bool:
+                return "pagedserve is up" in log_path.read_text() or process.poll() is not None
+            wait_until(up_or_exited, 240, "pagedserve up to say it is up")
+        finally:
+            process.terminate()
+            code = process.wait(timeout=60)
+    output = log_path.read_text().splitlines()
+    assert code == 0 and any("pagedserve is up" in line for line in output), "\n".join(output[-60:])
+    assert not port_open(port)
+    poll_lines = [line for line in output if "/health" in line]
+    assert poll_lines == [], "\n".join(poll_lines[:10])  # neither `up` (httpx) nor the gateway (uvicorn) logs a poll
+    waiting_lines = [line for line in output if "waiting for the gateway" in line]
+    assert 1 <= len(waiting_lines) <= 6, "\n".join(waiting_lines)  # one per change of what it waits for

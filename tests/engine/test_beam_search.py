@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from services.engine import LLMEngine
-from shared.config import EngineConfig
+from services.executor.config import EngineConfig
 from shared.model_source import default_model_source
 from shared.sampling_params import SamplingParams
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from services.engine import LLMEngine
-from shared.config import EngineConfig
+from services.executor.config import EngineConfig
 from shared.sampling_params import SamplingParams
 from tests.engine.hf_reference import NUM_NEW_TOKENS, hf_greedy
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from services.engine import LLMEngine
-from shared.config import EngineConfig
+from services.executor.config import EngineConfig
 from shared.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.slow

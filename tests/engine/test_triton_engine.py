@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from services.engine import LLMEngine
-from shared.config import EngineConfig
+from services.executor.config import EngineConfig
 from shared.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.slow

@@ -20,7 +20,7 @@ import pytest
 import redis
 
 from services.engine import LLMEngine
-from shared.config import EngineConfig
+from services.executor.config import EngineConfig
 from shared.sampling_params import SamplingParams
 from tests.cluster import Cluster, wait_until
 

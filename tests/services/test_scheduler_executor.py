@@ -14,7 +14,7 @@ import pytest
 import zmq
 
 from services.engine import LLMEngine
-from shared.config import EngineConfig
+from services.executor.config import EngineConfig
 from shared.messages import (
     AbortRequest,
     RequestDeltas,

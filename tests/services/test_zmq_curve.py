@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 import zmq
 
+from services.executor.config import EngineConfig
 from services.executor.service import ExecutorConfig, _io_loop, _Sessions
 from services.gateway.scheduler_client import SchedulerClient
 from services.launcher import free_port
 from services.scheduler.service import SchedulerService, SchedulerServiceConfig
-from shared.config import EngineConfig
 from shared.messages import ExecutorReady, StatusSnapshot
 from shared.zmq_security import CurveEndpoint, curve_client, generate_curve_keys
 from tests.cluster import wait_until
