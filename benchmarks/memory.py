@@ -39,7 +39,8 @@ from dataclasses import dataclass
 
 from services.scheduler.request import Request
 from services.scheduler.config import SchedulerConfig
-from services.scheduler.scheduler import Scheduler, blocks_to_cover
+from services.scheduler.policy import blocks_to_cover
+from services.scheduler.scheduler import Scheduler
 from shared.messages import ExecuteStep, SampledToken, StepResult
 from shared.sampling_params import SamplingParams
 
@@ -72,12 +73,12 @@ def simulated_step_result(scheduler: Scheduler, step: ExecuteStep) -> StepResult
     for (request_id, num_computed), num_new in zip(scheduled, step.num_scheduled_tokens):
         request = scheduler.get_request(request_id)
         if request is not None and num_new > 0 and num_computed + num_new == request.num_tokens:
-            if request.beam is not None:
-                sampled.append(synthetic_beam_candidates(request_id, request.num_tokens, request.beam.search.num_candidates))
+            if request.beam_group is not None:
+                sampled.append(synthetic_beam_candidates(request_id, request.num_tokens, request.beam_group.search.num_candidates))
             else:
                 sampled.append(SampledToken(sequence_id=request_id, token_id=FILLER_TOKEN))
     # Parallel samples forked off a request that sampled: each draws its first token too.
-    sampled += [SampledToken(request_id=fork.request_id, token_id=FILLER_TOKEN) for fork in step.forked_requests]
+    sampled += [SampledToken(sequence_id=fork.request_id, token_id=FILLER_TOKEN) for fork in step.forked_requests]
     return StepResult(step_id=step.step_id, sampled=sampled)
 
 

@@ -150,10 +150,22 @@ class AbortRequest(msgspec.Struct, tag="abort", array_like=True):
 
 
 class StatusQuery(msgspec.Struct, tag="status", array_like=True):
+    """Ask for the whole admin snapshot (every queue, every block's owner): for
+    /admin/scheduler only; everything else asks the far cheaper InfoQuery."""
+
     query_id: int
 
 
-GatewayMessage = SubmitRequest | AbortRequest | StatusQuery
+class InfoQuery(msgspec.Struct, tag="info", array_like=True):
+    """Ask for the scheduler's counts (SchedulerInfo), and which of `request_ids` it still
+    holds: what /health, /metrics, the context length and a stalled request's check need,
+    answered from counters without listing a single request or block."""
+
+    query_id: int
+    request_ids: list[str] = []
+
+
+GatewayMessage = SubmitRequest | AbortRequest | StatusQuery | InfoQuery
 
 
 class RequestDeltas(msgspec.Struct, tag="deltas", array_like=True, gc=False):
@@ -189,14 +201,26 @@ class RequestSummary(msgspec.Struct):
     parent_request_id: str | None = None
 
 
-class PrefixCacheStatus(msgspec.Struct):
-    """Prefix-cache lookups since the scheduler started (one per admission)."""
+class PrefixCacheStats(msgspec.Struct):
+    """Prefix-cache lookups since the scheduler started (one per admission; a request
+    resumed after preemption looks up again). The scheduler core counts into this very
+    struct; the admin snapshot sends a copy of it."""
 
-    num_queries: int
-    num_hits: int  # admissions that reused at least one cached block
-    num_query_tokens: int
-    num_hit_tokens: int  # tokens whose K/V came from the cache instead of the model
-    hit_rate: float  # num_hit_tokens / num_query_tokens (0.0 before any lookup)
+    num_queries: int = 0  # admissions that looked up the cache
+    num_hits: int = 0  # admissions that reused at least one cached block
+    num_query_tokens: int = 0  # tokens of the admitted requests
+    num_hit_tokens: int = 0  # tokens whose K/V came from the cache instead of the model
+    # num_hit_tokens / num_query_tokens (0.0 before any lookup): a field, not a property,
+    # so that it is on the wire; `record` keeps it current.
+    hit_rate: float = 0.0
+
+    def record(self, num_tokens: int, num_hit_tokens: int) -> None:
+        """One admission of a request of `num_tokens` tokens, `num_hit_tokens` of them cached."""
+        self.num_queries += 1
+        self.num_hits += int(num_hit_tokens > 0)
+        self.num_query_tokens += num_tokens
+        self.num_hit_tokens += num_hit_tokens
+        self.hit_rate = self.num_hit_tokens / self.num_query_tokens if self.num_query_tokens else 0.0
 
 
 class BlockPoolStatus(msgspec.Struct):
@@ -210,7 +234,7 @@ class BlockPoolStatus(msgspec.Struct):
     slots_allocated: int
     utilisation: float  # tokens stored / slots allocated
     block_owners: list[str]  # per block: owning request id, "" when free ("*" marks shared)
-    prefix_cache: PrefixCacheStatus | None = None  # None when prefix caching is off
+    prefix_cache: PrefixCacheStats | None = None  # None when prefix caching is off
     # The executor's CPU swap pool (preemption by swap): capacity and blocks held by
     # swapped-out requests; 0 and 0 when it has none.
     num_swap_blocks: int = 0
@@ -263,7 +287,27 @@ class StatusSnapshot(msgspec.Struct, tag="snapshot", array_like=True):
     executor_events: list[ExecutorEvent] = []
 
 
-SchedulerToGateway = RequestDeltas | RequestError | StatusSnapshot
+class SchedulerInfo(msgspec.Struct, tag="scheduler_info", array_like=True):
+    """The answer to an InfoQuery. Model, context length and pool numbers are 0 or ""
+    until an executor has joined."""
+
+    query_id: int
+    replica_id: str
+    model: str
+    max_model_len: int
+    num_executors_alive: int
+    num_running: int  # sequences: a request's forked samples or beams count one each
+    num_waiting: int
+    num_swapped: int
+    num_blocks: int
+    num_used_blocks: int  # referenced by a request
+    num_free_blocks: int  # empty + cached: what allocation can hand out
+    kv_utilisation: float  # tokens stored / slots allocated over running requests (0.0: none)
+    steps: StepStats
+    held_request_ids: list[str] = []  # those of the query's `request_ids` it still serves
+
+
+SchedulerToGateway = RequestDeltas | RequestError | StatusSnapshot | SchedulerInfo
 
 
 # ---------------------------------------------------------------------------------------
@@ -295,7 +339,6 @@ class StepMessage(msgspec.Struct, tag="step", array_like=True, gc=False):
 
 class StepResultMessage(msgspec.Struct, tag="result", array_like=True, gc=False):
     result: StepResult
-    forward_s: float = 0.0
 
 
 ExecutorMessage = ExecutorReady | Heartbeat | StepResultMessage

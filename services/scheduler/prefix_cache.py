@@ -12,15 +12,16 @@ Only *full* blocks get a hash: a partial block's tokens are not final. Hashes de
 token ids alone, never on where the K/V lives, so a request keeps its hashes across
 preemption and computes one more each time a block's worth of tokens is known.
 
-The block pool keeps the hash -> block map and the LRU of cached blocks; this module holds
-what does not depend on it.
+The block pool keeps the hash -> block map and the LRU of cached blocks, the KV cache
+manager decides which blocks are registered and looked up, and counts the lookups in
+`shared.messages.PrefixCacheStats` (also sent in the admin snapshot); this module holds
+what depends on none of them.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import msgspec
@@ -62,24 +63,3 @@ class PrefixCacheEvent(NamedTuple):
 
     block_hash: BlockHash
     stored: bool
-
-
-@dataclass
-class PrefixCacheStats:
-    """Lookups made when requests are admitted (a resumed request looks up again)."""
-
-    num_queries: int = 0  # admissions that looked up the cache
-    num_hits: int = 0  # of those, admissions that reused at least one block
-    num_query_tokens: int = 0  # tokens of the admitted requests
-    num_hit_tokens: int = 0  # of those, tokens whose K/V came from the cache
-
-    @property
-    def hit_rate(self) -> float:
-        """Fraction of looked-up tokens served from the cache; 0.0 before any lookup."""
-        return self.num_hit_tokens / self.num_query_tokens if self.num_query_tokens else 0.0
-
-    def record(self, num_tokens: int, num_hit_tokens: int) -> None:
-        self.num_queries += 1
-        self.num_hits += num_hit_tokens > 0
-        self.num_query_tokens += num_tokens
-        self.num_hit_tokens += num_hit_tokens

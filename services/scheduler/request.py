@@ -11,12 +11,14 @@ are all the same operation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import TYPE_CHECKING
 
-from services.scheduler.beam_search import BeamSearchState
-from shared.messages import SampledToken
+from shared.messages import CachedRequestData, NewRequestData, RequestDelta, SampledToken, TokenLogprobs
 from shared.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from services.scheduler.beam_group import BeamGroup
 
 
 class RequestStatus(IntEnum):
@@ -52,11 +54,11 @@ class Request:
         "status",
         "num_preemptions",
         "block_hashes",
-        "num_cached_blocks",
+        "num_registered_blocks",
         "num_cached_tokens",
         "parent_request_id",
         "sample_index",
-        "beam",
+        "beam_group",
         "unsent_token_ids",
     )
 
@@ -94,8 +96,9 @@ class Request:
         # prompt + output, kept across preemption (they depend on the tokens only).
         self.block_hashes: list[bytes] = []
         # How many leading blocks of `block_ids` are full, computed and were offered to the
-        # prefix cache (a hit counts: those blocks came from it).
-        self.num_cached_blocks = 0
+        # prefix cache (a hit counts: those blocks came from it). Not the pool's
+        # `num_cached_blocks` (unreferenced blocks kept for their prefix).
+        self.num_registered_blocks = 0
         # Prompt tokens served from the prefix cache at first admission (for the client).
         self.num_cached_tokens = 0
         # Parallel sampling: sample `sample_index` of request `parent_request_id` (None for
@@ -105,7 +108,7 @@ class Request:
         # Beam search: the group this request is a beam of (None otherwise). A beam's
         # tokens are chosen by the scheduler, not sampled by the executor, so the ones
         # the executor has not been told yet wait here for the next CachedRequestData.
-        self.beam: BeamGroup | None = None
+        self.beam_group: BeamGroup | None = None
         self.unsent_token_ids: list[int] = []
 
     @property
@@ -139,27 +142,52 @@ class Request:
         """"stop" | "length" | "abort", or None while it is still alive."""
         return _FINISH_REASONS.get(self.status)
 
+    def new_request_data(self) -> NewRequestData:
+        """The request in full, for an executor that does not mirror it yet (first
+        admission, resumption after recompute, or swap-in into fresh blocks). Every token
+        goes with it, so a beam has none left unsent."""
+        self.unsent_token_ids = []
+        return NewRequestData(
+            request_id=self.request_id,
+            token_ids=self.all_token_ids,
+            num_prompt_tokens=self.num_prompt_tokens,
+            block_ids=list(self.block_ids),
+            num_computed_tokens=self.num_computed_tokens,
+            sampling_params=self.sampling_params,
+        )
+
+    def cached_request_data(self, new_block_ids: list[int], num_replaced_blocks: int) -> CachedRequestData:
+        """What changed for an executor that mirrors the request: the blocks new to its
+        table (the first `num_replaced_blocks` of them replace the end of the table) and
+        the tokens it has not been told (a beam's, chosen by the scheduler)."""
+        data = CachedRequestData(
+            self.request_id,
+            new_block_ids,
+            self.num_computed_tokens,
+            num_replaced_blocks=num_replaced_blocks,
+            new_token_ids=self.unsent_token_ids,
+        )
+        self.unsent_token_ids = []
+        return data
+
+    def delta(self, token: SampledToken | None) -> RequestDelta:
+        """What the client hears of this sequence after a step: the token it sampled (None
+        when it was aborted), under the client's request id and its sample index."""
+        logprobs: list[TokenLogprobs] = []
+        if token is not None and token.logprob is not None:
+            logprobs.append(TokenLogprobs(token.logprob, token.top_token_ids, token.top_logprobs))
+        return RequestDelta(
+            self.client_request_id,
+            [] if token is None else [token.token_id],
+            logprobs,
+            finish_reason=self.finish_reason,
+            num_cached_tokens=self.num_cached_tokens,
+            sample_index=self.sample_index,
+        )
+
     def __repr__(self) -> str:
         return (
             f"Request({self.request_id!r}, {self.status.name}, "
             f"tokens={self.num_prompt_tokens}+{self.num_output_tokens}, "
             f"computed={self.num_computed_tokens}, blocks={len(self.block_ids)})"
         )
-
-
-@dataclass(eq=False)
-class BeamGroup:
-    """The live beams of one beam-search request and their scores. The first beam is the
-    request itself (its id is the client's); forked beams are f"{id}#b{k}". Every live beam
-    runs one token per round; the round ends, and `select_beams` runs, once each has
-    reported its best next tokens."""
-
-    client_request_id: str
-    search: BeamSearchState
-    n: int  # hypotheses returned
-    beams: list[Request] = field(default_factory=list)  # best first
-    scores: list[float] = field(default_factory=list)  # cumulative logprob, per beam
-    # This round's reports, by beam id (a beam preempted by recompute reports again).
-    reports: dict[str, SampledToken] = field(default_factory=dict)
-    num_cached_tokens: int = 0
-    num_forked: int = 0  # for fresh beam ids

@@ -18,6 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import hypothesis.strategies as st
+import msgspec
 import pytest
 from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
@@ -321,6 +322,75 @@ def test_abort_while_the_forking_step_runs_makes_the_executor_forget_the_samples
     step(sched, executor, outputs)
     assert executor.mirrors == {}
     assert sched.block_pool.num_used_blocks == 0
+
+
+# --- the end of a client request (RequestDelta.request_finished) -------------------
+
+
+def finished_flags(deltas: list[RequestDelta]) -> list[tuple[str, int, str | None, bool]]:
+    return [(d.request_id, d.sample_index, d.finish_reason, d.request_finished) for d in deltas]
+
+
+def step_stopping(
+    sched: Scheduler, executor: ForkingExecutor, stopping: tuple[str, ...] = ()
+) -> list[RequestDelta]:
+    """One step in which the sequences `stopping` sample a stop token: the token each
+    draws becomes one of its stop tokens before the result is applied."""
+    execute_step = sched.schedule()
+    result = executor.execute(execute_step)
+    for token in result.sampled:
+        if token.sequence_id in stopping:
+            req = sched.get_request(token.sequence_id)
+            assert req is not None
+            req.sampling_params = msgspec.structs.replace(req.sampling_params, stop_token_ids=[token.token_id])
+    deltas = sched.update_from_output(execute_step, result)
+    check_pool(sched)
+    return deltas
+
+
+def test_only_the_last_sample_to_finish_ends_the_request() -> None:
+    """n = 3 samples finishing at three different steps: only the delta of the last one
+    carries request_finished; another request finishing meanwhile ends on its own."""
+    sched, executor = make_scheduler(), ForkingExecutor(4)
+    sched.add_request(make_request("a", prompt_len=6, max_tokens=4, n=3))
+    sched.add_request(make_request("b", prompt_len=6, max_tokens=2))
+    assert finished_flags(step_stopping(sched, executor)) == [
+        ("a", 0, None, False), ("a", 1, None, False), ("a", 2, None, False), ("b", 0, None, False)
+    ]
+    assert finished_flags(step_stopping(sched, executor, ("a#1",))) == [
+        ("a", 0, None, False), ("b", 0, "length", True), ("a", 1, "stop", False), ("a", 2, None, False)
+    ]
+    assert finished_flags(step_stopping(sched, executor, ("a",))) == [("a", 0, "stop", False), ("a", 2, None, False)]
+    assert finished_flags(step_stopping(sched, executor)) == [("a", 2, "length", True)]
+    assert not sched.has_unfinished_requests()
+
+
+def test_a_beam_search_ends_with_its_last_hypothesis() -> None:
+    """A beam search reports nothing until it ends, then its n hypotheses at once: the
+    last of them carries request_finished."""
+    sched, executor = make_scheduler(), ForkingExecutor(4)
+    sched.add_request(make_request("a", prompt_len=6, max_tokens=3, beam_width=3, n=2, seed=None))
+    deltas: list[RequestDelta] = []
+    while sched.has_unfinished_requests():
+        deltas += step_stopping(sched, executor)
+    assert [(d.sample_index, d.finish_reason is not None, d.request_finished) for d in deltas] == [
+        (0, True, False), (1, True, True)
+    ]
+
+
+def test_an_abort_ends_the_request_on_its_last_delta() -> None:
+    """Aborting a request with n samples: one "abort" delta per sample, the last one ending
+    it; aborting one sample alone does not end the request."""
+    sched, executor = make_scheduler(), ForkingExecutor(4)
+    sched.add_request(make_request("a", prompt_len=6, max_tokens=8, n=3))
+    step_stopping(sched, executor)
+    assert finished_flags(sched.abort_requests(["a#2"])) == [("a", 2, "abort", False)]
+    assert finished_flags(sched.abort_requests(["a"])) == [("a", 0, "abort", False), ("a", 1, "abort", True)]
+    sched.add_request(make_request("beams", prompt_len=6, max_tokens=8, beam_width=2, n=2, seed=None))
+    step_stopping(sched, executor)
+    assert finished_flags(sched.abort_requests(["beams"])) == [
+        ("beams", 0, "abort", False), ("beams", 1, "abort", True)
+    ]
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,6 @@ import pytest
 
 from services.scheduler.prefix_cache import (
     PrefixCacheEvent,
-    PrefixCacheStats,
     extend_block_hashes,
     hash_block_tokens,
 )
@@ -19,7 +18,7 @@ from services.scheduler.request import Request
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.scheduler import Scheduler
 from services.scheduler.status import block_pool_status
-from shared.messages import NewRequestData
+from shared.messages import NewRequestData, PrefixCacheStats
 from shared.sampling_params import SamplingParams
 from tests.scheduler.test_scheduler import (
     EOS,

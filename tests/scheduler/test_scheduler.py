@@ -19,12 +19,8 @@ import pytest
 
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.request import Request, RequestStatus
-from services.scheduler.scheduler import (
-    QueueFullError,
-    Scheduler,
-    blocks_to_cover,
-    stop_status,
-)
+from services.scheduler.policy import QueueFullError, blocks_to_cover, stop_status
+from services.scheduler.scheduler import Scheduler
 from shared.messages import ExecuteStep, RequestDelta, SampledToken, StepResult
 from shared.sampling_params import SamplingParams
 from tests.scheduler.fake_kv_cache import FakeKVCache
