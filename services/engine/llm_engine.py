@@ -11,11 +11,11 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+from services.executor.config import EngineConfig
 from services.executor.model_runner import ModelRunner
 from services.scheduler.request import Request
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.scheduler import Scheduler
-from services.executor.config import EngineConfig
 from shared.messages import RequestDelta, TokenLogprobs
 from shared.model_source import resolve_model_source
 from shared.sampling_params import SamplingParams
@@ -135,18 +135,14 @@ class LLMEngine:
         index_of = {
             self.add_request(self.tokenize(prompt), p): i for i, (prompt, p) in enumerate(zip(prompts, params))
         }
-        # Samples not finished yet, per request.
-        num_pending = {request_id: params[i].n for request_id, i in index_of.items()}
-        pending = set(index_of)
+        pending = set(index_of)  # until the core flags a request's last delta
         try:
             while pending:
                 for delta in self.step():
                     if delta.request_id in index_of:
                         yield index_of[delta.request_id], delta
-                        if delta.finish_reason is not None:
-                            num_pending[delta.request_id] -= 1
-                            if num_pending[delta.request_id] == 0:
-                                pending.discard(delta.request_id)
+                        if delta.request_finished:
+                            pending.discard(delta.request_id)
         finally:
             if pending:  # the consumer stopped early: give the blocks back
                 self.abort(sorted(pending))

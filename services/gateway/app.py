@@ -40,8 +40,8 @@ log = logging.getLogger(__name__)
 
 async def list_models(request: Request) -> Response:
     context = gateway_context(request)
-    snapshot = context.scheduler.latest_snapshot
-    max_model_len = snapshot.max_model_len if snapshot is not None and snapshot.max_model_len > 0 else None
+    info = context.scheduler.latest_info
+    max_model_len = info.max_model_len if info is not None and info.max_model_len > 0 else None
     card = ModelCard(context.model_name, "model", context.started_at, "pagedserve", max_model_len)
     return Response(msgspec.json.encode(ModelList("list", [card])), media_type="application/json")
 
@@ -51,11 +51,11 @@ async def health(request: Request) -> Response:
     executor: a gateway that cannot generate should be taken out of rotation. Redis is
     reported but never fails the check (it is optional): Redis down is "degraded", 200."""
     context = gateway_context(request)
-    snapshot, redis_state = await asyncio.gather(
-        context.scheduler.status(context.config.status_timeout_s), context.records.health()
+    info, redis_state = await asyncio.gather(
+        context.scheduler.info(context.config.status_timeout_s), context.records.health()
     )
-    num_alive = sum(1 for executor in snapshot.executors if executor.alive) if snapshot is not None else 0
-    if snapshot is None:
+    num_alive = info.num_executors_alive if info is not None else 0
+    if info is None:
         scheduler_state = "not answering"
     elif num_alive == 0:
         scheduler_state = "no live executor"
@@ -74,7 +74,7 @@ async def health(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     context = gateway_context(request)
-    context.metrics.refresh(await context.scheduler.status(context.config.status_timeout_s, max_age_s=0.5))
+    context.metrics.refresh(await context.scheduler.info(context.config.status_timeout_s, max_age_s=0.5))
     return Response(context.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -106,7 +106,7 @@ def create_app(config: GatewayConfig, *, tokenizer: PreTrainedTokenizerBase | No
         await context.records.start()
         # Learn max_model_len early so the first request need not ask; no answer is fine
         # (the scheduler may start after us), the first request will ask again.
-        warm_up = asyncio.create_task(context.scheduler.status(config.status_timeout_s))
+        warm_up = asyncio.create_task(context.scheduler.info(config.status_timeout_s))
         log.info("gateway %s serving %s, scheduler at %s", config.gateway_id, model_name, config.scheduler_address)
         try:
             yield

@@ -39,17 +39,23 @@ class GatewayContext:
             )
 
     async def max_model_len(self) -> int:
-        """The scheduler's context limit. Every snapshot the client receives refreshes it
-        (a restarted scheduler may have a new one), so usually no query is needed."""
-        snapshot = self.scheduler.latest_snapshot
-        if snapshot is None or snapshot.max_model_len <= 0:
-            snapshot = await self.scheduler.status(self.config.status_timeout_s)
-        if snapshot is None or snapshot.max_model_len <= 0:
+        """The scheduler's context limit. Every info answer the client receives refreshes
+        it (a restarted scheduler may have a new one), so usually no query is needed."""
+        info = self.scheduler.latest_info
+        if info is None or info.max_model_len <= 0:
+            info = await self.scheduler.info(self.config.status_timeout_s)
+        if info is None or info.max_model_len <= 0:
             raise GatewayError(
                 503, f"the scheduler at {self.config.scheduler_address} is not answering (no context length known yet)",
                 code="service_unavailable",
             )
-        return snapshot.max_model_len
+        return info.max_model_len
+
+    def replica_id(self) -> str | None:
+        """The scheduler replica serving this gateway, as its latest info answer says
+        (None before the first): request records name it."""
+        info = self.scheduler.latest_info
+        return info.replica_id if info is not None else None
 
 
 def gateway_context(request: Request) -> GatewayContext:

@@ -10,8 +10,13 @@ always ends with `close()` (handlers call it in `finally`), which aborts at the
 scheduler whatever has not finished, so a client that went away, a stop string, an
 error or a timeout never leaves the scheduler generating into the void.
 
+When the scheduler is done with a request is the scheduler's to say: its last delta for it
+carries `request_finished` (every sample ended, or the whole beam search, or an abort).
+The gateway may end choices sooner itself (a stop string matched in the text); once every
+choice of a request has ended here without that flag, it aborts the request there.
+
 Never stuck: when a request has produced nothing for `stall_timeout_s` the scheduler is
-asked whether it still holds it; no answer, or an answer without it (scheduler
+asked (a small info query naming the request) whether it still holds it; no answer, or an answer without it (scheduler
 restarted, message lost), ends it with a 503. A deadline bounds the whole (the request's
 `timeout`, else the server's `request_timeout_s`): when it passes, every unfinished choice
 is aborted at the scheduler (as for a client that went away) and finishes with
@@ -70,7 +75,6 @@ class _Choice:
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
     finish_reason: str | None = None  # stop | length | abort, or error (never sent to a client)
-    finished_at_scheduler: bool = False  # False while only the gateway knows (a stop string)
     first_token_at: float | None = None  # monotonic
     last_token_at: float | None = None
 
@@ -98,10 +102,11 @@ class Generation:
         self._timeout_s = context.config.request_timeout_s if timeout_s is None else timeout_s
         self._deadline = loop.time() + self._timeout_s
         self.timed_out = False
-        self._submitted_at = loop.time()
         self._queue: asyncio.Queue[RequestEvent] = asyncio.Queue()
         self._choices: list[_Choice] = []  # in choice index order
         self._samples_of: dict[str, list[_Choice]] = {}  # scheduler request id -> its choices by sample index
+        # Scheduler requests whose last delta (`request_finished`) came: nothing to abort there.
+        self._done_at_scheduler: set[str] = set()
         for prompt_index, prompt in enumerate(prompts):
             scheduler_request_id = f"{request_id}-{prompt_index}"
             samples = [
@@ -139,7 +144,7 @@ class Generation:
         for request_id, samples in self._samples_of.items():
             prompt = self._prompts[samples[0].prompt_index]
             requests.append(SubmitRequest(request_id, prompt, params, self._arrival_time, self._priority))
-            context.records.record(request_id, {
+            fields: dict[str, str | int | float] = {
                 "status": "waiting",
                 "parent_id": self.request_id,
                 "gateway_id": context.config.gateway_id,
@@ -147,9 +152,12 @@ class Generation:
                 "arrival_time": self._arrival_time,
                 "prompt_tokens": len(prompt),
                 "sampling_params": msgspec.json.encode(params).decode(),
-            })
+            }
+            replica_id = context.replica_id()
+            if replica_id is not None:
+                fields["replica_id"] = replica_id
+            context.records.record(request_id, fields)
         context.scheduler.register(list(self._samples_of), self._queue)
-        self._submitted_at = asyncio.get_running_loop().time()
         try:
             await context.scheduler.submit(requests)
         except SchedulerUnavailable as error:
@@ -178,10 +186,7 @@ class Generation:
                         event.status_code, event.message,
                         retry_after_s=event.retry_after_s if event.status_code in (429, 503) else None,
                     )
-                choice = samples[event.sample_index]
-                if choice.finish_reason is not None:
-                    continue  # a late delta after a stop string or an abort
-                _merge(merged, self._apply(choice, event))
+                self._take(merged, event)
             # Checked after every batch, not only when idle: a steady flow of deltas that
             # never finishes must not outrun the deadline.
             if asyncio.get_running_loop().time() >= self._deadline and not self.finished:
@@ -212,6 +217,22 @@ class Generation:
         completion_tokens = sum(choice.num_output_tokens for choice in self._choices)
         return Usage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens, PromptTokensDetails(sum(cached)))
 
+    def _take(self, merged: dict[int, ChoiceDelta], delta: RequestDelta) -> None:
+        """Apply one of the scheduler's deltas (or one made up as its abort would be)."""
+        samples = self._samples_of[delta.request_id]
+        if delta.request_finished:
+            self._done_at_scheduler.add(delta.request_id)  # before _finish asks
+        choice = samples[delta.sample_index]
+        if choice.finish_reason is None:  # else a late delta after a stop string
+            _merge(merged, self._apply(choice, delta))
+        if delta.request_finished:
+            # Nothing more comes for this request: samples it never reported (aborted
+            # before they were forked off the prompt) end here, as aborted.
+            for other in samples:
+                if other.finish_reason is None:
+                    abort = RequestDelta(delta.request_id, [], finish_reason="abort", sample_index=other.sample_index)
+                    _merge(merged, self._apply(other, abort))
+
     def _apply(self, choice: _Choice, delta: RequestDelta) -> ChoiceDelta:
         context = self._context
         now = time.monotonic()
@@ -230,7 +251,6 @@ class Generation:
             choice.num_output_tokens += len(token_ids)
         choice.num_cached_tokens = max(choice.num_cached_tokens, delta.num_cached_tokens)
         finish_reason = delta.finish_reason
-        choice.finished_at_scheduler = finish_reason is not None
         text = choice.detokenizer.push(token_ids)
         if finish_reason is not None:
             text += choice.detokenizer.flush()
@@ -250,9 +270,10 @@ class Generation:
         samples = self._samples_of[choice.request_id]
         if any(c.finish_reason is None for c in samples):
             return
-        # The request's last sample ended. Aborting a request aborts all its samples, so a
-        # sample stopped by a stop string is stopped at the scheduler only now.
-        if not all(c.finished_at_scheduler for c in samples):
+        # The request's last choice ended here. Unless the scheduler said it is done with
+        # the request, a stop string ended some choice first: aborting the request (all
+        # its samples) stops it there only now.
+        if choice.request_id not in self._done_at_scheduler:
             context.scheduler.abort_soon([choice.request_id])
         context.scheduler.unregister([choice.request_id])
         context.records.record(choice.request_id, {
@@ -284,22 +305,18 @@ class Generation:
     async def _check_still_held(self) -> None:
         """No progress for a while: legitimate (queued behind others) only if the
         scheduler answers and still holds every unfinished choice."""
-        loop = asyncio.get_running_loop()
         config = self._context.config
-        # Only a snapshot asked for after our submit can be trusted to list it.
-        snapshot = await self._context.scheduler.status(config.status_timeout_s, max_age_s=min(1.0, loop.time() - self._submitted_at))
+        unfinished = [request_id for request_id, samples in self._samples_of.items() if any(c.finish_reason is None for c in samples)]
+        # Asked afresh, after our submit: the answer reflects it.
+        info = await self._context.scheduler.info(config.status_timeout_s, request_ids=unfinished)
         if not self._queue.empty():
-            return  # deltas arrived while asking (they precede the snapshot on the socket)
-        if snapshot is None:
+            return  # deltas arrived while asking (they precede the answer on the socket)
+        if info is None:
             raise self._fail(
                 503, f"the scheduler at {config.scheduler_address} stopped answering (no token for {config.stall_timeout_s:g} s, "
                 f"no status reply within {config.status_timeout_s:g} s)", code="service_unavailable",
             )
-        held = {r.parent_request_id or r.request_id for group in (snapshot.running, snapshot.waiting, snapshot.swapped) for r in group}
-        lost = [
-            request_id for request_id, samples in self._samples_of.items()
-            if request_id not in held and any(c.finish_reason is None for c in samples)
-        ]
+        lost = [request_id for request_id in unfinished if request_id not in info.held_request_ids]
         if lost:
             raise self._fail(
                 503, f"the scheduler no longer holds request(s) {', '.join(lost)} (restarted?); please retry",
@@ -313,10 +330,13 @@ class Generation:
         scheduler's own abort would: a final "abort" delta (flushing held-back text)."""
         self.timed_out = True
         unfinished = [c for c in self._choices if c.finish_reason is None]
-        self._context.scheduler.abort_soon(list(dict.fromkeys(c.request_id for c in unfinished)))
-        for choice in unfinished:
-            abort = RequestDelta(choice.request_id, [], finish_reason="abort", sample_index=choice.sample_index)
-            _merge(merged, self._apply(choice, abort))
+        request_ids = list(dict.fromkeys(c.request_id for c in unfinished))
+        self._context.scheduler.abort_soon(request_ids)
+        for request_id in request_ids:
+            # What the scheduler answers an abort of a request whose samples were not forked
+            # yet: one delta that ends the request, and with it every unfinished choice.
+            first = next(c for c in unfinished if c.request_id == request_id)
+            self._take(merged, RequestDelta(request_id, [], finish_reason="abort", sample_index=first.sample_index, request_finished=True))
 
     def timeout_error(self) -> GatewayError:
         """What the client is told once `timed_out`: a 504 when nothing was generated, else

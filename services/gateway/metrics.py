@@ -2,7 +2,7 @@
 several apps in one process never collide on the global default registry).
 
 Counters and latency histograms are updated as requests progress; the scheduler-side
-gauges (queue depths, KV blocks) are refreshed from a StatusSnapshot when /metrics is
+gauges (queue depths, KV blocks) are refreshed from a SchedulerInfo when /metrics is
 scraped, so they are as fresh as the scrape and cost nothing in between. The prefix-cache
 hit rate is measured here, from the cached-token counts the scheduler reports per request.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from shared.messages import StatusSnapshot
+from shared.messages import SchedulerInfo
 
 _LATENCY_BUCKETS_S = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 _E2E_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0)
@@ -50,7 +50,7 @@ class GatewayMetrics:
         def gauge(name: str, documentation: str) -> Gauge:
             return Gauge(name, documentation, ["model"], registry=r).labels(**labels)
 
-        self.scheduler_up = gauge("pagedserve_scheduler_up", "1 when the scheduler answered the last scrape's status query.")
+        self.scheduler_up = gauge("pagedserve_scheduler_up", "1 when the scheduler answered the last scrape's info query.")
         self.num_running = gauge("pagedserve_num_requests_running", "Requests the scheduler is running.")
         self.num_waiting = gauge("pagedserve_num_requests_waiting", "Requests waiting in the scheduler's queue.")
         self.num_swapped = gauge("pagedserve_num_requests_swapped", "Requests swapped out to CPU.")
@@ -72,22 +72,21 @@ class GatewayMetrics:
         self._num_prompt_tokens += num_prompt_tokens
         self._num_cached_tokens += num_cached_tokens
 
-    def refresh(self, snapshot: StatusSnapshot | None) -> None:
-        """Set the scheduler gauges from a fresh snapshot (None: scheduler not answering,
+    def refresh(self, info: SchedulerInfo | None) -> None:
+        """Set the scheduler gauges from a fresh info answer (None: scheduler not answering,
         and its gauges keep their last values rather than pretending the queue is empty)."""
-        self.scheduler_up.set(0 if snapshot is None else 1)
+        self.scheduler_up.set(0 if info is None else 1)
         hit_rate = self._num_cached_tokens / self._num_prompt_tokens if self._num_prompt_tokens else 0.0
         self.prefix_cache_hit_rate.set(hit_rate)
-        if snapshot is None:
+        if info is None:
             return
-        self.num_running.set(len(snapshot.running))
-        self.num_waiting.set(len(snapshot.waiting))
-        self.num_swapped.set(len(snapshot.swapped))
-        pool = snapshot.block_pool
-        if pool is not None:
-            self.kv_blocks_used.set(pool.num_used_blocks)
-            self.kv_blocks_free.set(pool.num_free_blocks)
-            self.kv_cache_usage.set(pool.num_used_blocks / pool.num_blocks if pool.num_blocks else 0.0)
+        self.num_running.set(info.num_running)
+        self.num_waiting.set(info.num_waiting)
+        self.num_swapped.set(info.num_swapped)
+        if info.num_blocks:  # 0 until an executor reported the pool's size
+            self.kv_blocks_used.set(info.num_used_blocks)
+            self.kv_blocks_free.set(info.num_free_blocks)
+            self.kv_cache_usage.set(info.num_used_blocks / info.num_blocks)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

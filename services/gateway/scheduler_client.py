@@ -2,8 +2,12 @@
 gateway id, connected to the scheduler's ROUTER.
 
 One background task receives everything the scheduler sends and dispatches it: the
-deltas and errors of a request to the asyncio queue its HTTP handler registered, status
-snapshots to the futures waiting for them. Handlers never touch the socket's receive side.
+deltas and errors of a request to the asyncio queue its HTTP handler registered, answers
+to queries to the futures waiting for them. Handlers never touch the socket's receive side.
+
+Two queries: `info()` (SchedulerInfo: counts, context length, which requests it holds),
+small and cheap, for everything routine; `status()` (the whole StatusSnapshot, every block
+table) for the admin page alone.
 
 The DEALER is IMMEDIATE: messages are queued only to a connected scheduler, so with no
 scheduler a submit fails fast (503) instead of waiting in a buffer and starting
@@ -20,7 +24,8 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
 
 import msgspec
 import zmq
@@ -29,9 +34,11 @@ from zmq.utils.monitor import parse_monitor_message
 
 from shared.messages import (
     AbortRequest,
+    InfoQuery,
     RequestDelta,
     RequestDeltas,
     RequestError,
+    SchedulerInfo,
     SchedulerToGateway,
     StatusQuery,
     StatusSnapshot,
@@ -44,13 +51,62 @@ log = logging.getLogger(__name__)
 
 RequestEvent = RequestDelta | RequestError
 
-# A status query nobody answered is forgotten (its waiters see "no answer") after this long.
-_STATUS_QUERY_EXPIRY_S = 30.0
+# A query nobody answered is forgotten (its waiters see "no answer") after this long.
+_QUERY_EXPIRY_S = 30.0
 _FULL_QUEUE_RETRY_S = 0.005  # a connected scheduler whose queue is full: try again after this
+
+Answer = TypeVar("Answer", StatusSnapshot, SchedulerInfo)
 
 
 class SchedulerUnavailable(Exception):
     """No connected scheduler took the message in time."""
+
+
+class _Queries(Generic[Answer]):
+    """One kind of query: those in flight, and the latest answer with when its query was
+    sent (an answer describes the scheduler as it was at some point after that)."""
+
+    def __init__(self) -> None:
+        self.pending: dict[int, tuple[asyncio.Future[Answer | None], float]] = {}  # query id -> (future, sent at)
+        self.latest: Answer | None = None
+        self.latest_sent_at = float("-inf")
+
+    def fresh(self, now: float, max_age_s: float) -> Answer | None:
+        if self.latest is not None and now - self.latest_sent_at <= max_age_s:
+            return self.latest
+        return None
+
+    def in_flight(self, now: float, max_age_s: float) -> asyncio.Future[Answer | None] | None:
+        # Any query sent within max_age_s counts, but never one older than 1 s: waiting
+        # on a query the scheduler may have lost would make every later caller time out.
+        for future, sent_at in reversed(self.pending.values()):
+            if not future.done() and now - sent_at <= max(max_age_s, 1.0):
+                return future
+        return None
+
+    def expire(self, now: float) -> None:
+        for query_id, (future, sent_at) in list(self.pending.items()):
+            if now - sent_at > _QUERY_EXPIRY_S:
+                del self.pending[query_id]
+                if not future.done():
+                    future.set_result(None)
+
+    def answer(self, query_id: int, message: Answer) -> None:
+        entry = self.pending.pop(query_id, None)
+        if entry is None:
+            return  # answered after its waiters gave up
+        future, sent_at = entry
+        if sent_at >= self.latest_sent_at:
+            self.latest, self.latest_sent_at = message, sent_at
+        if not future.done():
+            future.set_result(message)
+
+    def give_up(self) -> None:
+        """No answer will come (the connection is lost or closing): waiters get None."""
+        for future, _ in self.pending.values():
+            if not future.done():
+                future.set_result(None)
+        self.pending.clear()
 
 
 class SchedulerClient:
@@ -68,11 +124,9 @@ class SchedulerClient:
         self._connected_event: asyncio.Event | None = None
         self._decoder = msgspec.msgpack.Decoder(SchedulerToGateway)
         self._queues: dict[str, asyncio.Queue[RequestEvent]] = {}
-        self._query_ids = itertools.count(1)
-        # query id -> (future, loop time the query was sent)
-        self._pending_status: dict[int, tuple[asyncio.Future[StatusSnapshot | None], float]] = {}
-        self._latest_snapshot: StatusSnapshot | None = None
-        self._latest_snapshot_sent_at = float("-inf")  # when the query it answers was sent
+        self._query_ids = itertools.count(1)  # shared by both kinds: an answer names its query
+        self._snapshots: _Queries[StatusSnapshot] = _Queries()
+        self._infos: _Queries[SchedulerInfo] = _Queries()
         self._background: set[asyncio.Task[Any]] = set()
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -111,10 +165,8 @@ class SchedulerClient:
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
-        for future, _ in self._pending_status.values():
-            if not future.done():
-                future.set_result(None)
-        self._pending_status.clear()
+        self._snapshots.give_up()
+        self._infos.give_up()
         if self._socket is not None:
             if self._monitor is not None:
                 self._socket.disable_monitor()
@@ -159,55 +211,57 @@ class SchedulerClient:
             # The scheduler is gone; whichever one answers next does not know these ids.
             log.warning("could not abort %s: scheduler at %s unavailable", request_ids, self.address)
 
-    # -- status ------------------------------------------------------------------------
+    # -- queries -----------------------------------------------------------------------
 
     @property
-    def latest_snapshot(self) -> StatusSnapshot | None:
-        return self._latest_snapshot
+    def latest_info(self) -> SchedulerInfo | None:
+        return self._infos.latest
+
+    async def info(self, timeout_s: float = 1.0, max_age_s: float = 0.0, request_ids: list[str] | None = None) -> SchedulerInfo | None:
+        """The scheduler's counts, from a query sent at most `max_age_s` ago, or None when
+        it does not answer within `timeout_s`. With `request_ids`, its answer also says
+        which of them it still holds: such a query is always sent afresh, after whatever
+        the caller submitted, and never shared."""
+        if request_ids:
+            return await self._ask(self._infos, lambda query_id: InfoQuery(query_id, request_ids), timeout_s)
+        return await self._ask(self._infos, InfoQuery, timeout_s, max_age_s, shared=True)
 
     async def status(self, timeout_s: float = 1.0, max_age_s: float = 0.0) -> StatusSnapshot | None:
-        """A snapshot whose query was sent at most `max_age_s` ago, or None when the
-        scheduler does not answer within `timeout_s`.
+        """The whole admin snapshot (every queue and block table: costly for the
+        scheduler to build; routine questions ask `info()`), as `info()` without ids."""
+        return await self._ask(self._snapshots, StatusQuery, timeout_s, max_age_s, shared=True)
 
-        Concurrent callers share one query in flight (a dashboard, /metrics scrapes and
-        stall checks must not each cost the scheduler a snapshot).
-        """
+    async def _ask(
+        self, queries: _Queries[Answer], make_query: Callable[[int], msgspec.Struct], timeout_s: float,
+        max_age_s: float = 0.0, shared: bool = False,
+    ) -> Answer | None:
+        """Send a query and wait for its answer. `shared`: an answer to a query sent at most
+        `max_age_s` ago will do, and concurrent callers share one query in flight (a
+        dashboard, /metrics scrapes and health checks must not each cost one)."""
         loop = asyncio.get_running_loop()
         now = loop.time()
-        if self._latest_snapshot is not None and now - self._latest_snapshot_sent_at <= max_age_s:
-            return self._latest_snapshot
-        future = self._join_query_in_flight(now, max_age_s)
+        future = None
+        if shared:
+            latest = queries.fresh(now, max_age_s)
+            if latest is not None:
+                return latest
+            future = queries.in_flight(now, max_age_s)
         if future is None:
-            self._expire_status_queries(now)
+            queries.expire(now)
             query_id = next(self._query_ids)
             future = loop.create_future()
-            self._pending_status[query_id] = (future, now)
+            queries.pending[query_id] = (future, now)
             try:
-                await self._send(StatusQuery(query_id), timeout_s)
+                await self._send(make_query(query_id), timeout_s)
             except SchedulerUnavailable:
-                self._pending_status.pop(query_id, None)
-                future.set_result(None)
+                queries.pending.pop(query_id, None)
+                future.set_result(None)  # for callers that joined it meanwhile
                 return None
             timeout_s = max(0.0, timeout_s - (loop.time() - now))
         try:
             return await asyncio.wait_for(asyncio.shield(future), timeout_s)
         except asyncio.TimeoutError:
             return None
-
-    def _join_query_in_flight(self, now: float, max_age_s: float) -> asyncio.Future[StatusSnapshot | None] | None:
-        # Any query sent within max_age_s counts, but never one older than 1 s: waiting
-        # on a query the scheduler may have lost would make every later caller time out.
-        for future, sent_at in reversed(self._pending_status.values()):
-            if not future.done() and now - sent_at <= max(max_age_s, 1.0):
-                return future
-        return None
-
-    def _expire_status_queries(self, now: float) -> None:
-        for query_id, (future, sent_at) in list(self._pending_status.items()):
-            if now - sent_at > _STATUS_QUERY_EXPIRY_S:
-                del self._pending_status[query_id]
-                if not future.done():
-                    future.set_result(None)
 
     # -- socket ------------------------------------------------------------------------
 
@@ -278,12 +332,10 @@ class SchedulerClient:
         message = f"lost the connection to the scheduler at {self.address} (it stopped or restarted) mid-request; please retry"
         for request_id in request_ids:
             self._queues.pop(request_id).put_nowait(RequestError(request_id, 503, message, retry_after_s=1.0))
-        for future, _ in self._pending_status.values():
-            if not future.done():
-                future.set_result(None)
-        self._pending_status.clear()
+        self._snapshots.give_up()
+        self._infos.give_up()
 
-    def _dispatch(self, message: RequestDeltas | RequestError | StatusSnapshot) -> None:
+    def _dispatch(self, message: RequestDeltas | RequestError | StatusSnapshot | SchedulerInfo) -> None:
         if isinstance(message, RequestDeltas):
             for delta in message.deltas:
                 queue = self._queues.get(delta.request_id)
@@ -295,12 +347,7 @@ class SchedulerClient:
                 queue.put_nowait(message)
             else:
                 log.warning("scheduler error for unknown request %s: %s", message.request_id, message.message)
+        elif isinstance(message, SchedulerInfo):
+            self._infos.answer(message.query_id, message)
         else:
-            entry = self._pending_status.pop(message.query_id, None)
-            if entry is None:
-                return  # answered after its waiters gave up
-            future, sent_at = entry
-            if sent_at >= self._latest_snapshot_sent_at:
-                self._latest_snapshot, self._latest_snapshot_sent_at = message, sent_at
-            if not future.done():
-                future.set_result(message)
+            self._snapshots.answer(message.query_id, message)

@@ -1,9 +1,15 @@
 """The scheduler process: the pure scheduler core behind two ZeroMQ ROUTER sockets.
 
 One loop, no threads: poll the gateway and executor sockets, apply what arrived (new
-requests, aborts, status queries, executor capacity, step results), and whenever no step
-is in flight and work is pending, schedule the next step and send it. Everything it does
-between polls is in-memory; Redis mirroring happens on its own thread.
+requests, aborts, status and info queries, executor capacity, step results), and whenever
+no step is in flight and work is pending, schedule the next step and send it. Everything it
+does between polls is in-memory; Redis mirroring happens on its own thread.
+
+When a client request is over is the core's to say (`RequestDelta.request_finished`); the
+service only forwards deltas to the gateway that asked and forgets the owner then. Redis
+holds what this scheduler alone knows: its replica's load (`replica:{id}`) and the
+prefixes its KV cache holds (`prefix:{id}`); request records (`req:{id}`) are the
+gateway's.
 
 Executor loss: an executor that sends nothing (heartbeat or result) for
 `heartbeat_timeout_s` is lost. Its running requests, the step in flight included, go back
@@ -45,10 +51,13 @@ from shared.messages import (
     ExecutorEvent,
     ExecutorMessage,
     ExecutorReady,
+    ExecutorStatus,
     GatewayMessage,
+    InfoQuery,
     RequestDelta,
     RequestDeltas,
     RequestError,
+    SchedulerInfo,
     StatusQuery,
     StatusSnapshot,
     StepMessage,
@@ -76,15 +85,6 @@ class SchedulerServiceConfig(msgspec.Struct, forbid_unknown_fields=True):
     enable_prefix_caching: bool = DEFAULT_ENABLE_PREFIX_CACHING
     preemption_mode: PreemptionMode = DEFAULT_PREEMPTION_MODE  # "swap": into the executor's CPU swap pool
     curve_keys_dir: str | None = None  # CURVE-secure both sockets (shared/zmq_security.py)
-
-
-@dataclass
-class _OwnedRequest:
-    """Who asked for a request, and how each of its samples finished (None: not yet): with
-    `n > 1` each sample finishes on its own and the request only once all have."""
-
-    gateway: bytes
-    finish_reasons: list[str | None]  # by sample index
 
 
 @dataclass
@@ -117,8 +117,9 @@ class SchedulerService:
         self.num_executors_lost = 0
         self.executor_events: deque[ExecutorEvent] = deque(maxlen=20)
         self.in_flight: ExecuteStep | None = None
-        # Client request id -> its gateway; forked samples report under their parent's id.
-        self.owner_of: dict[str, _OwnedRequest] = {}
+        # Client request id -> the identity of the gateway that asked for it, until the core
+        # flags its last delta; forked samples and beams report under the client's id.
+        self.owner_of: dict[str, bytes] = {}
         self.history = StepHistory()
         self.started_at = time.monotonic()
         self.redis = RedisMirror(config.redis_url, config.replica_id) if config.redis_url else None
@@ -169,10 +170,6 @@ class SchedulerService:
             return  # nothing fits this instant (cannot happen for validated requests)
         self.in_flight = step
         self.executors.send_multipart([self.executor.identity, *encode(StepMessage(step=step))])
-        if self.redis is not None:
-            for new in step.new_requests:
-                if new.num_computed_tokens == 0 and len(new.token_ids) == new.num_prompt_tokens:
-                    self.redis.update(f"req:{new.request_id}", {"status": "running", "scheduled_at": time.time()})
 
     def _maybe_report_load(self) -> None:
         """Replica heartbeat and load, and the changes to its cached prefixes, once a
@@ -184,8 +181,7 @@ class SchedulerService:
         core = self.core
         if core is not None:
             self.redis.update_prefix_cache(core.take_prefix_cache_events())
-        self.redis.update(
-            f"replica:{self.config.replica_id}",
+        self.redis.update_replica(
             {
                 "heartbeat_at": time.time(),
                 "gateway_address": self.config.gateway_address,
@@ -350,11 +346,8 @@ class SchedulerService:
         elif isinstance(message, AbortRequest):
             if self.core is not None:
                 self._send_deltas(self.core.abort_requests(message.request_ids))
-            # Samples not forked yet (the prompt was still computing) never send their own
-            # "abort": the request ends here whatever its samples reported.
-            for request_id in message.request_ids:
-                if self.owner_of.pop(request_id, None) is not None:
-                    self._mirror_finish(request_id, "abort")
+        elif isinstance(message, InfoQuery):
+            self._send(identity, self.info(message))
         elif isinstance(message, StatusQuery):
             self._send(identity, self.snapshot(message.query_id))
 
@@ -385,36 +378,19 @@ class SchedulerService:
         except ValueError as error:
             self._send(identity, RequestError(submit.request_id, 400, str(error)))
             return
-        self.owner_of[submit.request_id] = _OwnedRequest(identity, [None] * submit.sampling_params.n)
-        if self.redis is not None:
-            self.redis.update(
-                f"req:{submit.request_id}",
-                {"status": "waiting", "replica_id": self.config.replica_id, "arrival_at": submit.arrival_time,
-                 "prompt_tokens": len(submit.prompt_token_ids)},
-            )
+        self.owner_of[submit.request_id] = identity
 
     def _send_deltas(self, deltas: list[RequestDelta]) -> None:
         by_gateway: dict[bytes, list[RequestDelta]] = defaultdict(list)
         for delta in deltas:
-            owned = self.owner_of.get(delta.request_id)
-            if owned is None:
+            gateway = self.owner_of.get(delta.request_id)
+            if gateway is None:
                 continue
-            by_gateway[owned.gateway].append(delta)
-            if delta.finish_reason is not None:
-                owned.finish_reasons[delta.sample_index] = delta.finish_reason
-                if None not in owned.finish_reasons:
-                    del self.owner_of[delta.request_id]
-                    # One per sample, as the gateway records them.
-                    self._mirror_finish(delta.request_id, ",".join(r or "" for r in owned.finish_reasons))
-        for owner, owned in by_gateway.items():
-            self._send(owner, RequestDeltas(deltas=owned))
-
-    def _mirror_finish(self, request_id: str, finish_reason: str) -> None:
-        """One record per client request (`req:{id}`), written when its last sample ends."""
-        if self.redis is None or self.core is None:
-            return
-        fields: dict[str, object] = {"status": "finished", "finish_reason": finish_reason, "finished_at": time.time()}
-        self.redis.update(f"req:{request_id}", fields, expire=True)
+            by_gateway[gateway].append(delta)
+            if delta.request_finished:
+                del self.owner_of[delta.request_id]
+        for gateway, gateway_deltas in by_gateway.items():
+            self._send(gateway, RequestDeltas(deltas=gateway_deltas))
 
     def _fail_requests(self, request_ids: list[str], status_code: int, message: str) -> None:
         """End requests with an error for their clients, freeing what they hold."""
@@ -424,28 +400,41 @@ class SchedulerService:
             self._send_error(request_id, status_code, message)
 
     def _send_error(self, request_id: str, status_code: int, message: str) -> None:
-        owned = self.owner_of.pop(request_id, None)
-        if owned is not None:
-            self._send(owned.gateway, RequestError(request_id, status_code, message, retry_after_s=5.0))
-        if self.redis is not None:
-            self.redis.update(f"req:{request_id}", {"status": "error", "error": message, "finished_at": time.time()}, expire=True)
+        gateway = self.owner_of.pop(request_id, None)
+        if gateway is not None:
+            self._send(gateway, RequestError(request_id, status_code, message, retry_after_s=5.0))
 
     def _send(self, identity: bytes, message: msgspec.Struct) -> None:
         self.gateways.send_multipart([identity, *encode(message)])
 
     # --- status ---------------------------------------------------------------------
 
+    def info(self, query: InfoQuery) -> SchedulerInfo:
+        """Counts only, each O(1) but the step statistics (a fixed window) and the asked ids:
+        cheap enough for every health check, scrape and stalled request."""
+        core = self.core
+        pool = core.block_pool if core else None
+        return SchedulerInfo(
+            query_id=query.query_id,
+            replica_id=self.config.replica_id,
+            model=self.last_executor.ready.model if self.last_executor else "",
+            max_model_len=core.config.max_model_len if core else 0,
+            num_executors_alive=sum(e.alive for e in self._executor_statuses(time.monotonic())),
+            num_running=core.num_running if core else 0,
+            num_waiting=core.num_waiting if core else 0,
+            num_swapped=core.num_swapped if core else 0,
+            num_blocks=pool.num_blocks if pool else 0,
+            num_used_blocks=pool.num_used_blocks if pool else 0,
+            num_free_blocks=pool.num_free_blocks if pool else 0,
+            kv_utilisation=core.kv_utilisation() if core else 0.0,
+            steps=self._step_stats(),
+            # Held until the core flags the request's last delta (or it fails with an error).
+            held_request_ids=[request_id for request_id in query.request_ids if request_id in self.owner_of],
+        )
+
     def snapshot(self, query_id: int) -> StatusSnapshot:
+        """Everything, every block's owner included: for the admin page only."""
         now = time.monotonic()
-        executors = []
-        if self.executor is not None:
-            ready = self.executor.ready
-            executors.append(
-                executor_status(
-                    ready.executor_id, ready.device, ready.num_blocks, ready.model,
-                    now - self.executor.last_heard, self.config.heartbeat_timeout_s,
-                )
-            )
         core = self.core
         return StatusSnapshot(
             query_id=query_id,
@@ -455,12 +444,27 @@ class SchedulerService:
             waiting=[request_status(r) for r in core.waiting] if core else [],
             swapped=[request_status(r) for r in core.swapped] if core else [],
             block_pool=block_pool_status(core) if core else None,
-            executors=executors,
-            steps=self.history.stats(core.num_preemptions_total) if core else StepStats(0, 0.0, 0.0, 0.0, 0),
+            executors=self._executor_statuses(now),
+            steps=self._step_stats(),
             uptime_s=now - self.started_at,
             num_executors_lost=self.num_executors_lost,
             executor_events=list(self.executor_events),
         )
+
+    def _executor_statuses(self, now: float) -> list[ExecutorStatus]:
+        if self.executor is None:
+            return []
+        ready = self.executor.ready
+        return [
+            executor_status(
+                ready.executor_id, ready.device, ready.num_blocks, ready.model,
+                now - self.executor.last_heard, self.config.heartbeat_timeout_s,
+            )
+        ]
+
+    def _step_stats(self) -> StepStats:
+        core = self.core
+        return self.history.stats(core.num_preemptions_total) if core else StepStats(0, 0.0, 0.0, 0.0, 0)
 
 
 def serve(config: SchedulerServiceConfig, stop_event: threading.Event | None = None) -> None:

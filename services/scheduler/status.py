@@ -8,12 +8,13 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+import msgspec
+
 from services.scheduler.request import Request, RequestStatus
 from services.scheduler.scheduler import Scheduler
 from shared.messages import (
     BlockPoolStatus,
     ExecutorStatus,
-    PrefixCacheStatus,
     RequestSummary,
     StepStats,
 )
@@ -21,9 +22,8 @@ from shared.messages import (
 
 @dataclass
 class StepHistory:
-    """Rolling window of recent steps: (finished at monotonic s, batch size, tokens)."""
+    """Rolling window of the last 256 steps: (finished at monotonic s, batch size, tokens)."""
 
-    window: int = 256
     num_steps: int = 0
     recent: deque[tuple[float, int, int]] = field(default_factory=lambda: deque(maxlen=256))
 
@@ -85,24 +85,14 @@ def block_pool_status(scheduler: Scheduler) -> BlockPoolStatus:
         num_shared_blocks=num_shared,
         tokens_stored=tokens_stored,
         slots_allocated=slots_allocated,
-        utilisation=tokens_stored / slots_allocated if slots_allocated else 1.0,
+        utilisation=scheduler.kv_utilisation(),
         block_owners=owners,
-        prefix_cache=prefix_cache_status(scheduler) if scheduler.config.enable_prefix_caching else None,
+        # A copy: the core keeps counting into its own.
+        prefix_cache=msgspec.structs.replace(scheduler.prefix_cache_stats) if scheduler.config.enable_prefix_caching else None,
         num_swap_blocks=swap_pool.num_blocks if swap_pool else 0,
         num_used_swap_blocks=swap_pool.num_used_blocks if swap_pool else 0,
         num_swap_outs=scheduler.num_swap_outs_total,
         num_swap_ins=scheduler.num_swap_ins_total,
-    )
-
-
-def prefix_cache_status(scheduler: Scheduler) -> PrefixCacheStatus:
-    stats = scheduler.prefix_cache_stats
-    return PrefixCacheStatus(
-        num_queries=stats.num_queries,
-        num_hits=stats.num_hits,
-        num_query_tokens=stats.num_query_tokens,
-        num_hit_tokens=stats.num_hit_tokens,
-        hit_rate=stats.hit_rate,
     )
 
 

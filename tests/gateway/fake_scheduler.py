@@ -4,10 +4,13 @@ real wire protocol (shared/messages.py + shared/transport.py).
 Each step it sends every active request its next scripted tokens, like a scheduler
 running one decode step for its batch. A submit with `n > 1` runs the script once per
 sample (each with `for_sample(i)`'s params), reported under the request's id with the
-sample's `sample_index`, as the real scheduler's forked samples are. Tests set `script` (tokens per step for a
-submit), `refuse` (answer submits with a RequestError), `answer_status`, `hold`
-(accept requests but produce nothing) and `drop_submits` (forget them), and wait on
-what it received with deadlines.
+sample's `sample_index`, as the real scheduler's forked samples are; like the real core,
+it flags the last delta of a request (`request_finished`) once every sample has ended or
+an abort ended them. It answers info queries (counts, and which of the asked ids it
+holds) and full status queries, counting each kind. Tests set `script` (tokens per step
+for a submit), `refuse` (answer submits with a RequestError), `answer_status` (answer
+queries of either kind), `hold` (accept requests but produce nothing) and `drop_submits`
+(forget them), and wait on what it received with deadlines.
 """
 
 from __future__ import annotations
@@ -25,10 +28,12 @@ from shared.messages import (
     BlockPoolStatus,
     ExecutorStatus,
     GatewayMessage,
+    InfoQuery,
     RequestDelta,
     RequestDeltas,
     RequestError,
     RequestSummary,
+    SchedulerInfo,
     StatusQuery,
     StatusSnapshot,
     StepStats,
@@ -80,7 +85,8 @@ class FakeScheduler:
         self.num_cached_tokens = 0
         self.submits: list[SubmitRequest] = []
         self.aborted: list[str] = []
-        self.num_status_queries = 0
+        self.num_status_queries = 0  # full snapshots asked for
+        self.num_info_queries = 0
         self._active: dict[str, _Active] = {}  # by sample id
         self._changed = threading.Condition()
         self._stop = threading.Event()
@@ -109,6 +115,8 @@ class FakeScheduler:
             self.num_cached_tokens = 0
             self.submits.clear()
             self.aborted.clear()
+            self.num_status_queries = 0
+            self.num_info_queries = 0
             self._active.clear()
 
     def forget_all(self) -> None:
@@ -141,7 +149,7 @@ class FakeScheduler:
             if not self.hold:
                 self._step()
 
-    def _handle(self, identity: bytes, message: SubmitRequest | AbortRequest | StatusQuery) -> None:
+    def _handle(self, identity: bytes, message: SubmitRequest | AbortRequest | StatusQuery | InfoQuery) -> None:
         with self._changed:
             if isinstance(message, SubmitRequest):
                 self.submits.append(message)
@@ -163,10 +171,14 @@ class FakeScheduler:
                         del self._active[active.sample_id]
                     deltas = [RequestDelta(request_id, [], finish_reason="abort", sample_index=a.sample_index) for a in aborted]
                     if deltas:
-                        self._socket.send_multipart([identity, *encode(RequestDeltas(deltas))])
+                        self._socket.send_multipart([identity, *encode(RequestDeltas(self._mark_request_ends(deltas)))])
             elif self.answer_status:
-                self.num_status_queries += 1
-                self._socket.send_multipart([identity, *encode(self._snapshot(message.query_id))])
+                if isinstance(message, InfoQuery):
+                    self.num_info_queries += 1
+                    self._socket.send_multipart([identity, *encode(self._info(message))])
+                else:
+                    self.num_status_queries += 1
+                    self._socket.send_multipart([identity, *encode(self._snapshot(message.query_id))])
             self._changed.notify_all()
 
     def _step(self) -> None:
@@ -189,9 +201,39 @@ class FakeScheduler:
                 if done:
                     del self._active[sample_id]
             for identity, deltas in by_gateway.items():
-                self._socket.send_multipart([identity, *encode(RequestDeltas(deltas))])
+                self._socket.send_multipart([identity, *encode(RequestDeltas(self._mark_request_ends(deltas)))])
             if by_gateway:
                 self._changed.notify_all()
+
+    def _mark_request_ends(self, deltas: list[RequestDelta]) -> list[RequestDelta]:
+        """As the real core does: flag the last delta of each request none of whose samples
+        is still active."""
+        alive = {active.submit.request_id for active in self._active.values()}
+        ended: set[str] = set()
+        for delta in reversed(deltas):
+            if delta.finish_reason is not None and delta.request_id not in alive and delta.request_id not in ended:
+                ended.add(delta.request_id)
+                delta.request_finished = True
+        return deltas
+
+    def _info(self, query: InfoQuery) -> SchedulerInfo:
+        held = {active.submit.request_id for active in self._active.values()}
+        return SchedulerInfo(
+            query_id=query.query_id,
+            replica_id="replica-fake",
+            model="SmolLM2-135M-Instruct",
+            max_model_len=self.max_model_len,
+            num_executors_alive=1 if self.executor_alive else 0,
+            num_running=len(self._active),
+            num_waiting=0,
+            num_swapped=0,
+            num_blocks=8,  # the snapshot's pool: 3 of 8 blocks used
+            num_used_blocks=3,
+            num_free_blocks=5,
+            kv_utilisation=40 / 48,
+            steps=StepStats(10, 100.0, 1.5, 1.5, 0),
+            held_request_ids=[request_id for request_id in query.request_ids if request_id in held],
+        )
 
     def _snapshot(self, query_id: int) -> StatusSnapshot:
         def status(active: _Active) -> RequestSummary:

@@ -18,7 +18,7 @@ from services.gateway.generation import Generation
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.request_records import RequestRecorder
 from services.gateway.scheduler_client import RequestEvent
-from shared.messages import RequestDelta, StatusSnapshot, StepStats, SubmitRequest
+from shared.messages import RequestDelta, SchedulerInfo, StepStats, SubmitRequest
 from shared.sampling_params import SamplingParams
 
 class StubScheduler:
@@ -26,8 +26,9 @@ class StubScheduler:
         self.queues: dict[str, asyncio.Queue[RequestEvent]] = {}
         self.submitted: list[SubmitRequest] = []
         self.aborted: list[str] = []
-        self.snapshot: StatusSnapshot | None = None
-        self.latest_snapshot: StatusSnapshot | None = None
+        self.holding: list[str] | None = None  # what its info answers say it holds; None: no answer
+        self.info_questions: list[list[str]] = []  # the request ids each info query asked about
+        self.latest_info: SchedulerInfo | None = None
 
     def register(self, request_ids: list[str], queue: asyncio.Queue[RequestEvent]) -> None:
         self.queues.update({request_id: queue for request_id in request_ids})
@@ -42,18 +43,15 @@ class StubScheduler:
     def abort_soon(self, request_ids: list[str]) -> None:
         self.aborted += request_ids
 
-    async def status(self, timeout_s: float = 1.0, max_age_s: float = 0.0) -> StatusSnapshot | None:
-        return self.snapshot
+    async def info(self, timeout_s: float = 1.0, max_age_s: float = 0.0, request_ids: list[str] | None = None) -> SchedulerInfo | None:
+        self.info_questions.append(list(request_ids or []))
+        if self.holding is None:
+            return None
+        held = [r for r in request_ids or [] if r in self.holding]
+        return SchedulerInfo(1, "replica-stub", "m", 256, 1, len(self.holding), 0, 0, 8, 0, 8, 0.0, StepStats(0, 0.0, 0.0, 0.0, 0), held)
 
 
-def snapshot_holding(request_ids: list[str]) -> StatusSnapshot:
-    from shared.messages import RequestSummary
-
-    running = [RequestSummary(r, "waiting", 1, 0, 0, 16, 0, 0.0, []) for r in request_ids]
-    return StatusSnapshot(1, "m", 256, [], running, [], None, [], StepStats(0, 0.0, 0.0, 0.0, 0), 0.0)
-
-
-def run(tokenizer: PreTrainedTokenizerBase, body: Any, **config: Any) -> Any:
+def run(tokenizer: PreTrainedTokenizerBase, body: Any, n: int = 1, stop: list[str] | None = None, **config: Any) -> Any:
     """Run `body(generation, stub)` in a fresh event loop."""
     stub = StubScheduler()
 
@@ -68,7 +66,7 @@ def run(tokenizer: PreTrainedTokenizerBase, body: Any, **config: Any) -> Any:
             token_texts=TokenTexts(tokenizer),
             vocab_size=len(tokenizer),
         )
-        generation = Generation(context, "req", [[1, 2, 3]], SamplingParams(max_tokens=50), n=1, stop=[])
+        generation = Generation(context, "req", [[1, 2, 3]], SamplingParams(max_tokens=50), n=n, stop=stop or [])
         await generation.submit()
         try:
             return await body(generation, stub)
@@ -86,8 +84,8 @@ def test_a_burst_of_deltas_keeps_its_order(tokenizer: PreTrainedTokenizerBase) -
         async def feed() -> None:
             await asyncio.sleep(0.01)  # let run_to_end block on the empty queue first
             for i, token_id in enumerate(token_ids):  # all at once, as one RequestDeltas batch would
-                finish = "stop" if i == len(token_ids) - 1 else None
-                stub.queues["req-0"].put_nowait(RequestDelta("req-0", [token_id], finish_reason=finish))
+                last = i == len(token_ids) - 1
+                stub.queues["req-0"].put_nowait(RequestDelta("req-0", [token_id], finish_reason="stop" if last else None, request_finished=last))
 
         feeder = asyncio.create_task(feed())
         (result,) = await generation.run_to_end()
@@ -113,7 +111,7 @@ def test_queued_steps_merge_into_one_delta_per_choice(tokenizer: PreTrainedToken
 
 def test_a_silent_request_still_held_keeps_waiting_then_times_out(tokenizer: PreTrainedTokenizerBase) -> None:
     async def body(generation: Generation, stub: StubScheduler) -> None:
-        stub.snapshot = snapshot_holding(["req-0"])
+        stub.holding = ["req-0"]
         (delta,) = await generation.next_deltas()
         assert (delta.index, delta.text, delta.finish_reason) == (0, "", "abort")
         assert generation.timed_out and generation.finished
@@ -123,13 +121,14 @@ def test_a_silent_request_still_held_keeps_waiting_then_times_out(tokenizer: Pre
 
     _, stub = run(tokenizer, body, stall_timeout_s=0.02, request_timeout_s=0.2)
     assert stub.aborted == ["req-0"]  # close() does not abort twice
+    assert stub.info_questions and all(asked == ["req-0"] for asked in stub.info_questions)  # the stall checks
 
 
 def test_the_deadline_keeps_what_was_generated(tokenizer: PreTrainedTokenizerBase) -> None:
     token_ids = tokenizer("partial answer").input_ids
 
     async def body(generation: Generation, stub: StubScheduler) -> Any:
-        stub.snapshot = snapshot_holding(["req-0"])
+        stub.holding = ["req-0"]
         stub.queues["req-0"].put_nowait(RequestDelta("req-0", token_ids))
         return await generation.run_to_end(), generation
 
@@ -143,7 +142,7 @@ def test_the_deadline_keeps_what_was_generated(tokenizer: PreTrainedTokenizerBas
 @pytest.mark.parametrize("held", [False, True])
 def test_a_lost_request_or_a_silent_scheduler_is_503(tokenizer: PreTrainedTokenizerBase, held: bool) -> None:
     async def body(generation: Generation, stub: StubScheduler) -> None:
-        stub.snapshot = snapshot_holding(["someone-else"]) if held else None
+        stub.holding = ["someone-else"] if held else None
         with pytest.raises(GatewayError) as error:
             await generation.next_deltas()
         assert error.value.status_code == 503
@@ -163,3 +162,44 @@ def test_closing_early_aborts_and_late_deltas_are_ignored(tokenizer: PreTrainedT
 
     _, stub = run(tokenizer, body)
     assert stub.aborted == ["req-0"]
+
+
+def test_the_flagged_last_delta_ends_the_request_and_every_unreported_sample(tokenizer: PreTrainedTokenizerBase) -> None:
+    """An abort before the samples were forked: the scheduler sends one delta, sample 0's,
+    flagged as the request's last; the other samples end with it, and nothing is aborted
+    (the scheduler is done with the request)."""
+
+    async def body(generation: Generation, stub: StubScheduler) -> Any:
+        stub.queues["req-0"].put_nowait(RequestDelta("req-0", [], finish_reason="abort", sample_index=0, request_finished=True))
+        return await generation.next_deltas(), generation
+
+    (deltas, generation), stub = run(tokenizer, body, n=3)
+    assert [(d.index, d.finish_reason) for d in deltas] == [(0, "abort"), (1, "abort"), (2, "abort")]
+    assert generation.finished and stub.aborted == [] and "req-0" not in stub.queues
+
+
+def test_choices_ended_by_the_gateway_abort_at_the_scheduler_unless_it_flagged_the_end(tokenizer: PreTrainedTokenizerBase) -> None:
+    stop_ids, rest_ids = tokenizer("one ###").input_ids, tokenizer(" two").input_ids
+
+    async def body(generation: Generation, stub: StubScheduler) -> Any:
+        queue = stub.queues["req-0"]
+        # Sample 1 finishes at the scheduler (not the request's end: sample 0 runs on);
+        # sample 0 meets the stop string, which only the gateway sees.
+        queue.put_nowait(RequestDelta("req-0", rest_ids, finish_reason="length", sample_index=1))
+        queue.put_nowait(RequestDelta("req-0", stop_ids, sample_index=0))
+        return await generation.run_to_end()
+
+    results, stub = run(tokenizer, body, n=2, stop=["###"])
+    assert [(r.text, r.finish_reason) for r in results] == [("one ", "stop"), (" two", "length")]
+    assert stub.aborted == ["req-0"]  # the scheduler still ran sample 0: told to stop, once
+
+    async def flagged(generation: Generation, stub: StubScheduler) -> Any:
+        queue = stub.queues["req-0"]
+        queue.put_nowait(RequestDelta("req-0", rest_ids, finish_reason="length", sample_index=1))
+        # The scheduler ends sample 0 in the same step as the gateway's stop string.
+        queue.put_nowait(RequestDelta("req-0", stop_ids, finish_reason="stop", sample_index=0, request_finished=True))
+        return await generation.run_to_end()
+
+    results, stub = run(tokenizer, flagged, n=2, stop=["###"])
+    assert [(r.text, r.finish_reason) for r in results] == [("one ", "stop"), (" two", "length")]
+    assert stub.aborted == []  # done at the scheduler: nothing to abort

@@ -1,5 +1,5 @@
 """/metrics in the Prometheus text format: request counts, latency histograms, token
-counters, and scheduler gauges refreshed from a status snapshot at scrape time."""
+counters, and scheduler gauges refreshed from an info query at scrape time."""
 
 from __future__ import annotations
 
@@ -42,13 +42,15 @@ def test_metrics_follow_requests_and_the_scheduler(client: httpx.Client, schedul
     assert delta("pagedserve_e2e_request_latency_seconds_count") == 1
     assert delta("pagedserve_inter_token_latency_seconds_count") == len(token_ids) - 1
     assert after["pagedserve_prefix_cache_hit_rate"][()] > 0
-    # From the fake scheduler's snapshot: 3 of 8 blocks used.
+    # From the fake scheduler's info answer: 3 of 8 blocks used.
     assert after["pagedserve_kv_blocks_used"][()] == 3
     assert after["pagedserve_kv_blocks_free"][()] == 5
     assert after["pagedserve_kv_cache_usage"][()] == 3 / 8
     assert after["pagedserve_num_requests_running"][()] == 0
     assert after["pagedserve_num_requests_waiting"][()] == 0
     assert after["pagedserve_scheduler_up"][()] == 1
+    # The gauges come from small info answers (shared for half a second), never from the full snapshot.
+    assert scheduler.num_status_queries == 0
 
 
 def test_aborts_and_errors_are_counted(client: httpx.Client, scheduler: FakeScheduler, tokenizer: PreTrainedTokenizerBase) -> None:

@@ -58,6 +58,7 @@ def test_requests_are_recorded_with_a_ttl(
         wait_until(lambda: store.hget(key, "status") == "finished", 5, "the finished record")
         record = store.hgetall(key)
         assert record["gateway_id"] == "gw-records" and record["parent_id"] == body["id"]
+        assert record["replica_id"] == "replica-fake"  # from the scheduler's info answer
         assert record["finish_reason"] == "stop" and record["output_tokens"] == str(len(tokenizer("recorded").input_ids))
         assert record["prompt_tokens"] == str(len(tokenizer("p").input_ids))
         assert '"max_tokens":7' in record["sampling_params"] and '"seed":3' in record["sampling_params"]

@@ -15,17 +15,42 @@ from shared.sampling_params import SamplingParams
 from tests.gateway.fake_scheduler import FakeScheduler, one_token_per_step
 
 
-def test_concurrent_status_queries_share_one_round_trip(scheduler: FakeScheduler) -> None:
+def test_concurrent_queries_share_one_round_trip_per_kind(scheduler: FakeScheduler) -> None:
     async def main() -> None:
         client = SchedulerClient(scheduler.address, "gw-status")
         await client.start()
         try:
+            infos = await asyncio.gather(*(client.info(2.0) for _ in range(5)))
+            assert all(i is not None and i.max_model_len == scheduler.max_model_len for i in infos)
+            assert (scheduler.num_info_queries, scheduler.num_status_queries) == (1, 0)
+            assert client.latest_info is infos[0]
+            assert await client.info(2.0, max_age_s=60) is infos[0]  # fresh enough: no query
+            assert scheduler.num_info_queries == 1
+
             snapshots = await asyncio.gather(*(client.status(2.0) for _ in range(5)))
             assert all(s is not None and s.max_model_len == scheduler.max_model_len for s in snapshots)
-            assert scheduler.num_status_queries == 1
-            assert client.latest_snapshot is snapshots[0]
+            assert (scheduler.num_info_queries, scheduler.num_status_queries) == (1, 1)
             assert await client.status(2.0, max_age_s=60) is snapshots[0]  # fresh enough: no query
             assert scheduler.num_status_queries == 1
+        finally:
+            await client.close()
+
+    asyncio.run(main())
+
+
+def test_an_info_query_naming_requests_is_its_own_and_says_which_are_held(scheduler: FakeScheduler) -> None:
+    scheduler.hold = True  # takes requests, produces nothing
+
+    async def main() -> None:
+        client = SchedulerClient(scheduler.address, "gw-held")
+        await client.start()
+        try:
+            await client.submit([SubmitRequest("held", [1, 2], SamplingParams(max_tokens=3), time.time())])
+            assert await client.info(2.0) is not None
+            # Never answered from the cache, nor shared: it must see the submit before it.
+            answers = await asyncio.gather(client.info(2.0, max_age_s=60, request_ids=["held", "gone"]), client.info(2.0, request_ids=["gone"]))
+            assert [a.held_request_ids if a else None for a in answers] == [["held"], []]
+            assert scheduler.num_info_queries == 3
         finally:
             await client.close()
 

@@ -59,11 +59,12 @@ def test_a_lost_request_is_503_not_a_hang(quick: httpx.Client, scheduler: FakeSc
     error = assert_openai_error(quick.post("/v1/completions", json={"prompt": "p", "max_tokens": 3}), 503)
     assert "no longer holds" in error["message"]
     assert time.monotonic() - started < 5
+    assert scheduler.num_info_queries >= 1 and scheduler.num_status_queries == 0
 
 
 def test_a_queued_request_is_not_mistaken_for_a_lost_one(quick: httpx.Client, scheduler: FakeScheduler, tokenizer: PreTrainedTokenizerBase) -> None:
     scheduler.script = one_token_per_step(tokenizer("late").input_ids)
-    scheduler.hold = True  # held (listed in the snapshot) but silent, well past the 0.3 s stall timeout
+    scheduler.hold = True  # held (so its info answers say) but silent, well past the 0.3 s stall timeout
     with httpx.Client(base_url=str(quick.base_url), timeout=20) as other:
         import threading
 
@@ -71,10 +72,11 @@ def test_a_queued_request_is_not_mistaken_for_a_lost_one(quick: httpx.Client, sc
         thread = threading.Thread(target=lambda: result.setdefault("r", other.post("/v1/completions", json={"prompt": "p", "max_tokens": 3})))
         thread.start()
         scheduler.wait_for(lambda: len(scheduler.submits) == 1, what="the submit")
-        scheduler.wait_for(lambda: scheduler.num_status_queries >= 3, what="stall checks")
+        scheduler.wait_for(lambda: scheduler.num_info_queries >= 3, what="stall checks")
         scheduler.hold = False
         thread.join(timeout=10)
     assert result["r"].status_code == 200 and result["r"].json()["choices"][0]["text"] == "late"
+    assert scheduler.num_status_queries == 0  # stall checks ask small questions, never for the full snapshot
 
 
 def test_a_scheduler_that_vanishes_mid_stream_ends_the_stream_with_an_error(
@@ -110,3 +112,20 @@ def test_health_needs_a_live_executor(client: httpx.Client, scheduler: FakeSched
     scheduler.executor_alive = False
     response = client.get("/health")
     assert response.status_code == 503 and response.json()["scheduler"] == "no live executor"
+    # Each check is one small info query, never the full snapshot.
+    assert (scheduler.num_info_queries, scheduler.num_status_queries) == (2, 0)
+
+
+def test_only_the_admin_page_asks_for_the_full_snapshot(tokenizer: PreTrainedTokenizerBase, fake_scheduler: FakeScheduler, scheduler: FakeScheduler) -> None:
+    scheduler.script = one_token_per_step(tokenizer("counted").input_ids)
+    # A gateway of its own: its start-up query and its first request's context-length
+    # lookup happen within this test.
+    with running_gateway(gateway_config(fake_scheduler), tokenizer) as url, httpx.Client(base_url=url, timeout=20) as http:
+        assert http.post("/v1/completions", json={"prompt": "p", "max_tokens": 5}).json()["choices"][0]["text"] == "counted"
+        assert http.get("/v1/models").json()["data"][0]["max_model_len"] == scheduler.max_model_len
+        assert http.get("/health").status_code == 200
+        assert "pagedserve_num_requests_running" in http.get("/metrics").text
+        assert scheduler.num_info_queries >= 2 and scheduler.num_status_queries == 0
+        admin = http.get("/admin/scheduler")
+        assert admin.status_code == 200 and admin.json()["max_model_len"] == scheduler.max_model_len
+        assert scheduler.num_status_queries == 1

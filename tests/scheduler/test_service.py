@@ -24,8 +24,10 @@ from shared.messages import (
     AbortRequest,
     ExecutorReady,
     Heartbeat,
+    InfoQuery,
     RequestDeltas,
     RequestError,
+    SchedulerInfo,
     SchedulerToGateway,
     StatusQuery,
     StatusSnapshot,
@@ -108,6 +110,7 @@ class Gateway(Peer):
         # The same by (request id, sample index), for requests with n > 1 samples.
         self.sample_outputs: dict[tuple[str, int], list[int]] = {}
         self.sample_finished: dict[tuple[str, int], str] = {}
+        self.requests_finished: list[str] = []  # by the flag on their last delta, in order
 
     def submit(self, request_id: str) -> None:
         self.send(SubmitRequest(request_id, PROMPTS[request_id], PARAMS, time.time()))
@@ -131,6 +134,9 @@ class Gateway(Peer):
                 if delta.finish_reason:
                     self.finished[delta.request_id] = delta.finish_reason
                     self.sample_finished[sample] = delta.finish_reason
+                if delta.request_finished:
+                    assert delta.request_id not in self.requests_finished, f"{delta.request_id} finished twice"
+                    self.requests_finished.append(delta.request_id)
         elif isinstance(message, RequestError):
             self.errors[message.request_id] = message
 
@@ -141,6 +147,16 @@ class Gateway(Peer):
         while True:
             message = self.recv(max(0.01, deadline - time.monotonic()))
             if isinstance(message, StatusSnapshot):
+                return message
+            self._take(message)
+
+    def info(self, request_ids: list[str]) -> SchedulerInfo:
+        """A fresh info answer; deltas that arrive before it are taken, not lost."""
+        self.send(InfoQuery(2, request_ids))
+        deadline = time.monotonic() + 5
+        while True:
+            message = self.recv(max(0.01, deadline - time.monotonic()))
+            if isinstance(message, SchedulerInfo):
                 return message
             self._take(message)
 
@@ -310,6 +326,7 @@ def test_n_samples_stream_under_the_request_id_until_the_last_one_finishes(start
     drive(service, executor, lambda g: len(g.sample_finished) == 3)
     assert gateway.sample_outputs == {("g", 0): separate[0], ("g", 1): separate[1][:3], ("g", 2): separate[2]}
     assert gateway.sample_finished == {("g", 0): "length", ("g", 1): "stop", ("g", 2): "length"}
+    assert gateway.requests_finished == ["g"]  # flagged once, on the last sample's last delta
     assert service.service.owner_of == {} and all_blocks_free(gateway.status())
 
     # An abort of the request aborts every sample.
@@ -318,12 +335,34 @@ def test_n_samples_stream_under_the_request_id_until_the_last_one_finishes(start
     gateway.send(AbortRequest(["h"]))
     drive(service, executor, lambda g: all(("h", i) in g.sample_finished for i in range(3)))
     assert {gateway.sample_finished[("h", i)] for i in range(3)} == {"abort"}
+    assert gateway.requests_finished == ["g", "h"]
     assert service.service.owner_of == {} and all_blocks_free(gateway.status())
 
     # Aborted before its prompt was computed: no sample was forked, none will report.
     gateway.send(SubmitRequest("k", prompt, params, time.time()))
     gateway.send(AbortRequest(["k"]))
     drive(service, executor, lambda g: ("k", 0) in g.sample_finished)
+    assert gateway.requests_finished == ["g", "h", "k"]  # its one "abort" delta ends it
     snapshot = gateway.status()
     assert not snapshot.running and not snapshot.waiting and all_blocks_free(snapshot)
     assert service.service.owner_of == {}
+
+
+def test_an_info_query_answers_counts_and_which_requests_are_held(start_service: Callable[..., Service]) -> None:
+    service = start_service(replica_id="replica-info")
+    gateway = service.gateway
+    before = gateway.info(["a"])
+    assert (before.model, before.max_model_len, before.num_blocks, before.num_executors_alive) == ("", 0, 0, 0)
+    assert before.replica_id == "replica-info" and before.held_request_ids == []
+    executor = service.executor("informed", num_blocks=64)
+    start_two_requests(service, executor, num_steps=2)
+    info = gateway.info(["a", "unknown", "b"])
+    assert info.held_request_ids == ["a", "b"]
+    assert (info.model, info.max_model_len, info.num_executors_alive) == ("fake-model", 4096, 1)
+    assert info.num_running + info.num_waiting == 2 and info.num_swapped == 0
+    assert info.num_blocks == 64 and info.num_used_blocks > 0 and info.num_free_blocks == 64 - info.num_used_blocks
+    assert 0 < info.kv_utilisation <= 1 and info.steps.num_steps == 2
+    drive(service, executor, lambda g: g.requests_finished == ["a", "b"] or g.requests_finished == ["b", "a"])
+    after = gateway.info(["a", "b"])
+    assert after.held_request_ids == [] and after.num_running == after.num_waiting == 0
+    assert after.num_used_blocks == 0 and after.kv_utilisation == 0.0

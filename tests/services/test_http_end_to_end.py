@@ -91,6 +91,11 @@ def test_32_concurrent_streams_equal_the_engine(cluster: Cluster) -> None:
     keys = records.keys(f"req:{request_id}*")
     assert keys, f"no redis record for {request_id}"
     wait_until(lambda: all(records.hget(k, "status") == "finished" for k in keys), 10, "finished records in redis")
+    # The gateway's record (the one writer of `req:*`) names the replica, from the scheduler's info answer.
+    record = records.hgetall(keys[0])
+    assert record["replica_id"] == "replica-0"
+    assert float(record["arrival_time"]) <= float(record["first_token_time"]) <= float(record["finished_time"])
+    assert records.ttl(keys[0]) > 0
 
 
 def test_n_samples_compute_the_prompt_once_and_equal_separate_seeded_requests(cluster: Cluster) -> None:
