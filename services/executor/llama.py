@@ -9,12 +9,12 @@ outputs can be compared token for token.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import PagedAttentionOps
 from services.executor.attention_metadata import AttentionMetadata
 from services.executor.model_config import ModelConfig
 
@@ -100,7 +100,7 @@ class Attention(nn.Module):
         rotary: RotaryEmbedding,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
-        kernels: ModuleType,
+        kernels: PagedAttentionOps,
     ) -> torch.Tensor:
         num_tokens = hidden.shape[0]
         qkv = self.qkv_proj(hidden)
@@ -188,7 +188,7 @@ class LlamaForCausalLM(nn.Module):
         positions: torch.Tensor,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         meta: AttentionMetadata,
-        kernels: ModuleType,
+        kernels: PagedAttentionOps,
     ) -> torch.Tensor:
         """[num_tokens] ids -> [num_tokens, hidden] final hidden states (normed)."""
         hidden = self.embed_tokens(input_ids)

@@ -1,77 +1,27 @@
-"""Runs scheduler steps on the model: mirrors each request's tokens and block table,
-builds the flattened varlen batch, runs the forward, samples.
+"""Runs scheduler steps on the model: mirrors each request's tokens and block table (the
+latter as a row of the persistent batch, `input_batch.py`), computes the step's flattened
+varlen inputs in place, runs the forward, samples.
 
 It makes no scheduling decision: which requests, how many tokens, which blocks all come
 in the `ExecuteStep`. It samples exactly for the requests whose scheduled tokens reach the
-end of their known tokens, the same rule the scheduler applies.
+end of their known tokens, by the rule the scheduler applies too (`shared/step_rules.py`).
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
-
-import numpy as np
 import torch
 
 from kernels import kernel_module
-from services.executor.attention_metadata import AttentionMetadata
+from services.executor.config import EngineConfig
+from services.executor.input_batch import InputBatch
 from services.executor.kv_cache import allocate_kv_cache, copy_blocks, num_blocks_for_budget, num_swap_blocks_for_budget
 from services.executor.llama import LlamaForCausalLM
 from services.executor.model_config import ModelConfig, load_model_config
+from services.executor.request_state import RequestState, ScheduledRequest
 from services.executor.sampler import Sampler, beam_candidates
 from services.executor.weight_loader import iter_weights
-from services.executor.config import EngineConfig
 from shared.messages import ExecuteStep, SampledToken, StepResult
 from shared.model_source import ModelSource
-from shared.sampling_params import SamplingParams
-
-
-@dataclass
-class RequestState:
-    """The executor's mirror of one request (satisfies the sampler's SamplingRequest)."""
-
-    request_id: str
-    token_ids: list[int]
-    num_prompt_tokens: int
-    block_ids: list[int]
-    sampling_params: SamplingParams
-
-    @property
-    def is_beam(self) -> bool:
-        """A beam of a beam search: not sampled; it reports its best next tokens, and the
-        scheduler sends back the one it picked in `CachedRequestData.new_token_ids`."""
-        return self.sampling_params.use_beam_search
-
-    @property
-    def prompt_token_ids(self) -> list[int]:
-        return self.token_ids[: self.num_prompt_tokens]
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]
-
-
-@dataclass
-class _ScheduledItem:
-    state: RequestState
-    num_computed_tokens: int
-    num_new_tokens: int
-
-    @property
-    def seq_len(self) -> int:
-        return self.num_computed_tokens + self.num_new_tokens
-
-    @property
-    def samples(self) -> bool:
-        return self.seq_len == len(self.state.token_ids)
-
-
-@dataclass
-class StepTimings:
-    num_steps: int = 0
-    forward_s: float = 0.0
-    history: list[float] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -99,7 +49,14 @@ class ModelRunner:
         )
         self.sampler = Sampler(self.model_config.vocab_size)
         self.requests: dict[str, RequestState] = {}
-        self.timings = StepTimings()
+        # Sized for the scheduler's limits; it grows if a step brings more.
+        self.input_batch = InputBatch(
+            num_rows=config.max_num_seqs,
+            max_blocks_per_row=-(-self.max_model_len // self.block_size),
+            max_num_tokens=config.max_num_batched_tokens,
+            block_size=self.block_size,
+            device=self.device,
+        )
 
     def _num_blocks_from_memory(self, config: EngineConfig) -> int:
         if self.device.type == "cuda":
@@ -109,48 +66,47 @@ class ModelRunner:
             budget = config.kv_cache_memory_bytes
         return num_blocks_for_budget(self.model_config, self.block_size, self.dtype, budget)
 
+    def reset(self) -> None:
+        """Forget every mirrored request (a new scheduler session: that scheduler sends
+        each request afresh, as a NewRequestData). The caches keep their contents: a
+        block is only read once a new table points at it again."""
+        self.requests.clear()
+        self.input_batch.clear()
+
     def execute(self, step: ExecuteStep) -> StepResult:
         # Beam forks copy their parents as they stand, before anything else changes them.
         for fork in step.beam_forks:
-            parent = self.requests[fork.parent_request_id]
-            self.requests[fork.request_id] = RequestState(
-                request_id=fork.request_id,
-                token_ids=list(parent.token_ids),
-                num_prompt_tokens=parent.num_prompt_tokens,
-                block_ids=list(parent.block_ids),
-                sampling_params=parent.sampling_params,
-            )
+            self._add(self.requests[fork.parent_request_id].fork(fork.request_id))
         for request_id in step.dropped_request_ids:
-            self.requests.pop(request_id, None)
+            if self.requests.pop(request_id, None) is not None:
+                self.input_batch.remove_request(request_id)
         # Swap-outs first: their blocks may be reallocated and written in this very step.
         copy_blocks(self.kv_caches, self.swap_caches, step.swap_out)
         copy_blocks(self.swap_caches, self.kv_caches, step.swap_in)
         # Copy-on-write of blocks shared by forked samples, before anything writes them.
         copy_blocks(self.kv_caches, self.kv_caches, step.block_copies)
-        items = self._apply_deltas(step)
-        if not items:
+        scheduled = self._apply_deltas(step)
+        if not scheduled:
             return StepResult(step_id=step.step_id, sampled=[])
         # Decodes first: the decode kernel serves them in one batched call.
-        items.sort(key=lambda item: item.num_new_tokens != 1)
-        input_ids, positions, meta = self._prepare_inputs(items)
-        start = time.perf_counter()
-        hidden = self.model(input_ids, positions, self.kv_caches, meta, self.kernels)
-        token_ends = np.cumsum([item.num_new_tokens for item in items])
-        sample_rows = [row for row, item in enumerate(items) if item.samples]
-        sampling_items = [items[row] for row in sample_rows]
-        sampled = []
-        if sampling_items:
-            last_token_index = torch.tensor(token_ends[sample_rows] - 1, device=self.device)
-            logits = self.model.compute_logits(hidden[last_token_index])
-            if logits.dtype not in (torch.float32, torch.float64):
-                logits = logits.float()
-            states = [item.state for item in sampling_items]
-            if step.forked_requests:
-                logits, states = self._fork(step, logits, states)
-            sampled = self._sample(logits, states)
-        self.timings.num_steps += 1
-        self.timings.forward_s += time.perf_counter() - start
-        return StepResult(step_id=step.step_id, sampled=sampled)
+        scheduled.sort(key=lambda item: item.num_new_tokens != 1)
+        inputs = self.input_batch.prepare(scheduled)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn_metadata, self.kernels)
+        sample_rows = [row for row, item in enumerate(scheduled) if item.samples]
+        if not sample_rows:
+            return StepResult(step_id=step.step_id, sampled=[])
+        last_token_index = torch.from_numpy(inputs.query_end_loc[sample_rows] - 1).to(self.device)
+        logits = self.model.compute_logits(hidden[last_token_index])
+        if logits.dtype not in (torch.float32, torch.float64):
+            logits = logits.float()
+        states = [scheduled[row].state for row in sample_rows]
+        if step.forked_requests:
+            logits, states = self._fork(step, logits, states)
+        return StepResult(step_id=step.step_id, sampled=self._sample(logits, states))
+
+    def _add(self, state: RequestState) -> None:
+        self.requests[state.request_id] = state
+        self.input_batch.add_request(state.request_id, state.block_ids)
 
     def _sample(self, logits: torch.Tensor, states: list[RequestState]) -> list[SampledToken]:
         """Sample a token for each request (appended to its mirror), or, for a beam,
@@ -179,80 +135,27 @@ class ModelRunner:
         states = list(states)
         for fork in step.forked_requests:
             parent = self.requests[fork.parent_request_id]
-            child = RequestState(
-                request_id=fork.request_id,
-                token_ids=list(parent.token_ids),
-                num_prompt_tokens=parent.num_prompt_tokens,
-                block_ids=list(parent.block_ids),
-                sampling_params=parent.sampling_params.for_sample(fork.sample_index),
-            )
-            self.requests[child.request_id] = child
+            child = parent.fork(fork.request_id, parent.sampling_params.for_sample(fork.sample_index))
+            self._add(child)
             states.append(child)
             rows.append(row_of[parent.request_id])
         return logits[torch.tensor(rows, device=logits.device)], states
 
-    def _apply_deltas(self, step: ExecuteStep) -> list[_ScheduledItem]:
-        items: list[_ScheduledItem] = []
+    def _apply_deltas(self, step: ExecuteStep) -> list[ScheduledRequest]:
+        """Mirror the step's new requests and apply its deltas to the cached ones: the
+        requests it runs, each with its tokens to compute (those with none left out)."""
+        scheduled: list[ScheduledRequest] = []
         counts = iter(step.num_scheduled_tokens)
         for new in step.new_requests:
-            state = RequestState(
-                request_id=new.request_id,
-                token_ids=list(new.token_ids),
-                num_prompt_tokens=new.num_prompt_tokens,
-                block_ids=list(new.block_ids),
-                sampling_params=new.sampling_params,
-            )
-            self.requests[new.request_id] = state
-            items.append(_ScheduledItem(state, new.num_computed_tokens, next(counts)))
+            state = RequestState.from_new_request(new)
+            self._add(state)
+            scheduled.append(ScheduledRequest(state, new.num_computed_tokens, next(counts)))
         for cached in step.cached_requests:
             state = self.requests[cached.request_id]
             if cached.num_replaced_blocks:  # copy-on-write: the copy replaces the shared block
                 del state.block_ids[-cached.num_replaced_blocks :]
             state.block_ids.extend(cached.new_block_ids)
+            self.input_batch.append_block_ids(cached.request_id, cached.new_block_ids, cached.num_replaced_blocks)
             state.token_ids.extend(cached.new_token_ids)
-            items.append(_ScheduledItem(state, cached.num_computed_tokens, next(counts)))
-        return [item for item in items if item.num_new_tokens > 0]
-
-    def _prepare_inputs(
-        self, items: list[_ScheduledItem]
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        bs = self.block_size
-        token_chunks, position_chunks, slot_chunks = [], [], []
-        for item in items:
-            start, end = item.num_computed_tokens, item.seq_len
-            token_chunks.append(item.state.token_ids[start:end])
-            pos = np.arange(start, end, dtype=np.int64)
-            blocks = np.asarray(item.state.block_ids, dtype=np.int64)
-            position_chunks.append(pos)
-            slot_chunks.append(blocks[pos // bs] * bs + pos % bs)
-        input_ids = torch.tensor([t for chunk in token_chunks for t in chunk], dtype=torch.long)
-        positions = torch.from_numpy(np.concatenate(position_chunks))
-        slot_mapping = torch.from_numpy(np.concatenate(slot_chunks))
-
-        decodes = [item for item in items if item.num_new_tokens == 1]
-        prefills = items[len(decodes) :]
-        query_start = np.zeros(len(prefills) + 1, dtype=np.int32)
-        np.cumsum([item.num_new_tokens for item in prefills], out=query_start[1:])
-        dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=slot_mapping.to(dev),
-            num_decode_tokens=len(decodes),
-            decode_block_tables=self._block_table_tensor(decodes).to(dev),
-            decode_seq_lens=torch.tensor([i.seq_len for i in decodes], dtype=torch.int32).to(dev),
-            max_decode_seq_len=max((i.seq_len for i in decodes), default=0),
-            prefill_block_tables=self._block_table_tensor(prefills).to(dev),
-            prefill_query_start_loc=torch.from_numpy(query_start).to(dev),
-            prefill_seq_lens=torch.tensor([i.seq_len for i in prefills], dtype=torch.int32).to(dev),
-            max_prefill_query_len=max((i.num_new_tokens for i in prefills), default=0),
-            max_prefill_seq_len=max((i.seq_len for i in prefills), default=0),
-        )
-        return input_ids.to(dev), positions.to(dev), meta
-
-    def _block_table_tensor(self, items: list[_ScheduledItem]) -> torch.Tensor:
-        """[len(items), max blocks] int32, padded with block 0 (never read: masked by seq_lens)."""
-        width = max((-(-item.seq_len // self.block_size) for item in items), default=0)
-        table = np.zeros((len(items), width), dtype=np.int32)
-        for row, item in enumerate(items):
-            used = -(-item.seq_len // self.block_size)
-            table[row, :used] = item.state.block_ids[:used]
-        return torch.from_numpy(table)
+            scheduled.append(ScheduledRequest(state, cached.num_computed_tokens, next(counts)))
+        return [item for item in scheduled if item.num_new_tokens > 0]

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from services.executor.model_runner import ModelRunner, RequestState
+from services.executor.input_batch import InputBatch
+from services.executor.model_runner import ModelRunner
+from services.executor.request_state import RequestState
 from services.executor.sampler import Sampler
 from shared.messages import CachedRequestData, ExecuteStep, ForkedRequest, NewRequestData
 from shared.sampling_params import SamplingParams
@@ -28,6 +30,9 @@ def bare_runner() -> ModelRunner:
     runner.requests = {}
     runner.block_size = BLOCK_SIZE
     runner.device = torch.device("cpu")
+    runner.input_batch = InputBatch(
+        num_rows=1, max_blocks_per_row=1, max_num_tokens=1, block_size=BLOCK_SIZE, device=runner.device
+    )
     runner.sampler = Sampler(VOCAB_SIZE)
     return runner
 
@@ -74,3 +79,23 @@ def test_forked_samples_mirror_the_parent_and_draw_from_its_row_with_their_own_s
         for i in range(3)
     ]
     assert [forked[0].token_id, forked[2].token_id, forked[3].token_id] == [t.token_id for t in separate]
+
+
+def test_reset_forgets_every_request_and_frees_its_row() -> None:
+    runner = bare_runner()
+    params = SamplingParams()
+    runner.execute(ExecuteStep(0, [NewRequestData("a", [1, 2, 3], 3, [3], 3, params)], [], [0]))
+    runner.execute(ExecuteStep(1, [NewRequestData("b", [4, 5], 2, [1, 2], 2, params)], [], [0]))
+    runner.reset()
+    assert runner.requests == {} and runner.input_batch.num_requests == 0
+    assert not runner.input_batch.block_table.any()
+
+
+def test_the_batch_rows_follow_the_mirrored_block_tables() -> None:
+    runner = bare_runner()
+    params = SamplingParams(n=2)
+    runner.execute(ExecuteStep(0, [NewRequestData("a", [1, 2, 3, 4, 5], 5, [3, 1], 5, params)], [], [0]))
+    runner.execute(ExecuteStep(1, [], [CachedRequestData("a", [5, 2], 5, num_replaced_blocks=1)], [0]))
+    assert runner.input_batch.block_ids("a") == runner.requests["a"].block_ids == [3, 5, 2]
+    runner.execute(ExecuteStep(2, [], [], [], dropped_request_ids=["a"]))
+    assert runner.input_batch.num_requests == 0

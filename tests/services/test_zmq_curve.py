@@ -6,7 +6,6 @@ its I/O loop alone, announcing a made-up capacity."""
 from __future__ import annotations
 
 import asyncio
-import queue
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,8 +15,7 @@ from typing import Any
 import pytest
 import zmq
 
-from services.executor.config import EngineConfig
-from services.executor.service import ExecutorConfig, _io_loop, _Sessions
+from services.executor.scheduler_link import SchedulerLink
 from services.gateway.scheduler_client import SchedulerClient
 from services.launcher import free_port
 from services.scheduler.service import SchedulerService, SchedulerServiceConfig
@@ -80,21 +78,13 @@ def test_a_gateway_without_the_right_keys_gets_no_answer(curve_scheduler: CurveS
 
 def test_an_executor_with_the_client_keys_registers(curve_scheduler: CurveScheduler) -> None:
     context: zmq.Context[Any] = zmq.Context()
-    results_endpoint = "inproc://results-curve-test"
-    results_in = context.socket(zmq.PAIR)
-    results_in.bind(results_endpoint)
-    config = ExecutorConfig(EngineConfig(), scheduler_address=curve_scheduler.config.executor_address, curve_keys_dir=str(curve_scheduler.keys_dir))
     ready = ExecutorReady("executor-curve", 64, 16, "test-model", "cpu", 512, None)
-    stop = threading.Event()
-    io_thread = threading.Thread(
-        target=_io_loop,
-        kwargs={
-            "context": context, "config": config, "executor_id": "executor-curve", "ready": ready,
-            "results_endpoint": results_endpoint, "steps": queue.Queue(), "sessions": _Sessions(), "stop_event": stop,
-            "curve": curve_client(curve_scheduler.keys_dir),
-        },
-        daemon=True,
+    link = SchedulerLink(
+        context, curve_scheduler.config.executor_address, ready, heartbeat_interval_s=1.0,
+        curve=curve_client(curve_scheduler.keys_dir),
     )
+    stop = threading.Event()
+    io_thread = threading.Thread(target=link.run, args=(stop,), daemon=True)
     io_thread.start()
     try:
         gateway_curve = curve_client(curve_scheduler.keys_dir)
@@ -107,5 +97,5 @@ def test_an_executor_with_the_client_keys_registers(curve_scheduler: CurveSchedu
     finally:
         stop.set()
         io_thread.join(timeout=5)
-        results_in.close()
+        link.close()
         context.term()

@@ -1,0 +1,75 @@
+"""The executor's mirror of one request, and that request's share of one step.
+
+A request's token ids and sampling params cross the wire once (`NewRequestData`); the
+mirror then grows by the deltas of later steps and by the tokens the executor samples
+itself. Its block ids are also written, as an array row, into the persistent batch
+(`input_batch.py`), which is what the kernels read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shared.messages import NewRequestData
+from shared.sampling_params import SamplingParams
+from shared.step_rules import samples_this_step
+
+
+@dataclass
+class RequestState:
+    """One mirrored sequence (a request, or a sample or beam of one); it satisfies the
+    sampler's SamplingRequest."""
+
+    request_id: str
+    token_ids: list[int]  # prompt + output so far: the scheduler's num_tokens is its length
+    num_prompt_tokens: int
+    block_ids: list[int]  # the block table as the scheduler sent it (its batch row copies it)
+    sampling_params: SamplingParams
+
+    @classmethod
+    def from_new_request(cls, new: NewRequestData) -> RequestState:
+        return cls(new.request_id, list(new.token_ids), new.num_prompt_tokens, list(new.block_ids), new.sampling_params)
+
+    def fork(self, request_id: str, sampling_params: SamplingParams | None = None) -> RequestState:
+        """A sequence branching off this one as it stands (a forked sample, with its own
+        params, or a new beam): its own copies of the token ids and block table, so that
+        either side's later deltas leave the other untouched."""
+        return RequestState(
+            request_id,
+            list(self.token_ids),
+            self.num_prompt_tokens,
+            list(self.block_ids),
+            self.sampling_params if sampling_params is None else sampling_params,
+        )
+
+    @property
+    def is_beam(self) -> bool:
+        """A beam of a beam search: not sampled; it reports its best next tokens, and the
+        scheduler sends back the one it picked in `CachedRequestData.new_token_ids`."""
+        return self.sampling_params.use_beam_search
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+
+@dataclass
+class ScheduledRequest:
+    """A request run in this step: its tokens num_computed_tokens .. seq_len - 1."""
+
+    state: RequestState
+    num_computed_tokens: int
+    num_new_tokens: int
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens in the cache once this step has run, this step's included."""
+        return self.num_computed_tokens + self.num_new_tokens
+
+    @property
+    def samples(self) -> bool:
+        return samples_this_step(self.num_computed_tokens, self.num_new_tokens, len(self.state.token_ids))
