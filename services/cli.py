@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import msgspec
 
-from services.executor.config import DTYPES, EngineConfig
+from services.executor.config import DTYPES, EngineConfig, ExecutorConfig
 from services.gateway.config import GatewayConfig, add_gateway_flags, gateway_config_from_args
 from services.scheduler.config import (
     DEFAULT_ENABLE_PREFIX_CACHING,
@@ -117,9 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("executor", help="run an executor (model + KV cache) for a scheduler")
     add_engine_flags(ex)
-    ex.add_argument("--scheduler-address", default=os.environ.get("PAGEDSERVE_EXECUTOR_ADDRESS", "tcp://127.0.0.1:5556"))
-    ex.add_argument("--executor-id", default="")
-    ex.add_argument("--heartbeat-interval", type=float, default=1.0, help="seconds between heartbeats")
+    executor_defaults = ExecutorConfig(EngineConfig())
+    ex.add_argument("--scheduler-address", default=os.environ.get("PAGEDSERVE_EXECUTOR_ADDRESS", executor_defaults.scheduler_address))
+    ex.add_argument("--executor-id", default=executor_defaults.executor_id)
+    ex.add_argument("--heartbeat-interval", type=float, default=executor_defaults.heartbeat_interval_s, help="seconds between heartbeats")
     add_curve_flag(ex)
     ex.set_defaults(handler=run_executor)
 
@@ -236,7 +237,7 @@ def run_scheduler(args: argparse.Namespace) -> int:
 
 
 def run_executor(args: argparse.Namespace) -> int:
-    from services.executor.service import ExecutorConfig, serve
+    from services.executor.service import serve
 
     _configure_logging()
     serve(

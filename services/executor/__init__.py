@@ -1,0 +1,29 @@
+"""The executor: the model over a paged KV cache, run step by step for a scheduler.
+
+`EngineConfig` and `ExecutorConfig` are torch-free (the CLI builds them in every process);
+`ModelRunner` and `serve` load torch and are imported on first use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from services.executor.config import EngineConfig, ExecutorConfig
+
+if TYPE_CHECKING:
+    from services.executor.model_runner import ModelRunner
+    from services.executor.service import serve
+
+__all__ = ["EngineConfig", "ExecutorConfig", "ModelRunner", "serve"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ModelRunner":
+        from services.executor.model_runner import ModelRunner
+
+        return ModelRunner
+    if name == "serve":
+        from services.executor.service import serve
+
+        return serve
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

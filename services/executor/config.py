@@ -67,3 +67,13 @@ class EngineConfig(msgspec.Struct, forbid_unknown_fields=True):
             raise ValueError(f"unknown dtype '{self.dtype}' (choose from {', '.join(DTYPES)})")
         dtype: torch.dtype = getattr(torch, self.dtype)
         return dtype
+
+
+class ExecutorConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """An executor process: its engine, and how it reaches its scheduler."""
+
+    engine: EngineConfig
+    scheduler_address: str = "tcp://127.0.0.1:5556"
+    executor_id: str = ""  # "": a fresh random id
+    heartbeat_interval_s: float = 1.0  # the scheduler counts it lost after its heartbeat timeout
+    curve_keys_dir: str | None = None  # CURVE-secure the link to the scheduler (shared/zmq_security.py)

@@ -17,10 +17,9 @@ import signal
 import threading
 import uuid
 
-import msgspec
 import zmq
 
-from services.executor.config import EngineConfig
+from services.executor.config import ExecutorConfig
 from services.executor.model_runner import ModelRunner
 from services.executor.scheduler_link import SchedulerLink
 from shared.messages import ExecutorReady
@@ -28,14 +27,6 @@ from shared.model_source import resolve_model_source
 from shared.zmq_security import curve_client
 
 log = logging.getLogger("pagedserve.executor")
-
-
-class ExecutorConfig(msgspec.Struct, forbid_unknown_fields=True):
-    engine: EngineConfig
-    scheduler_address: str = "tcp://127.0.0.1:5556"
-    executor_id: str = ""
-    heartbeat_interval_s: float = 1.0
-    curve_keys_dir: str | None = None  # CURVE-secure the link to the scheduler (shared/zmq_security.py)
 
 
 def serve(config: ExecutorConfig, stop_event: threading.Event | None = None) -> None:

@@ -10,8 +10,7 @@ from urllib.parse import urlparse
 import pytest
 
 from services.cli import build_parser, main
-from services.executor.config import EngineConfig
-from services.executor.service import ExecutorConfig
+from services.executor.config import EngineConfig, ExecutorConfig
 from services.gateway.config import GatewayConfig, gateway_config_from_args
 from services.launcher import pagedserve_command, service_commands
 from services.scheduler.service import SchedulerServiceConfig
