@@ -49,6 +49,19 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
         "--swap-space", type=int, default=defaults.swap_space_bytes, metavar="BYTES",
         help="CPU swap pool for --preemption-mode swap (default 0: every preemption recomputes)",
     )
+    add_tensor_parallel_flag(parser)
+    parser.add_argument(
+        "--collective-timeout", type=float, default=defaults.collective_timeout_s, metavar="SECONDS",
+        help="tensor parallel: a collective not done in this time fails the step and the group is restarted",
+    )
+
+
+def add_tensor_parallel_flag(parser: argparse.ArgumentParser, *aliases: str) -> None:
+    parser.add_argument(
+        "--tensor-parallel-size", *aliases, type=int, default=EngineConfig().tensor_parallel_size, metavar="T",
+        dest="tensor_parallel_size",
+        help="ranks (processes, one per device) that split the model's heads and MLP between them (default: %(default)s)",
+    )
 
 
 def add_batch_limit_flags(parser: argparse.ArgumentParser) -> None:
@@ -89,6 +102,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         swap_space_bytes=args.swap_space,
+        tensor_parallel_size=args.tensor_parallel_size,
+        collective_timeout_s=args.collective_timeout,
     )
 
 
@@ -121,6 +136,19 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--scheduler-address", default=os.environ.get("PAGEDSERVE_EXECUTOR_ADDRESS", executor_defaults.scheduler_address))
     ex.add_argument("--executor-id", default=executor_defaults.executor_id)
     ex.add_argument("--heartbeat-interval", type=float, default=executor_defaults.heartbeat_interval_s, help="seconds between heartbeats")
+    ex.add_argument(
+        "--world-size", type=int, dest="tensor_parallel_size",
+        help="tensor parallel: the group's number of ranks (same as --tensor-parallel-size; default: $WORLD_SIZE or 1)",
+    )
+    ex.set_defaults(tensor_parallel_size=int(os.environ.get("WORLD_SIZE", 1)))
+    ex.add_argument(
+        "--rank", type=int, default=int(os.environ.get("RANK", executor_defaults.rank)),
+        help="tensor parallel: this executor's rank in its group, 0 .. T-1 (default: $RANK or 0)",
+    )
+    ex.add_argument(
+        "--dist-init-address", default=os.environ.get("PAGEDSERVE_DIST_INIT_ADDRESS"), metavar="tcp://HOST:PORT",
+        help="tensor parallel: the group's rendezvous, rank 0 listens there (default: torch's MASTER_ADDR/MASTER_PORT)",
+    )
     add_curve_flag(ex)
     ex.set_defaults(handler=run_executor)
 
@@ -167,6 +195,15 @@ def add_scheduler_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL"))
     parser.add_argument("--replica-id", default=defaults.replica_id)
+    parser.add_argument(
+        "--advertise-address", default=None,
+        help="the gateway address registered in Redis for gateways to connect to (default: --gateway-address, "
+        "a wildcard host replaced by this host's name)",
+    )
+    parser.add_argument(
+        "--gateway-timeout", type=float, default=defaults.gateway_timeout_s, metavar="SECONDS",
+        help="a gateway silent this long (it beats every second) is gone: its requests are aborted, their blocks freed",
+    )
     add_prefix_caching_flag(parser)
     add_preemption_mode_flag(parser)
     add_curve_flag(parser)
@@ -188,6 +225,12 @@ def add_up_flags(parser: argparse.ArgumentParser) -> None:
     add_prefix_caching_flag(parser)
     add_preemption_mode_flag(parser)
     parser.add_argument("--swap-space", type=int, default=engine_defaults.swap_space_bytes, metavar="BYTES", help="passed to the executor")
+    add_tensor_parallel_flag(parser)
+    parser.add_argument(
+        "--replicas", type=int, default=1, metavar="R",
+        help="copies of the model, each a scheduler with its executor; the gateway routes each request to the "
+        "replica holding the longest cached prefix of its prompt, discounted by load (default: %(default)s)",
+    )
     scheduler_defaults = SchedulerServiceConfig()
     parser.add_argument(
         "--heartbeat-timeout", type=float, default=scheduler_defaults.heartbeat_timeout_s, metavar="SECONDS",
@@ -227,6 +270,8 @@ def run_scheduler(args: argparse.Namespace) -> int:
             executor_timeout_s=args.executor_timeout,
             redis_url=args.redis_url,
             replica_id=args.replica_id,
+            advertise_address=args.advertise_address,
+            gateway_timeout_s=args.gateway_timeout,
             enable_prefix_caching=args.enable_prefix_caching,
             preemption_mode=args.preemption_mode,
             curve_keys_dir=args.zmq_curve_keys,
@@ -247,6 +292,8 @@ def run_executor(args: argparse.Namespace) -> int:
             executor_id=args.executor_id,
             heartbeat_interval_s=args.heartbeat_interval,
             curve_keys_dir=args.zmq_curve_keys,
+            rank=args.rank,
+            dist_init_address=args.dist_init_address,
         ),
         _stop_on_signals(),
     )
@@ -324,7 +371,8 @@ def run_generate(args: argparse.Namespace) -> int:
         inputs: list[str | list[int]] = (
             [encode_chat(engine.tokenizer, [{"role": "user", "content": p}]) for p in prompts] if args.chat else list(prompts)
         )
-        completions = engine.generate(inputs, params)
+        with engine:  # ends its tensor-parallel ranks, if any
+            completions = engine.generate(inputs, params)
     except (OSError, ValueError) as error:
         # A missing or unreadable model file, or a prompt the engine refuses (too long
         # for the context or the KV pool): one line for the user, not a traceback.

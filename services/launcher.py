@@ -1,4 +1,5 @@
-"""`pagedserve up`: Redis, a scheduler, an executor and a gateway as local processes.
+"""`pagedserve up`: Redis, a scheduler and an executor per replica (`--replicas R`), and a
+gateway, as local processes.
 
 It runs the service commands the compose file runs (`pagedserve scheduler ...`) on free
 loopback ports, waits until the gateway is healthy (logging what it waits for when that
@@ -60,10 +61,47 @@ def redis_server_binary() -> str:
 class ServiceCommands:
     redis: list[str] | None
     redis_url: str
-    scheduler: list[str]
-    executor: list[str]
+    schedulers: list[list[str]]  # one per replica
+    executors: list[list[str]]  # one per replica, beside its scheduler (T per replica with tensor parallel: its ranks)
     gateway: list[str]
     url: str
+    tensor_parallel_size: int = 1
+
+    @property
+    def scheduler(self) -> list[str]:
+        return self.schedulers[0]
+
+    @property
+    def executor(self) -> list[str]:
+        return self.executors[0]
+
+    def services(self) -> dict[str, list[str]]:
+        """Name -> command, in start order (Redis first). One replica keeps the plain
+        names "scheduler" and "executor"; several are "scheduler-0", "executor-0", ..."""
+        services = {"redis": self.redis} if self.redis else {}
+        several = len(self.schedulers) > 1
+        for index, scheduler in enumerate(self.schedulers):
+            suffix = f"-{index}" if several else ""
+            services[f"scheduler{suffix}"] = scheduler
+            for name, command in zip(self.executor_group(index), self.executors_of(index)):
+                services[name] = command
+        services["gateway"] = self.gateway
+        return services
+
+    def executors_of(self, replica: int) -> list[list[str]]:
+        size = self.tensor_parallel_size
+        return self.executors[replica * size : (replica + 1) * size]
+
+    def executor_group(self, replica: int) -> list[str]:
+        """The service names of a replica's executor ranks ("executor", or with tensor
+        parallel "executor-rank0", ...): restarted together, as one group."""
+        base = f"executor-{replica}" if len(self.schedulers) > 1 else "executor"
+        if self.tensor_parallel_size == 1:
+            return [base]
+        return [f"{base}-rank{rank}" for rank in range(self.tensor_parallel_size)]
+
+    def executor_groups(self) -> list[list[str]]:
+        return [self.executor_group(index) for index in range(len(self.schedulers))] if self.tensor_parallel_size > 1 else []
 
 
 def service_commands(args: argparse.Namespace) -> ServiceCommands:
@@ -75,28 +113,42 @@ def service_commands(args: argparse.Namespace) -> ServiceCommands:
         port = free_port()
         redis_cmd = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
         redis_url = f"redis://127.0.0.1:{port}/0"
-    gateway_zmq = f"tcp://127.0.0.1:{free_port()}"
-    executor_zmq = f"tcp://127.0.0.1:{free_port()}"
+    if args.replicas < 1:
+        raise ValueError(f"--replicas must be at least 1, got {args.replicas}")
+    if args.tensor_parallel_size < 1:
+        raise ValueError(f"--tensor-parallel-size must be at least 1, got {args.tensor_parallel_size}")
     model = ["--model", args.model] if args.model else []
     curve = ["--zmq-curve-keys", args.zmq_curve_keys] if args.zmq_curve_keys else []
-    scheduler = base + [
-        "scheduler", "--gateway-address", gateway_zmq, "--executor-address", executor_zmq,
-        "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
-        "--redis-url", redis_url, "--heartbeat-timeout", str(args.heartbeat_timeout),
-        "--executor-timeout", str(args.executor_timeout), *curve,
-        "--enable-prefix-caching" if args.enable_prefix_caching else "--no-enable-prefix-caching",
-        "--preemption-mode", args.preemption_mode,
-    ]
-    executor = base + [
-        "executor", "--scheduler-address", executor_zmq, "--kv-cache-memory", str(args.kv_cache_memory),
-        "--block-size", str(args.block_size), "--dtype", args.dtype, "--swap-space", str(args.swap_space),
-        *model, *curve,
-    ]
+    schedulers, executors, gateway_addresses = [], [], []
+    for index in range(args.replicas):
+        gateway_zmq = f"tcp://127.0.0.1:{free_port()}"
+        executor_zmq = f"tcp://127.0.0.1:{free_port()}"
+        gateway_addresses.append(gateway_zmq)
+        schedulers.append(base + [
+            "scheduler", "--gateway-address", gateway_zmq, "--executor-address", executor_zmq,
+            "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
+            "--redis-url", redis_url, "--heartbeat-timeout", str(args.heartbeat_timeout),
+            "--executor-timeout", str(args.executor_timeout), *curve,
+            "--enable-prefix-caching" if args.enable_prefix_caching else "--no-enable-prefix-caching",
+            "--preemption-mode", args.preemption_mode, "--replica-id", f"replica-{index}",
+        ])
+        # Tensor parallel: T rank processes per replica, meeting at a rendezvous of their own.
+        size = args.tensor_parallel_size
+        rendezvous = f"tcp://127.0.0.1:{free_port()}" if size > 1 else ""
+        for rank in range(size):
+            parallel = ["--tensor-parallel-size", str(size), "--rank", str(rank), "--dist-init-address", rendezvous] if size > 1 else []
+            executors.append(base + [
+                "executor", "--scheduler-address", executor_zmq, "--kv-cache-memory", str(args.kv_cache_memory),
+                "--block-size", str(args.block_size), "--dtype", args.dtype, "--swap-space", str(args.swap_space),
+                "--executor-id", f"executor-{index}", *parallel, *model, *curve,
+            ])
     gateway = base + [
-        "gateway", "--host", args.host, "--port", str(args.port), "--scheduler-address", gateway_zmq,
+        "gateway", "--host", args.host, "--port", str(args.port), "--scheduler-address", ",".join(gateway_addresses),
         "--redis-url", redis_url, "--no-log-health-checks", *model, *curve,
     ]
-    return ServiceCommands(redis_cmd, redis_url, scheduler, executor, gateway, f"http://{args.host}:{args.port}")
+    return ServiceCommands(
+        redis_cmd, redis_url, schedulers, executors, gateway, f"http://{args.host}:{args.port}", args.tensor_parallel_size
+    )
 
 
 def launch(args: argparse.Namespace) -> int:
@@ -119,9 +171,7 @@ def launch(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    services = {"redis": commands.redis} if commands.redis else {}
-    services |= {"scheduler": commands.scheduler, "executor": commands.executor, "gateway": commands.gateway}
-    supervisor = Supervisor(services, env)
+    supervisor = Supervisor(commands.services(), env, groups=commands.executor_groups())
     try:
         supervisor.start_all()
         if not _wait_healthy(commands.url, supervisor, stop):
@@ -168,15 +218,26 @@ class SupervisedProcess:
 
 class Supervisor:
     """Child processes that are restarted when they exit. One thread drives it: `poll`
-    regularly, `stop_all` at the end (which also runs after a failed start)."""
+    regularly, `stop_all` at the end (which also runs after a failed start).
+
+    `groups`: services that live and die together (a tensor-parallel executor group: its
+    collectives are broken once any rank is gone). When one exits, the others are stopped
+    and all restart together, after the same backoff."""
 
     # Gateways first (no new work), then executors and the scheduler, Redis last.
     STOP_ORDER = ("gateway", "executor", "scheduler", "redis")
 
-    def __init__(self, commands: dict[str, list[str]], env: dict[str, str] | None = None, policy: RestartPolicy = RestartPolicy()) -> None:
+    def __init__(
+        self,
+        commands: dict[str, list[str]],
+        env: dict[str, str] | None = None,
+        policy: RestartPolicy = RestartPolicy(),
+        groups: list[list[str]] | None = None,
+    ) -> None:
         self.services = {name: SupervisedProcess(name, command) for name, command in commands.items()}
         self.env = env
         self.policy = policy
+        self.group_of = {name: group for group in groups or [] for name in group}
 
     def start_all(self) -> None:
         """In the order given (Redis before the services that write to it)."""
@@ -206,10 +267,22 @@ class Supervisor:
                 "%s (pid %d) exited with code %s after %.1f s: restarting it in %g s",
                 service.name, service.process.pid, code, ran_s, service.backoff_s,
             )
+            for name in self.group_of.get(service.name, []):
+                if name != service.name:
+                    self._restart_with(self.services[name], service)
+
+    def _restart_with(self, member: SupervisedProcess, exited: SupervisedProcess) -> None:
+        """Stop a member of `exited`'s group and restart it at the same time as `exited`."""
+        if member.restart_at is not None:
+            return
+        if member.process is not None and member.process.poll() is None:
+            log.warning("%s (pid %d): stopping it, its group restarts with %s", member.name, member.process.pid, exited.name)
+            _terminate(member.process)
+        member.backoff_s, member.restart_at = exited.backoff_s, exited.restart_at
 
     def stop_all(self, timeout_s: float = 10.0) -> None:
         """SIGTERM each service (in STOP_ORDER), wait for it, SIGKILL one that hangs."""
-        order = sorted(self.services.values(), key=lambda s: self.STOP_ORDER.index(s.name) if s.name in self.STOP_ORDER else -1)
+        order = sorted(self.services.values(), key=lambda s: _stop_rank(s.name))
         for service in order:
             service.restart_at = None
             if service.process is not None and service.process.poll() is None:
@@ -228,6 +301,24 @@ class Supervisor:
         service.process = subprocess.Popen(service.command, env=self.env)
         service.started_at = now
         log.info("started %s (pid %d): %s", service.name, service.process.pid, " ".join(service.command))
+
+
+def _terminate(process: subprocess.Popen[bytes], timeout_s: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited in `timeout_s` (a rank may be stuck in a
+    collective until the group's timeout)."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _stop_rank(name: str) -> int:
+    """Position in STOP_ORDER; replicas' services ("scheduler-1") and executor ranks
+    ("executor-1-rank0") rank as their kind."""
+    kind = name.split("-", 1)[0]
+    return Supervisor.STOP_ORDER.index(kind) if kind in Supervisor.STOP_ORDER else -1
 
 
 def _wait_healthy(url: str, supervisor: Supervisor, stop: threading.Event, timeout_s: float = 300) -> bool:

@@ -99,6 +99,9 @@ class SampledToken(msgspec.Struct, **_PER_STEP):
     logprob: float | None = None  # of the sampled token, when logprobs were asked for
     top_token_ids: list[int] = []
     top_logprobs: list[float] = []
+    # Set on the first token of a request that asked for prompt_logprobs: one entry per
+    # prompt token after the first (accumulated by the executor over prefill chunks).
+    prompt_logprobs: list[TokenLogprobs] = []
 
 
 class StepResult(msgspec.Struct, **_PER_STEP):
@@ -113,6 +116,7 @@ class TokenLogprobs(msgspec.Struct, **_PER_STEP):
     logprob: float
     top_token_ids: list[int] = []
     top_logprobs: list[float] = []
+    rank: int | None = None  # 1 + how many tokens were likelier (prompt logprobs set it, as vLLM does)
 
 
 class RequestDelta(msgspec.Struct, **_PER_STEP):
@@ -129,6 +133,9 @@ class RequestDelta(msgspec.Struct, **_PER_STEP):
     # True on the last delta of the request as a whole (every sample, or the whole beam
     # search, has finished): the scheduler core decides it once; nobody else counts.
     request_finished: bool = False
+    # On the first delta of a request that asked for prompt_logprobs: prompt tokens 1..P-1
+    # (token 0 has none), computed in the prefill, never from prefix-cache hits.
+    prompt_logprobs: list[TokenLogprobs] = []
 
 
 # ---------------------------------------------------------------------------------------
@@ -147,6 +154,17 @@ class SubmitRequest(msgspec.Struct, tag="submit", array_like=True, omit_defaults
 
 class AbortRequest(msgspec.Struct, tag="abort", array_like=True):
     request_ids: list[str]
+    # Empty: abort the requests whole. Else abort only these samples of each (n > 1: a
+    # stop string ended them at the gateway), the others going on.
+    sample_indices: list[int] = []
+
+
+class GatewayHeartbeat(msgspec.Struct, tag="gateway_heartbeat", array_like=True):
+    """Sent by a gateway about once a second: a scheduler aborts the requests of one it
+    has heard beat before and no longer hears (it died), freeing their blocks."""
+
+    gateway_id: str
+    sent_at: float
 
 
 class StatusQuery(msgspec.Struct, tag="status", array_like=True):
@@ -165,7 +183,7 @@ class InfoQuery(msgspec.Struct, tag="info", array_like=True):
     request_ids: list[str] = []
 
 
-GatewayMessage = SubmitRequest | AbortRequest | StatusQuery | InfoQuery
+GatewayMessage = SubmitRequest | AbortRequest | StatusQuery | InfoQuery | GatewayHeartbeat
 
 
 class RequestDeltas(msgspec.Struct, tag="deltas", array_like=True, gc=False):
@@ -250,6 +268,10 @@ class ExecutorStatus(msgspec.Struct):
     model: str
     last_heartbeat_age_s: float
     alive: bool
+    # Tensor parallel: the group this executor is one rank of (its executor id for T = 1).
+    group_id: str = ""
+    rank: int = 0
+    world_size: int = 1
 
 
 class ExecutorEvent(msgspec.Struct):
@@ -326,6 +348,11 @@ class ExecutorReady(msgspec.Struct, tag="ready", array_like=True):
     max_model_len: int
     eos_token_id: int | None
     num_swap_blocks: int = 0  # its CPU swap pool for preemption by swap (0: none)
+    # Tensor parallel: one rank of `world_size` in the group `group_id`; the scheduler
+    # serves with a group once all its ranks have announced themselves.
+    group_id: str = ""
+    rank: int = 0
+    world_size: int = 1
 
 
 class Heartbeat(msgspec.Struct, tag="heartbeat", array_like=True):

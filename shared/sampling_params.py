@@ -10,6 +10,8 @@ from typing import Literal
 
 import msgspec
 
+from shared.structured_output import GrammarSpec
+
 MAX_BEAM_WIDTH = 64
 
 
@@ -37,6 +39,20 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=T
     beam_width: int = 1
     length_penalty: float = 1.0
     early_stopping: bool | Literal["never"] = False
+    # OpenAI's logit_bias: added to the raw logits of these token ids before anything else
+    # (penalties, temperature, filters), each in [-100, 100]; -100 bans a token, +100
+    # all but forces it.
+    logit_bias: dict[int, float] = {}
+    # vLLM's min_tokens: EOS (unless ignore_eos) and stop_token_ids are masked out until
+    # this many tokens were generated, as HF's MinNewTokensLengthLogitsProcessor does.
+    min_tokens: int = 0
+    # vLLM's prompt_logprobs: None: none; 0: the logprob of each prompt token (the first
+    # has none: nothing precedes it); k: plus the top-k alternatives at each position.
+    # Requests asking for them are computed whole, never from prefix-cache hits.
+    prompt_logprobs: int | None = None
+    # Structured output: the grammar every sampled token must keep the output inside
+    # (response_format, vLLM's structured_outputs, forced tool calls); None: free text.
+    structured_output: GrammarSpec | None = None
 
     @property
     def greedy(self) -> bool:
@@ -86,6 +102,15 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=T
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.logprobs is not None and not 0 <= self.logprobs <= max_logprobs:
             raise ValueError(f"logprobs must be in [0, {max_logprobs}], got {self.logprobs}")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= max_logprobs:
+            raise ValueError(f"prompt_logprobs must be in [0, {max_logprobs}], got {self.prompt_logprobs}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be in [0, max_tokens ({self.max_tokens})], got {self.min_tokens}")
+        for token_id, bias in self.logit_bias.items():
+            if token_id < 0:
+                raise ValueError(f"logit_bias has token id {token_id}; token ids are >= 0")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias must map to values in [-100, 100], got {bias} for token {token_id}")
         if self.n < 1:
             raise ValueError(f"n must be at least 1, got {self.n}")
         if not 1 <= self.beam_width <= MAX_BEAM_WIDTH:
@@ -97,6 +122,18 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=T
                 raise ValueError(f"n must be at most beam_width ({self.beam_width}) with beam search, got {self.n}")
             if self.logprobs is not None:
                 raise ValueError("logprobs are not available with beam search (beam_width > 1)")
+            if self.prompt_logprobs is not None:
+                raise ValueError("prompt_logprobs are not available with beam search (beam_width > 1)")
+            if self.logit_bias or self.min_tokens:
+                name = "logit_bias" if self.logit_bias else "min_tokens"
+                raise ValueError(f"{name} is not supported with beam search (beam_width > 1)")
             for name, neutral in (("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("repetition_penalty", 1.0)):
                 if getattr(self, name) != neutral:
                     raise ValueError(f"{name} is not supported with beam search (beam_width > 1)")
+            if self.structured_output is not None:
+                # A beam's candidates are its top tokens across the whole vocabulary; masking
+                # them per beam would need a matcher per candidate. vLLM refuses it too.
+                raise ValueError("structured_output (response_format, structured_outputs, forced tool calls) is not supported with beam search (beam_width > 1)")
+        if self.structured_output is not None and self.ignore_eos:
+            # A finished grammar allows only EOS; ignoring it would leave nothing to sample.
+            raise ValueError("ignore_eos cannot be combined with structured output: a completed grammar allows only EOS")

@@ -2,6 +2,10 @@
 
 Tests, benchmarks and the Python API use it; the services put ZeroMQ between the same
 two objects and add nothing else. Each `step()` is schedule -> execute -> update.
+
+With `tensor_parallel_size` T > 1 this process is rank 0 of a real torch.distributed group
+and ranks 1 .. T-1 are child processes (`rank_workers.py`) sent every step; `close()` (or
+leaving a `with` block) ends them and the group.
 """
 
 from __future__ import annotations
@@ -12,7 +16,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from services.executor.config import EngineConfig
+from services.executor.distributed import TensorParallelGroup
+from services.executor.model_config import load_model_config
 from services.executor.model_runner import ModelRunner
+from services.executor.rank_workers import RankWorkers
+from services.executor.tensor_parallel import ShardPlan
 from services.scheduler.request import Request
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.scheduler import Scheduler
@@ -44,6 +52,8 @@ class Completion:
     prompt: Prompt
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=lambda: [CompletionOutput(0)])
+    # With SamplingParams.prompt_logprobs: prompt tokens 1.. (token 0 has none).
+    prompt_logprobs: list[TokenLogprobs] | None = None
 
     @property
     def token_ids(self) -> list[int]:
@@ -66,8 +76,27 @@ class LLMEngine:
     def __init__(self, config: EngineConfig | None = None) -> None:
         self.config = config or EngineConfig()
         self.model_source = resolve_model_source(self.config.model)
+        if self.config.tensor_parallel_size > 1:
+            # Refuse a size the model does not split into before starting anything.
+            ShardPlan.for_model(load_model_config(self.model_source), 0, self.config.tensor_parallel_size)
         self.tokenizer = load_tokenizer(self.model_source)
-        self.runner = ModelRunner(self.config, self.model_source)
+        self.rank_workers: RankWorkers | None = None
+        group: TensorParallelGroup | None = None
+        if self.config.tensor_parallel_size > 1:
+            self.rank_workers = RankWorkers(self.config)
+            try:
+                group = TensorParallelGroup.join(
+                    0, self.config.tensor_parallel_size, self.rank_workers.init_address,
+                    self.config.torch_device(), self.config.collective_timeout_s,
+                )
+            except BaseException:
+                self.rank_workers.close()
+                raise
+        try:
+            self.runner = ModelRunner(self.config, self.model_source, group)
+        except BaseException:
+            self.close_group(group)
+            raise
         self.max_model_len = self.runner.max_model_len
         self.eos_token_id = self.runner.eos_token_id
         self.scheduler = Scheduler(
@@ -85,6 +114,23 @@ class LLMEngine:
             num_swap_blocks=self.runner.num_swap_blocks,
         )
         self._ids = itertools.count()
+
+    def close(self) -> None:
+        """End the tensor-parallel ranks and the group (nothing to do for T = 1)."""
+        self.close_group(self.runner.group)
+
+    def close_group(self, group: TensorParallelGroup | None) -> None:
+        if self.rank_workers is not None:
+            self.rank_workers.close()
+            self.rank_workers = None
+        if group is not None:
+            group.close()
+
+    def __enter__(self) -> LLMEngine:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
 
     @property
     def model_name(self) -> str:
@@ -122,6 +168,8 @@ class LLMEngine:
 
     def step(self) -> list[RequestDelta]:
         step = self.scheduler.schedule()
+        if self.rank_workers is not None:
+            self.rank_workers.send(step)
         result = self.runner.execute(step)
         return self.scheduler.update_from_output(step, result)
 
@@ -167,6 +215,8 @@ class LLMEngine:
             output = completion.outputs[delta.sample_index]
             output.token_ids.extend(delta.new_token_ids)
             output.logprobs.extend(delta.logprobs)
+            if params[index].prompt_logprobs is not None and completion.prompt_logprobs is None:
+                completion.prompt_logprobs = delta.prompt_logprobs
             if delta.finish_reason is not None:
                 output.finish_reason = delta.finish_reason
         for completion in completions:

@@ -50,6 +50,10 @@ class EngineConfig(msgspec.Struct, forbid_unknown_fields=True):
     # that does not fit there is recomputed, so with 0 bytes every preemption recomputes).
     preemption_mode: PreemptionMode = DEFAULT_PREEMPTION_MODE
     swap_space_bytes: int = 0
+    # Ranks of one replica that split the model (`tensor_parallel.py`); a rank stuck in a
+    # collective fails its step after collective_timeout_s, and its group is restarted.
+    tensor_parallel_size: int = 1
+    collective_timeout_s: float = 60.0
 
     def torch_device(self) -> torch.device:
         import torch  # here, not at the top: see the module docstring
@@ -77,3 +81,7 @@ class ExecutorConfig(msgspec.Struct, forbid_unknown_fields=True):
     executor_id: str = ""  # "": a fresh random id
     heartbeat_interval_s: float = 1.0  # the scheduler counts it lost after its heartbeat timeout
     curve_keys_dir: str | None = None  # CURVE-secure the link to the scheduler (shared/zmq_security.py)
+    # Tensor parallel: this process's rank among engine.tensor_parallel_size, and the
+    # group's rendezvous (tcp://host:port; None: torch's MASTER_ADDR/MASTER_PORT env vars).
+    rank: int = 0
+    dist_init_address: str | None = None

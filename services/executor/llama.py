@@ -4,6 +4,10 @@ One forward runs a flattened batch of mixed prefill chunks and decode tokens wit
 padding: tokens are [num_tokens], hidden states [num_tokens, hidden]. Numerics follow
 HF transformers step by step (RMSNorm and RoPE tables in float32, then cast) so greedy
 outputs can be compared token for token.
+
+Tensor parallel: built from a rank's `ShardPlan.local_config` (its heads, KV heads and
+MLP columns), the same code is one rank's shard; the outputs of o_proj and down_proj are
+partial sums that `TensorParallelGroup.all_reduce` completes (a no-op for one rank).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from torch import nn
 
 from kernels import PagedAttentionOps
 from services.executor.attention_metadata import AttentionMetadata
+from services.executor.distributed import TensorParallelGroup
 from services.executor.model_config import ModelConfig
 
 
@@ -81,8 +86,9 @@ def _rope_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, group: TensorParallelGroup) -> None:
         super().__init__()
+        self.group = group
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
@@ -130,12 +136,13 @@ class Attention(nn.Module):
                 )
             )
         out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-        return self.o_proj(out.reshape(num_tokens, self.q_size))
+        return self.group.all_reduce(self.o_proj(out.reshape(num_tokens, self.q_size)))
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, group: TensorParallelGroup) -> None:
         super().__init__()
+        self.group = group
         self.intermediate_size = config.intermediate_size
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
@@ -144,38 +151,45 @@ class MLP(nn.Module):
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
         # In place, in the projection's own output: the same values as silu(gate) * up
         # without two [num_tokens, intermediate] temporaries.
-        return self.down_proj(F.silu(gate, inplace=True).mul_(up))
+        return self.group.all_reduce(self.down_proj(F.silu(gate, inplace=True).mul_(up)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, group: TensorParallelGroup) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, group)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, group)
 
 
 class LlamaForCausalLM(nn.Module):
     rotary: RotaryEmbedding  # set by `build`: its tables are computed, not loaded
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, group: TensorParallelGroup | None = None) -> None:
         super().__init__()
         self.config = config
+        group = group or TensorParallelGroup()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, group) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.requires_grad_(False)
 
     @classmethod
     def build(
-        cls, config: ModelConfig, weights: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype, device: torch.device
+        cls,
+        config: ModelConfig,
+        weights: Iterable[tuple[str, torch.Tensor]],
+        dtype: torch.dtype,
+        device: torch.device,
+        group: TensorParallelGroup | None = None,
     ) -> "LlamaForCausalLM":
         """Construct without random initialisation (parameters on the meta device first),
-        then load the checkpoint and compute the RoPE tables for real."""
+        then load the checkpoint and compute the RoPE tables for real. With a group,
+        `config` and `weights` are this rank's shard (`tensor_parallel.py`)."""
         with torch.device("meta"):
-            model = cls(config)
+            model = cls(config, group)
         model = model.to_empty(device=device).to(dtype)
         model.load_weights((name, tensor.to(dtype)) for name, tensor in weights)
         model.rotary = RotaryEmbedding(config, dtype).to(device)

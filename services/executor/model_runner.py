@@ -13,41 +13,52 @@ import torch
 
 from kernels import kernel_module
 from services.executor.config import EngineConfig
+from services.executor.distributed import TensorParallelGroup
 from services.executor.input_batch import InputBatch
 from services.executor.kv_cache import allocate_kv_cache, copy_blocks, num_blocks_for_budget, num_swap_blocks_for_budget
 from services.executor.llama import LlamaForCausalLM
 from services.executor.model_config import ModelConfig, load_model_config
+from services.executor.prompt_logprobs import collect_prompt_logprobs, wants_prompt_logprobs
 from services.executor.request_state import RequestState, ScheduledRequest
 from services.executor.sampler import Sampler, beam_candidates
+from services.executor.structured_output import StructuredOutput
+from services.executor.tensor_parallel import ShardPlan
 from services.executor.weight_loader import iter_weights
 from shared.messages import ExecuteStep, SampledToken, StepResult
 from shared.model_source import ModelSource
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, source: ModelSource) -> None:
+    def __init__(self, config: EngineConfig, source: ModelSource, group: TensorParallelGroup | None = None) -> None:
         self.device = config.torch_device()
         self.dtype = config.torch_dtype()
         self.block_size = config.block_size
-        self.model_config: ModelConfig = load_model_config(source)
+        # Tensor parallel (`tensor_parallel.py`): this rank's shard of the model and of the
+        # KV cache; rank 0 alone samples and broadcasts the tokens (`distributed.py`).
+        self.group = group or TensorParallelGroup(device=self.device)
+        whole_model = load_model_config(source)
+        self.shard_plan = ShardPlan.for_model(whole_model, self.group.rank, self.group.world_size)
+        self.model_config: ModelConfig = self.shard_plan.local_config(whole_model)
         self.model = LlamaForCausalLM.build(
-            self.model_config, iter_weights(source, self.model_config), self.dtype, self.device
+            self.model_config, iter_weights(source, whole_model, self.shard_plan), self.dtype, self.device, self.group
         )
         mc = self.model_config
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         self.eos_token_id: int | None = mc.eos_token_ids[0] if mc.eos_token_ids else None
         self.kernels = kernel_module(self.device, config.use_triton)
-        self.num_blocks = config.num_kv_blocks or self._num_blocks_from_memory(config)
+        # A block id must exist on every rank: the group agrees on the smallest capacity.
+        self.num_blocks = self.group.min_over_ranks(config.num_kv_blocks or self._num_blocks_from_memory(config))
         self.kv_caches = allocate_kv_cache(self.model_config, self.num_blocks, self.block_size, self.dtype, self.device)
         # Preemption by swap: a pool of the same blocks in CPU memory (on a CPU device this
         # is CPU memory too; the mechanism stays the same). The scheduler picks its ids.
-        self.num_swap_blocks = num_swap_blocks_for_budget(
-            self.model_config, self.block_size, self.dtype, config.swap_space_bytes
+        self.num_swap_blocks = self.group.min_over_ranks(
+            num_swap_blocks_for_budget(self.model_config, self.block_size, self.dtype, config.swap_space_bytes)
         )
         self.swap_caches = allocate_kv_cache(
             self.model_config, self.num_swap_blocks, self.block_size, self.dtype, torch.device("cpu")
         )
-        self.sampler = Sampler(self.model_config.vocab_size)
+        self.sampler = Sampler(self.model_config.vocab_size, self.eos_token_id)
+        self.structured_output = StructuredOutput(source, self.model_config.vocab_size)
         self.requests: dict[str, RequestState] = {}
         # Sized for the scheduler's limits; it grows if a step brings more.
         self.input_batch = InputBatch(
@@ -92,9 +103,13 @@ class ModelRunner:
         scheduled.sort(key=lambda item: item.num_new_tokens != 1)
         inputs = self.input_batch.prepare(scheduled)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn_metadata, self.kernels)
+        if self.group.is_driver and any(wants_prompt_logprobs(item) for item in scheduled):
+            collect_prompt_logprobs(scheduled, inputs.query_end_loc, hidden, self.model.compute_logits)
         sample_rows = [row for row, item in enumerate(scheduled) if item.samples]
         if not sample_rows:
             return StepResult(step_id=step.step_id, sampled=[])
+        if not self.group.is_driver:  # tensor parallel: rank 0 samples, this rank follows
+            return self._follow_driver(step, [scheduled[row].state for row in sample_rows])
         last_token_index = torch.from_numpy(inputs.query_end_loc[sample_rows] - 1).to(self.device)
         logits = self.model.compute_logits(hidden[last_token_index])
         if logits.dtype not in (torch.float32, torch.float64):
@@ -102,7 +117,21 @@ class ModelRunner:
         states = [scheduled[row].state for row in sample_rows]
         if step.forked_requests:
             logits, states = self._fork(step, logits, states)
-        return StepResult(step_id=step.step_id, sampled=self._sample(logits, states))
+        sampled = self._sample(logits, states)
+        if self.group.world_size > 1:  # the other ranks append the same tokens to their mirrors
+            self.group.broadcast_token_ids([token.token_id for token in sampled[: _num_sampling(states)]])
+        return StepResult(step_id=step.step_id, sampled=sampled)
+
+    def _follow_driver(self, step: ExecuteStep, states: list[RequestState]) -> StepResult:
+        """A rank other than 0: mirror this step's forks and append the tokens rank 0
+        sampled (beams get theirs from the scheduler). Its result is empty: only rank 0's
+        is read."""
+        if step.forked_requests:
+            states = self._mirror_forks(step, states)[1]
+        sampling = [state for state in states if not state.is_beam]
+        for state, token_id in zip(sampling, self.group.broadcast_token_ids([0] * len(sampling))):
+            state.token_ids.append(token_id)
+        return StepResult(step_id=step.step_id, sampled=[])
 
     def _add(self, state: RequestState) -> None:
         self.requests[state.request_id] = state
@@ -120,9 +149,17 @@ class ModelRunner:
             beam_tokens = beam_candidates(logits[torch.tensor(beam_rows, device=logits.device)], beams, self.eos_token_id)
             if sample_rows:
                 logits = logits[torch.tensor(sample_rows, device=logits.device)]
-        sampled = self.sampler(logits, [states[row] for row in sample_rows]) if sample_rows else []
+        sample_states = [states[row] for row in sample_rows]
+        constrained = any(state.grammar is not None for state in sample_states)
+        token_mask = self.structured_output.bitmask_for(sample_states) if constrained else None
+        sampled = self.sampler(logits, sample_states, token_mask) if sample_rows else []
+        if constrained:
+            self.structured_output.advance(sample_states, sampled, self.eos_token_id)
         for row, token in zip(sample_rows, sampled):
-            states[row].token_ids.append(token.token_id)
+            state = states[row]
+            if state.sampling_params.prompt_logprobs is not None and len(state.token_ids) == state.num_prompt_tokens:
+                token.prompt_logprobs, state.prompt_logprobs = state.prompt_logprobs, []
+            state.token_ids.append(token.token_id)
         return sampled + beam_tokens
 
     def _fork(
@@ -130,6 +167,11 @@ class ModelRunner:
     ) -> tuple[torch.Tensor, list[RequestState]]:
         """Mirror the samples forked in this step (copies of their parents before this
         step's token) and give each its parent's logits row: [rows + forks, vocab]."""
+        rows, states = self._mirror_forks(step, states)
+        return logits[torch.tensor(rows, device=logits.device)], states
+
+    def _mirror_forks(self, step: ExecuteStep, states: list[RequestState]) -> tuple[list[int], list[RequestState]]:
+        """The forks of this step appended to `states`, and for each row its parent's row."""
         row_of = {state.request_id: row for row, state in enumerate(states)}
         rows = list(range(len(states)))
         states = list(states)
@@ -139,7 +181,7 @@ class ModelRunner:
             self._add(child)
             states.append(child)
             rows.append(row_of[parent.request_id])
-        return logits[torch.tensor(rows, device=logits.device)], states
+        return rows, states
 
     def _apply_deltas(self, step: ExecuteStep) -> list[ScheduledRequest]:
         """Mirror the step's new requests and apply its deltas to the cached ones: the
@@ -148,6 +190,9 @@ class ModelRunner:
         counts = iter(step.num_scheduled_tokens)
         for new in step.new_requests:
             state = RequestState.from_new_request(new)
+            if new.sampling_params.structured_output is not None:
+                # Compiles (once per grammar) while this step's forward runs.
+                state.grammar = self.structured_output.new_state(new.sampling_params.structured_output)
             self._add(state)
             scheduled.append(ScheduledRequest(state, new.num_computed_tokens, next(counts)))
         for cached in step.cached_requests:
@@ -159,3 +204,9 @@ class ModelRunner:
             state.token_ids.extend(cached.new_token_ids)
             scheduled.append(ScheduledRequest(state, cached.num_computed_tokens, next(counts)))
         return [item for item in scheduled if item.num_new_tokens > 0]
+
+
+def _num_sampling(states: list[RequestState]) -> int:
+    """How many of a step's sampling rows draw a token (the rest are beams): `_sample`
+    returns their tokens first."""
+    return sum(not state.is_beam for state in states)

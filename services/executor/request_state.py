@@ -8,11 +8,15 @@ itself. Its block ids are also written, as an array row, into the persistent bat
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from shared.messages import NewRequestData
+from shared.messages import NewRequestData, TokenLogprobs
 from shared.sampling_params import SamplingParams
 from shared.step_rules import samples_this_step
+
+if TYPE_CHECKING:  # the grammar library loads only where a model runs
+    from services.executor.structured_output import GrammarState
 
 
 @dataclass
@@ -25,6 +29,11 @@ class RequestState:
     num_prompt_tokens: int
     block_ids: list[int]  # the block table as the scheduler sent it (its batch row copies it)
     sampling_params: SamplingParams
+    # prompt_logprobs gathered over its prefill chunks, until its first token carries them.
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    # Structured output: the sequence's grammar position (None: unconstrained). Derived
+    # from its output tokens, so a rebuilt mirror (recompute, swap-in, failover) rebuilds it.
+    grammar: GrammarState | None = None
 
     @classmethod
     def from_new_request(cls, new: NewRequestData) -> RequestState:
@@ -40,6 +49,7 @@ class RequestState:
             self.num_prompt_tokens,
             list(self.block_ids),
             self.sampling_params if sampling_params is None else sampling_params,
+            grammar=None if self.grammar is None else self.grammar.fork(),
         )
 
     @property

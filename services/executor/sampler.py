@@ -1,7 +1,7 @@
 """Batched sampling: one token per request from one step's logits.
 
 Every row goes through the same pipeline, in vLLM's order:
-    penalties -> temperature -> top-k -> top-p -> min-p -> sample.
+    logit_bias and min_tokens -> penalties -> temperature -> top-k -> top-p -> min-p -> sample.
 Each stage is a pure function over [num_rows, vocab_size] tensors on the logits' device,
 driven by per-row parameter tensors, so a mixed batch costs the same few kernels as a
 uniform one. A stage that no request of the batch uses is skipped; that choice is made
@@ -43,6 +43,15 @@ class SamplingRequest(Protocol):
     sampling_params: SamplingParams
     prompt_token_ids: Sequence[int]
     output_token_ids: Sequence[int]  # generated before this step's token
+
+
+class TokenMask(Protocol):
+    """Which tokens some rows may sample (structured output's per-step grammar bitmask,
+    `structured_output.py`); kept abstract so the sampler needs no grammar library."""
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """A copy of logits with the forbidden tokens of the masked rows at -inf."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -211,8 +220,9 @@ class Sampler:
     """Turns a step's logits into one SampledToken per request. Holds no per-request
     state: a seeded request's randomness is derived afresh each step (see module doc)."""
 
-    def __init__(self, vocab_size: int) -> None:
+    def __init__(self, vocab_size: int, eos_token_id: int | None = None) -> None:
         self.vocab_size = vocab_size
+        self.eos_token_id = eos_token_id  # what min_tokens holds back, with stop_token_ids
         # One per device, made on first use. The unseeded ones start from OS entropy so
         # two servers do not produce the same "random" text; the seeded ones are scratch
         # generators re-seeded before every draw, kept only to avoid re-creating them.
@@ -220,10 +230,11 @@ class Sampler:
         self._seeded_generators: dict[torch.device, torch.Generator] = {}
 
     def __call__(
-        self, logits: torch.Tensor, requests: Sequence[SamplingRequest]
+        self, logits: torch.Tensor, requests: Sequence[SamplingRequest], token_mask: TokenMask | None = None
     ) -> list[SampledToken]:
         """logits: [len(requests), vocab_size], row i belonging to requests[i]. Not
-        modified."""
+        modified. `token_mask`: structured output's allowed tokens for the constrained
+        rows (None when the batch has none)."""
         if logits.dim() != 2 or logits.shape != (len(requests), self.vocab_size):
             raise ValueError(
                 f"logits have shape {tuple(logits.shape)} but {len(requests):,} requests "
@@ -235,14 +246,21 @@ class Sampler:
         if logits.dtype not in (torch.float32, torch.float64):
             # softmax, cumsum and log_softmax in half precision lose too much.
             logits = logits.float()
+        raw_logits = logits
+        if token_mask is not None:
+            # Before every other stage, so no bias or filter can revive a token the
+            # grammar forbids; logprobs stay those of the raw logits (module doc).
+            logits = token_mask.apply(logits)
         token_ids = self._sample(logits, requests)
-        return _sampled_tokens(logits, token_ids, requests)
+        return _sampled_tokens(raw_logits, token_ids, requests)
 
     def _sample(
         self, logits: torch.Tensor, requests: Sequence[SamplingRequest]
     ) -> torch.Tensor:
         """int64 [num_rows] token ids, on the logits' device."""
         params = [request.sampling_params for request in requests]
+        if any(p.logit_bias or p.min_tokens for p in params):
+            logits = apply_logit_bias_and_min_tokens(logits, requests, self.eos_token_id)
         greedy = [p.greedy for p in params]
         penalized = any(_has_penalties(p) for p in params)
         if all(greedy) and not penalized:
@@ -319,6 +337,38 @@ class Sampler:
             generator.seed()
             generators[device] = generator
         return generator
+
+
+def apply_logit_bias_and_min_tokens(
+    logits: torch.Tensor, requests: Sequence[SamplingRequest], eos_token_id: int | None
+) -> torch.Tensor:
+    """A copy of logits [num_rows, vocab] with each row's logit_bias added and, while a
+    row has generated fewer than min_tokens, its EOS (unless ignore_eos) and stop token
+    ids at -inf (HF's MinNewTokensLengthLogitsProcessor). One scatter for the batch; the
+    ids are bounded by the gateway, so every (row, token) entry indexes the vocabulary.
+    Applied before penalties and temperature, as vLLM's logits processors are."""
+    rows: list[int] = []
+    columns: list[int] = []
+    values: list[float] = []
+    for row, request in enumerate(requests):
+        params = request.sampling_params
+        for token_id, bias in params.logit_bias.items():
+            rows.append(row)
+            columns.append(token_id)
+            values.append(bias)
+        if len(request.output_token_ids) < params.min_tokens:
+            held_back = set(params.stop_token_ids)
+            if eos_token_id is not None and not params.ignore_eos:
+                held_back.add(eos_token_id)
+            rows += [row] * len(held_back)
+            columns += held_back
+            values += [float("-inf")] * len(held_back)
+    if not rows:
+        return logits
+    device = logits.device
+    index = (torch.tensor(rows, device=device), torch.tensor(columns, device=device))
+    # accumulate: a biased stop id held back adds bias + -inf = -inf, never nan.
+    return logits.index_put(index, torch.tensor(values, dtype=logits.dtype, device=device), accumulate=True)
 
 
 def _has_penalties(params: SamplingParams) -> bool:

@@ -1,5 +1,9 @@
 """Weights into HF's naming (`model.layers.N.self_attn.q_proj.weight`, ...) from a GGUF
-file (dequantized with the `gguf` package) or an HF folder of safetensors."""
+file (dequantized with the `gguf` package) or an HF folder of safetensors.
+
+A tensor-parallel rank gets only its slice of each sharded weight (`ShardPlan.slice_of`):
+from safetensors it reads only that slice from disk; from a GGUF it dequantizes one
+tensor at a time and keeps the slice (the file's row blocks are quantized whole)."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import numpy as np
 import torch
 
 from services.executor.model_config import ModelConfig
+from services.executor.tensor_parallel import ShardPlan
 from shared.model_source import ModelSource
 
 # llama.cpp tensor name -> HF tensor name ({} = layer index)
@@ -51,7 +56,7 @@ def gguf_name_to_hf(name: str) -> str | None:
     return f"model.layers.{layer}.{_GGUF_LAYER_NAMES[part]}.{kind}"
 
 
-def iter_gguf_weights(path: str, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_gguf_weights(path: str, config: ModelConfig, plan: ShardPlan | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     import gguf
 
     reader = gguf.GGUFReader(path)
@@ -64,10 +69,14 @@ def iter_gguf_weights(path: str, config: ModelConfig) -> Iterator[tuple[str, tor
             array = _unpermute_rotary(array, config.num_heads)
         elif hf_name.endswith("k_proj.weight"):
             array = _unpermute_rotary(array, config.num_kv_heads)
+        shard = plan.slice_of(hf_name) if plan is not None else None
+        if shard is not None:
+            dim, start, length = shard
+            array = array[start : start + length] if dim == 0 else array[:, start : start + length]
         yield hf_name, torch.from_numpy(np.array(array, dtype=np.float32))  # a writable copy
 
 
-def iter_safetensors_weights(directory: str) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_safetensors_weights(directory: str, plan: ShardPlan | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     from safetensors.torch import safe_open
 
     files = sorted(Path(directory).glob("*.safetensors"))
@@ -76,11 +85,20 @@ def iter_safetensors_weights(directory: str) -> Iterator[tuple[str, torch.Tensor
     for file in files:
         with safe_open(os.fspath(file), framework="pt") as handle:
             for name in handle.keys():
-                yield name, handle.get_tensor(name)
+                shard = plan.slice_of(name) if plan is not None else None
+                if shard is None:
+                    yield name, handle.get_tensor(name)
+                    continue
+                dim, start, length = shard
+                lazy = handle.get_slice(name)
+                yield name, lazy[start : start + length] if dim == 0 else lazy[:, start : start + length]
 
 
-def iter_weights(source: ModelSource, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) pairs in the checkpoint's own dtype (float32 for GGUF)."""
+def iter_weights(
+    source: ModelSource, config: ModelConfig, plan: ShardPlan | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) pairs in the checkpoint's own dtype (float32 for GGUF); with a
+    plan, this rank's slice of each sharded tensor. `config` is the whole model's."""
     if source.gguf_file is not None:
-        return iter_gguf_weights(os.path.join(source.directory, source.gguf_file), config)
-    return iter_safetensors_weights(source.directory)
+        return iter_gguf_weights(os.path.join(source.directory, source.gguf_file), config, plan)
+    return iter_safetensors_weights(source.directory, plan)

@@ -38,6 +38,8 @@ ADMIN_PAGE_HTML = """<!doctype html>
   <button id="save">Save</button>
   <span id="status">connecting&hellip;</span>
 </div>
+<h2>Replicas</h2><table id="replicas"></table>
+<label>Showing replica <select id="replica-select"></select></label>
 <div class="stats" id="stats"></div>
 <h2>KV block pool</h2>
 <div class="legend"><span><i class="swatch" style="background:#ddd"></i>free</span>
@@ -122,7 +124,8 @@ const requestColumns = [
   ["blocks", r => r.block_ids.length], ["preemptions", r => r.num_preemptions],
   ["age s", r => (Date.now() / 1000 - r.arrival_time).toFixed(1)],
 ];
-const executorColumns = [
+const executorColumns = [  // one row per rank of a tensor-parallel group
+  ["group", e => e.group_id], ["rank", e => `${e.rank} of ${e.world_size}`],
   ["executor", e => e.executor_id], ["device", e => e.device], ["model", e => e.model], ["blocks", e => e.num_blocks],
   ["heartbeat age s", e => e.last_heartbeat_age_s.toFixed(1)], ["alive", e => e.alive ? "yes" : "NO"],
 ];
@@ -130,6 +133,29 @@ const executorEventColumns = [
   ["at", e => new Date(e.at * 1000).toLocaleTimeString()], ["executor", e => e.executor_id], ["event", e => e.event],
   ["detail", e => e.detail], ["requeued", e => e.num_requeued],
 ];
+
+const replicaColumns = [
+  ["replica", r => r.replica_id], ["address", r => r.address], ["routable", r => r.routable ? "yes" : "NO"],
+  ["load", r => r.load], ["in flight here", r => r.in_flight_here],
+  ["running", r => r.snapshot ? r.snapshot.running.length : "-"], ["waiting", r => r.snapshot ? r.snapshot.waiting.length : "-"],
+  ["blocks used / total", r => r.snapshot && r.snapshot.block_pool ? r.snapshot.block_pool.num_used_blocks + " / " + r.snapshot.block_pool.num_blocks : "-"],
+  ["cached blocks", r => r.snapshot && r.snapshot.block_pool ? r.snapshot.block_pool.num_cached_blocks : "-"],
+];
+const replicaSelect = document.getElementById("replica-select");
+
+function chooseReplica(s) {
+  // Every replica is listed; the details below are the chosen one's (the first answering by default).
+  const replicas = s.replicas || [];
+  const ids = replicas.map(r => r.replica_id);
+  if (Array.from(replicaSelect.options).map(o => o.value).join() !== ids.join()) {
+    const chosen = replicaSelect.value;
+    replicaSelect.replaceChildren();
+    for (const id of ids) { const o = document.createElement("option"); o.value = id; o.textContent = id; replicaSelect.appendChild(o); }
+    if (ids.includes(chosen)) replicaSelect.value = chosen;
+  }
+  const picked = replicas.find(r => r.replica_id === replicaSelect.value);
+  return picked && picked.snapshot ? picked.snapshot : s;
+}
 
 function showStats(s) {
   const p = s.block_pool;
@@ -170,7 +196,9 @@ async function poll() {
       setStatus(message, false);
       return;
     }
-    const s = await res.json();
+    const all = await res.json();
+    fillTable("replicas", replicaColumns, all.replicas || []);
+    const s = chooseReplica(all);
     showStats(s);
     drawPool(s.block_pool);
     fillTable("running", requestColumns, s.running);

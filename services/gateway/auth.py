@@ -1,6 +1,7 @@
 """Bearer-token checks, as ASGI middleware so no route can forget them.
 
-/v1/* needs the API key, /admin/* data endpoints the admin key, each only when set.
+/v1/* (and vLLM's /tokenize, /detokenize) needs the API key, /admin/* data endpoints the
+admin key, each only when set.
 The /admin page itself is static and holds no data: it asks for the key in the browser.
 Keys are compared in constant time, so response timing does not leak a key's prefix.
 """
@@ -31,7 +32,7 @@ class BearerAuthMiddleware:
         self.admin_key = admin_key
 
     def _key_for(self, path: str) -> tuple[str | None, str]:
-        if path == "/v1" or path.startswith("/v1/"):
+        if path == "/v1" or path.startswith("/v1/") or path in ("/tokenize", "/detokenize"):
             return self.api_key, "API key"
         if path.startswith("/admin/"):
             return self.admin_key, "admin key"

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import time
 import uuid
+from typing import Any
 
 import anyio
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
+from services.gateway.chat_template import encode_chat_with_tools
 from services.gateway.context import GatewayContext, gateway_context
 from services.gateway.errors import invalid_request
 from services.gateway.generation import ChoiceDelta, ChoiceResult, Generation
@@ -28,16 +30,19 @@ from services.gateway.openai_protocol import (
     Usage,
 )
 from services.gateway.request_body import read_json_body
+from services.gateway.response_format import structured_output
 from services.gateway.sampling import build_sampling_params, check_fits_context, check_num_choices, request_timeout_s, stop_strings
 from services.gateway.streaming import sse_event
+from services.gateway.tool_calls import ToolCallStream, ToolPlan, forced_grammar, parse_tool_calls, tool_plan
 from shared.tokenizer import encode_chat
 
 _encoder = msgspec.json.Encoder()
 
 
-def _template_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
-    """The plain {role, content} dicts chat templates expect. Only text is supported:
-    this server runs text-only models."""
+def _template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """The plain {role, content} dicts chat templates expect (with `tool_calls` on an
+    assistant turn that called tools, `tool_call_id` on a tool's result). Only text is
+    supported: this server runs text-only models."""
     if not messages:
         raise invalid_request("messages must hold at least one message", "messages")
     plain = []
@@ -52,22 +57,37 @@ def _template_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
                 parts.append(part.text)
             content = "".join(parts)
         role = "system" if message.role == "developer" else message.role
-        plain.append({"role": role, "content": content})
+        entry: dict[str, Any] = {"role": role, "content": content}
+        if message.tool_calls:
+            entry["tool_calls"] = [msgspec.to_builtins(call) for call in message.tool_calls]
+        if message.tool_call_id is not None:
+            entry["tool_call_id"] = message.tool_call_id
+        plain.append(entry)
     return plain
 
 
-async def _tokenize_messages(context: GatewayContext, messages: list[ChatMessage]) -> list[int]:
+async def _tokenize_messages(context: GatewayContext, messages: list[ChatMessage], plan: ToolPlan | None) -> list[int]:
     plain = _template_messages(messages)
     tokenizer = context.tokenizer
+    tools = [msgspec.to_builtins(tool) for tool in plan.tools] if plan is not None and plan.render_tools else None
+    with_tools = tools is not None or any(m.role == "tool" or m.tool_calls for m in messages)
     try:
         # Off the event loop: templating and tokenizing a long conversation takes milliseconds.
+        if with_tools:
+            template = context.tool_template
+            return await anyio.to_thread.run_sync(lambda: encode_chat_with_tools(tokenizer, plain, tools, template))
         return await anyio.to_thread.run_sync(lambda: encode_chat(tokenizer, plain))
     except Exception as error:  # jinja's TemplateError and friends: the template refused these messages
         raise invalid_request(f"the model's chat template rejected the messages: {error}", "messages") from None
 
 
 class ChatFormat:
-    def __init__(self, context: GatewayContext, completion_id: str, num_choices: int, logprobs: bool) -> None:
+    def __init__(
+        self, context: GatewayContext, completion_id: str, num_choices: int, logprobs: bool, tool_plan: ToolPlan | None = None
+    ) -> None:
+        # Tool calls are parsed out of each choice's text (tool_calls.py); "none" parses nothing.
+        self._tool_plan = tool_plan if tool_plan is not None and tool_plan.mode != "none" else None
+        self._tool_streams = [ToolCallStream(self._tool_plan) for _ in range(num_choices)] if self._tool_plan else []
         self._context = context
         self._id = completion_id
         self._created = int(time.time())
@@ -87,6 +107,8 @@ class ChatFormat:
         return [self._chunk([ChatChunkChoice(i, ChatDelta(role="assistant", content=""), None, None)]) for i in range(self._num_choices)]
 
     def stream_chunk(self, deltas: list[ChoiceDelta]) -> bytes | None:
+        if self._tool_plan is not None:
+            return self._tool_stream_chunk(deltas)
         choices = [
             ChatChunkChoice(d.index, ChatDelta(content=d.text or None), self._logprobs_of(d.token_ids, d.logprobs), d.finish_reason)
             for d in deltas
@@ -94,14 +116,34 @@ class ChatFormat:
         ]
         return self._chunk(choices) if choices else None
 
+    def _tool_stream_chunk(self, deltas: list[ChoiceDelta]) -> bytes | None:
+        choices = []
+        for d in deltas:
+            stream = self._tool_streams[d.index]
+            content, tool_calls = stream.update(d.text, final=d.finish_reason is not None)
+            finish_reason = "tool_calls" if d.finish_reason == "stop" and stream.called else d.finish_reason
+            if content or tool_calls or finish_reason is not None or (self._logprobs and d.token_ids):
+                delta = ChatDelta(content=content or None, tool_calls=tool_calls or None)
+                choices.append(ChatChunkChoice(d.index, delta, self._logprobs_of(d.token_ids, d.logprobs), finish_reason))
+        return self._chunk(choices) if choices else None
+
+    def _message(self, result: ChoiceResult) -> tuple[AssistantMessage, str]:
+        if self._tool_plan is None:
+            return AssistantMessage("assistant", result.text), result.finish_reason
+        content, calls = parse_tool_calls(self._tool_plan, result.text)
+        if not calls:
+            return AssistantMessage("assistant", result.text), result.finish_reason
+        finish_reason = "tool_calls" if result.finish_reason == "stop" else result.finish_reason
+        return AssistantMessage("assistant", content, calls), finish_reason
+
     def stream_usage(self, usage: Usage) -> bytes:
         return self._chunk([], usage)
 
     def whole(self, results: list[ChoiceResult], usage: Usage) -> bytes:
-        choices = [
-            ChatChoice(r.index, AssistantMessage("assistant", r.text), self._logprobs_of(r.token_ids, r.logprobs), r.finish_reason)
-            for r in results
-        ]
+        choices = []
+        for r in results:
+            message, finish_reason = self._message(r)
+            choices.append(ChatChoice(r.index, message, self._logprobs_of(r.token_ids, r.logprobs), finish_reason))
         return _encoder.encode(ChatCompletion(self._id, "chat.completion", self._created, self._context.model_name, choices, usage))
 
 
@@ -120,7 +162,8 @@ async def create_chat_completion(request: Request) -> Response:
     check_num_choices(1, body.n, context.config.max_n)
     timeout_s = request_timeout_s(body, context.config.request_timeout_s)
     stop = stop_strings(body, context.config.max_stop_strings)
-    prompt = await _tokenize_messages(context, body.messages)
+    plan = tool_plan(body)
+    prompt = await _tokenize_messages(context, body.messages, plan)
     max_model_len = await context.max_model_len()
 
     if body.max_completion_tokens is not None:
@@ -139,9 +182,14 @@ async def create_chat_completion(request: Request) -> Response:
         raise invalid_request(f"{param} must be at least 1, got {max_tokens}", param)
     params = build_sampling_params(context, body, max_tokens=max_tokens, logprobs=logprobs)
     check_fits_context(len(prompt), max_tokens, max_model_len, param)
+    # "required" and a named function are forced by a grammar, so the call always parses.
+    forced = forced_grammar(plan) if plan is not None else None
+    grammar = await structured_output(context.grammar_validator, body, (forced, "tool_choice") if forced else None)
+    if grammar is not None:
+        params = msgspec.structs.replace(params, structured_output=grammar)
 
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     generation = Generation(context, completion_id, [prompt], params, body.n, stop, body.priority, timeout_s)
-    response_format = ChatFormat(context, completion_id, generation.num_choices, logprobs is not None)
+    response_format = ChatFormat(context, completion_id, generation.num_choices, logprobs is not None, plan)
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     return await respond(request, generation, response_format, stream=body.stream, include_usage=include_usage)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import dataclass
 
 import anyio
 import msgspec
@@ -15,8 +16,10 @@ from services.gateway.errors import invalid_request
 from services.gateway.generation import ChoiceDelta, ChoiceResult, Generation
 from services.gateway.generation_response import respond
 from services.gateway.logprobs import completion_logprobs
+from services.gateway.prompt_logprobs import echo_logprobs, joined, vllm_prompt_logprobs
 from services.gateway.openai_protocol import Completion, CompletionChoice, CompletionChunk, CompletionRequest, Usage
 from services.gateway.request_body import read_json_body
+from services.gateway.response_format import structured_output
 from services.gateway.sampling import build_sampling_params, check_fits_context, check_num_choices, check_token_ids, request_timeout_s, stop_strings
 from services.gateway.streaming import sse_event
 from shared.tokenizer import encode_prompt
@@ -53,20 +56,70 @@ async def _tokenize_prompts(context: GatewayContext, prompt: str | list[str | in
 
 
 class CompletionFormat:
-    def __init__(self, context: GatewayContext, completion_id: str, num_choices: int, logprobs: bool) -> None:
+    """Chunks and bodies of /v1/completions. With `echo` each choice's first chunk (or its
+    whole body) starts with its prompt: text, and with logprobs the prompt's logprobs
+    (`prompt_logprobs.py`); `echo_only` (max_tokens 0) drops the one token generated to
+    get them. With `prompt_logprobs` (vLLM's), the choice's first chunk carries them."""
+
+    def __init__(
+        self,
+        context: GatewayContext,
+        completion_id: str,
+        generation: Generation,
+        logprobs: int | None,
+        echo: Echo | None = None,
+        prompt_logprobs: int | None = None,
+    ) -> None:
         self._context = context
         self._id = completion_id
         self._created = int(time.time())
+        self._generation = generation
         self._logprobs = logprobs
-        self._text_offsets = [0] * num_choices  # per choice, across chunks
+        self._echo = echo
+        self._prompt_logprobs = prompt_logprobs
+        self._text_offsets = [0] * generation.num_choices  # per choice, across chunks
+        self._started = [False] * generation.num_choices
 
     def _choice(self, index: int, text: str, token_ids: list[int], logprobs: list, finish_reason: str | None) -> CompletionChoice:
+        echo = self._echo
+        if echo is not None and echo.only:
+            text, token_ids, logprobs = "", [], []
         formatted = None
-        if self._logprobs:
+        if self._logprobs is not None:
             formatted, self._text_offsets[index] = completion_logprobs(
                 self._context.token_texts, token_ids, logprobs, self._text_offsets[index]
             )
-        return CompletionChoice(index, text, formatted, finish_reason)
+        choice = CompletionChoice(index, text, formatted, finish_reason)
+        if not self._started[index]:
+            self._started[index] = True
+            self._start(choice, formatted is not None)
+        return choice
+
+    def _start(self, choice: CompletionChoice, with_logprobs: bool) -> None:
+        """Put the prompt's part into a choice's first chunk."""
+        prompt_index = choice.index // self._generation.num_samples
+        prompt_ids = self._generation.prompts[prompt_index]
+        entries = self._generation.prompt_logprobs.get(prompt_index, [])
+        texts = self._context.token_texts
+        if self._prompt_logprobs is not None:
+            choice.prompt_logprobs = vllm_prompt_logprobs(texts, prompt_ids, entries, self._prompt_logprobs)
+        if self._echo is None:
+            return
+        prompt_text = self._echo.prompt_texts[prompt_index]
+        choice.text = prompt_text + choice.text
+        if with_logprobs and choice.logprobs is not None:
+            prompt_part, _ = echo_logprobs(texts, prompt_ids, entries, self._logprobs or 0)
+            # The completion's offsets continue after the prompt's text.
+            shift = len(prompt_text)
+            choice.logprobs.text_offset = [offset + shift for offset in choice.logprobs.text_offset]
+            self._text_offsets[choice.index] += shift
+            choice.logprobs = joined(prompt_part, choice.logprobs)
+
+    def _usage(self, usage: Usage) -> Usage:
+        if self._echo is None or not self._echo.only:
+            return usage
+        # The token generated to get the prompt's logprobs is not returned, nor counted.
+        return Usage(usage.prompt_tokens, 0, usage.prompt_tokens, usage.prompt_tokens_details)
 
     def stream_start(self) -> list[bytes]:
         return []
@@ -75,19 +128,25 @@ class CompletionFormat:
         choices = [
             self._choice(d.index, d.text, d.token_ids, d.logprobs, d.finish_reason)
             for d in deltas
-            if d.text or d.finish_reason is not None or (self._logprobs and d.token_ids)
+            if d.text or d.finish_reason is not None or (self._logprobs is not None and d.token_ids) or not self._started[d.index]
         ]
         if not choices:
             return None
         return sse_event(_encoder.encode(CompletionChunk(self._id, "text_completion", self._created, self._context.model_name, choices)))
 
     def stream_usage(self, usage: Usage) -> bytes:
-        chunk = CompletionChunk(self._id, "text_completion", self._created, self._context.model_name, [], usage)
+        chunk = CompletionChunk(self._id, "text_completion", self._created, self._context.model_name, [], self._usage(usage))
         return sse_event(_encoder.encode(chunk))
 
     def whole(self, results: list[ChoiceResult], usage: Usage) -> bytes:
         choices = [self._choice(r.index, r.text, r.token_ids, r.logprobs, r.finish_reason) for r in results]
-        return _encoder.encode(Completion(self._id, "text_completion", self._created, self._context.model_name, choices, usage))
+        return _encoder.encode(Completion(self._id, "text_completion", self._created, self._context.model_name, choices, self._usage(usage)))
+
+
+@dataclass
+class Echo:
+    prompt_texts: list[str]  # by prompt index: the prompt as sent, or decoded from its token ids
+    only: bool  # max_tokens 0: the prompt alone
 
 
 async def create_completion(request: Request) -> Response:
@@ -97,7 +156,17 @@ async def create_completion(request: Request) -> Response:
     )
     context.check_model(body.model)
     max_tokens = DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
-    params = build_sampling_params(context, body, max_tokens=max_tokens, logprobs=body.logprobs)
+    # echo with max_tokens 0 (as vLLM): generate one token for the prompt's logprobs, drop it.
+    echo_only = body.echo and max_tokens == 0
+    max_tokens = 1 if echo_only else max_tokens
+    # Echo with logprobs needs the prompt's logprobs, as many alternatives as `logprobs`.
+    wanted = [k for k in (body.prompt_logprobs, body.logprobs if body.echo else None) if k is not None]
+    params = build_sampling_params(
+        context, body, max_tokens=max_tokens, logprobs=body.logprobs, prompt_logprobs=max(wanted) if wanted else None
+    )
+    grammar = await structured_output(context.grammar_validator, body)
+    if grammar is not None:
+        params = msgspec.structs.replace(params, structured_output=grammar)
     timeout_s = request_timeout_s(body, context.config.request_timeout_s)
     stop = stop_strings(body, context.config.max_stop_strings)
     # Counted before tokenizing: a batch of 100,000 prompts is refused, not tokenized first.
@@ -110,6 +179,12 @@ async def create_completion(request: Request) -> Response:
 
     completion_id = f"cmpl-{uuid.uuid4().hex}"
     generation = Generation(context, completion_id, prompts, params, body.n, stop, body.priority, timeout_s)
-    response_format = CompletionFormat(context, completion_id, generation.num_choices, body.logprobs is not None)
+    echo = None
+    if body.echo:
+        texts = [body.prompt] if isinstance(body.prompt, str) else [item for item in body.prompt if isinstance(item, str)]
+        if len(texts) != len(prompts):  # token-id prompts: their decoded text
+            texts = [context.tokenizer.decode(token_ids) for token_ids in prompts]
+        echo = Echo(texts, echo_only)
+    response_format = CompletionFormat(context, completion_id, generation, body.logprobs, echo, body.prompt_logprobs)
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     return await respond(request, generation, response_format, stream=body.stream, include_usage=include_usage)

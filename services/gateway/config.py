@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import uuid
+from typing import Literal
 
 import msgspec
 
@@ -25,7 +26,13 @@ def default_gateway_id() -> str:
 class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
     port: int = 8000
+    # One replica's scheduler, or several comma-separated (replicas registered in Redis
+    # are discovered as well: services/gateway/replica_registry.py).
     scheduler_address: str = "tcp://127.0.0.1:5555"
+    # Routing: a request costs a replica this many cached prompt tokens' worth of score
+    # (services/gateway/router.py).
+    routing_load_penalty_tokens: int = 32
+    routing: str = "cache_aware"  # or "round_robin", the cache-blind baseline
     model: str | None = None  # GGUF file or HF folder; None: the embedded SmolLM2-135M-Instruct
     redis_url: str | None = None  # None: no request metadata mirrored anywhere
     api_key: str | None = None  # None: /v1 routes are open
@@ -48,11 +55,24 @@ class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True):
     redis_record_ttl_s: int = 24 * 3600
     curve_keys_dir: str | None = None  # CURVE-secure the scheduler link (shared/zmq_security.py)
     log_level: str = "info"
+    # Chat template for requests with tools (services/gateway/chat_template.py): "auto"
+    # uses the model's own when it renders tools, else the Hermes-style fallback.
+    tool_chat_template: Literal["auto", "hermes", "model"] = "auto"
+
+    @property
+    def scheduler_addresses(self) -> list[str]:
+        return [address.strip() for address in self.scheduler_address.split(",") if address.strip()]
 
     def validate(self) -> None:
         """Raise ValueError for settings no gateway could run with."""
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be in 1..65535, got {self.port}")
+        if not self.scheduler_addresses:
+            raise ValueError("scheduler_address must name at least one scheduler")
+        if self.routing not in ("cache_aware", "round_robin"):
+            raise ValueError(f"routing must be cache_aware or round_robin, got {self.routing!r}")
+        if self.routing_load_penalty_tokens < 0:
+            raise ValueError(f"routing_load_penalty_tokens must be >= 0, got {self.routing_load_penalty_tokens}")
         if self.max_n < 1:
             raise ValueError(f"max_n must be at least 1, got {self.max_n}")
         if self.max_body_bytes < 1024:
@@ -66,7 +86,19 @@ def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
     defaults = GatewayConfig(gateway_id="")
     parser.add_argument("--host", default=defaults.host)
     parser.add_argument("--port", type=int, default=defaults.port)
-    parser.add_argument("--scheduler-address", default=defaults.scheduler_address, help="the scheduler's gateway ROUTER")
+    parser.add_argument(
+        "--scheduler-address", default=defaults.scheduler_address,
+        help="the scheduler's gateway ROUTER; several replicas: comma-separated (with --redis-url, replicas "
+        "registered in Redis are discovered too)",
+    )
+    parser.add_argument(
+        "--routing", default=defaults.routing, choices=["cache_aware", "round_robin"],
+        help="how requests pick a replica: the longest cached prefix discounted by load, or in turn (a baseline)",
+    )
+    parser.add_argument(
+        "--routing-load-penalty", type=int, default=defaults.routing_load_penalty_tokens, metavar="TOKENS",
+        help="routing score: cached prompt tokens on a replica minus this per request running or waiting there",
+    )
     parser.add_argument("--model", default=None, help="GGUF file or HF folder (default: embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL"), help="request metadata mirror (default: $REDIS_URL, else none)")
     parser.add_argument("--api-key", default=None, help=f"require this Bearer token on /v1 (default: ${API_KEY_ENV})")
@@ -83,6 +115,11 @@ def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--zmq-curve-keys", default=None, metavar="DIR", help="CURVE keys from `pagedserve keys DIR`: encrypt and authenticate the scheduler link")
     parser.add_argument("--log-level", default=defaults.log_level, choices=["critical", "error", "warning", "info", "debug"])
+    parser.add_argument(
+        "--tool-chat-template", default=defaults.tool_chat_template, choices=["auto", "hermes", "model"],
+        help="chat template for requests with tools: the model's own if it renders tools (auto), always the "
+        "Hermes-style <tool_call> fallback (hermes), or always the model's (model)",
+    )
 
 
 def gateway_config_from_args(args: argparse.Namespace) -> GatewayConfig:
@@ -90,6 +127,8 @@ def gateway_config_from_args(args: argparse.Namespace) -> GatewayConfig:
         host=args.host,
         port=args.port,
         scheduler_address=args.scheduler_address,
+        routing_load_penalty_tokens=args.routing_load_penalty,
+        routing=args.routing,
         model=args.model,
         redis_url=args.redis_url or None,
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
@@ -103,6 +142,7 @@ def gateway_config_from_args(args: argparse.Namespace) -> GatewayConfig:
         request_timeout_s=args.request_timeout,
         curve_keys_dir=args.zmq_curve_keys,
         log_level=args.log_level,
+        tool_chat_template=args.tool_chat_template,
     )
     config.validate()
     return config

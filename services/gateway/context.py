@@ -1,5 +1,5 @@
-"""What every handler of one gateway app shares: config, tokenizer, the scheduler
-connection, metrics, the Redis recorder. One object per app (on `app.state.gateway`),
+"""What every handler of one gateway app shares: config, tokenizer, the replicas (one
+scheduler connection each), metrics, the Redis recorder. One object per app (on `app.state.gateway`),
 so several apps can live in one process (tests do) without module-level globals."""
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from transformers import PreTrainedTokenizerBase
 from services.gateway.config import GatewayConfig
 from services.gateway.detokenizer import TokenTexts
 from services.gateway.errors import GatewayError
+from services.gateway.grammar_validator import GrammarValidator
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.request_records import RequestRecorder
-from services.gateway.scheduler_client import SchedulerClient
+from services.gateway.replica_registry import ReplicaRegistry
 
 
 @dataclass
@@ -23,12 +24,16 @@ class GatewayContext:
     config: GatewayConfig
     tokenizer: PreTrainedTokenizerBase
     model_name: str
-    scheduler: SchedulerClient
+    replicas: ReplicaRegistry
     metrics: GatewayMetrics
     records: RequestRecorder
     token_texts: TokenTexts
     vocab_size: int
     started_at: int = field(default_factory=lambda: int(time.time()))
+    # Structured output: checks that a request's grammar compiles (a worker process).
+    grammar_validator: GrammarValidator = field(default_factory=GrammarValidator)
+    # The chat template for requests with tools or tool turns; None: the model's own.
+    tool_template: str | None = None
 
     def check_model(self, model: str | None) -> None:
         """The `model` field is optional; when given it must name the one served model."""
@@ -39,23 +44,23 @@ class GatewayContext:
             )
 
     async def max_model_len(self) -> int:
-        """The scheduler's context limit. Every info answer the client receives refreshes
-        it (a restarted scheduler may have a new one), so usually no query is needed."""
-        info = self.scheduler.latest_info
+        """The replicas' context limit (they serve one model). Every info answer a client
+        receives refreshes it (a restarted scheduler may have a new one), so usually no
+        query is needed."""
+        info = self.replicas.first_info()
+        if info is None:
+            for replica in self.replicas.all():
+                if replica.client.connected:
+                    info = await replica.client.info(self.config.status_timeout_s)
+                    if info is not None and info.max_model_len > 0:
+                        break
         if info is None or info.max_model_len <= 0:
-            info = await self.scheduler.info(self.config.status_timeout_s)
-        if info is None or info.max_model_len <= 0:
-            raise GatewayError(
-                503, f"the scheduler at {self.config.scheduler_address} is not answering (no context length known yet)",
-                code="service_unavailable",
-            )
+            raise GatewayError(503, self.no_replica_message() + " (no context length known yet)", code="service_unavailable")
         return info.max_model_len
 
-    def replica_id(self) -> str | None:
-        """The scheduler replica serving this gateway, as its latest info answer says
-        (None before the first): request records name it."""
-        info = self.scheduler.latest_info
-        return info.replica_id if info is not None else None
+    def no_replica_message(self) -> str:
+        addresses = ", ".join(r.address for r in self.replicas.all()) or "none configured"
+        return f"no scheduler replica is answering (replicas: {addresses}); retry shortly"
 
 
 def gateway_context(request: Request) -> GatewayContext:

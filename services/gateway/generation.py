@@ -12,8 +12,21 @@ error or a timeout never leaves the scheduler generating into the void.
 
 When the scheduler is done with a request is the scheduler's to say: its last delta for it
 carries `request_finished` (every sample ended, or the whole beam search, or an abort).
-The gateway may end choices sooner itself (a stop string matched in the text); once every
-choice of a request has ended here without that flag, it aborts the request there.
+The gateway may end choices sooner itself (a stop string matched in the text): a choice
+whose sibling samples go on is aborted alone there (per-sample abort, freeing its blocks);
+once every choice of a request has ended here without that flag, it aborts the request.
+
+Replicas and failover: each scheduler request goes to the replica the registry routes
+it to (services/gateway/router.py: longest cached prefix, then load). When that replica
+is lost mid-request (its scheduler died: the connection drops; or its executors stayed
+gone past its --executor-timeout: it answers 503), each unfinished choice is resubmitted
+to another replica as its prompt + the tokens this gateway already received for it, with
+max_tokens reduced by as many: the scheduler there computes that prefix and samples on,
+and the choice's detokenizer and stop-string matcher simply keep going, so the client's
+stream continues with no token repeated and none missing. Under greedy decoding the text
+is exactly the undisturbed one. Not continued: beam search (its beams live in the lost
+scheduler) and penalties that count generated tokens (there the resumed part counts the
+earlier output as prompt); seeded sampling continues, from a fresh draw.
 
 Never stuck: when a request has produced nothing for `stall_timeout_s` the scheduler is
 asked (a small info query naming the request) whether it still holds it; no answer, or an answer without it (scheduler
@@ -27,7 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 
@@ -37,8 +50,10 @@ from services.gateway.context import GatewayContext
 from services.gateway.detokenizer import IncrementalDetokenizer
 from services.gateway.errors import GatewayError
 from services.gateway.openai_protocol import PromptTokensDetails, Usage
+from services.gateway.replica_registry import Replica
 from services.gateway.scheduler_client import RequestEvent, SchedulerUnavailable
 from services.gateway.stop_strings import StopStringMatcher
+from shared.block_hashing import BlockHash
 
 
 @dataclass
@@ -74,6 +89,7 @@ class _Choice:
     stop_matcher: StopStringMatcher
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
+    output_token_ids: list[int] = field(default_factory=list)  # what a failover resubmits
     finish_reason: str | None = None  # stop | length | abort, or error (never sent to a client)
     first_token_at: float | None = None  # monotonic
     last_token_at: float | None = None
@@ -124,8 +140,13 @@ class Generation:
             self._choices += samples
             self._samples_of[scheduler_request_id] = samples
         self._num_samples = n
+        # By prompt index: the prompt's logprobs (tokens 1..), when the params ask for them.
+        self.prompt_logprobs: dict[int, list[TokenLogprobs]] = {}
         self._error: str | None = None
         self._closed = False
+        self._replica_of: dict[str, Replica] = {}  # scheduler request id -> where it runs
+        self._block_hashes_of: dict[str, list[BlockHash]] = {}  # its prompt's, as routing hashed them
+        self._num_failovers = 0
 
     @property
     def finished(self) -> bool:
@@ -135,31 +156,51 @@ class Generation:
     def num_choices(self) -> int:
         return len(self._choices)
 
+    @property
+    def num_samples(self) -> int:
+        """n: choice i is sample i % n of prompt i // n."""
+        return self._num_samples
+
+    @property
+    def prompts(self) -> list[list[int]]:
+        return self._prompts
+
     # -- submission --------------------------------------------------------------------
 
     async def submit(self) -> None:
-        context = self._context
+        """Route each scheduler request (one per prompt) and submit it. No replica
+        connected is a 503 at once: waiting for one would only delay the same answer."""
         params = msgspec.structs.replace(self._params, n=self._num_samples)
-        requests = []
-        for request_id, samples in self._samples_of.items():
+        for request_id, samples in list(self._samples_of.items()):
             prompt = self._prompts[samples[0].prompt_index]
-            requests.append(SubmitRequest(request_id, prompt, params, self._arrival_time, self._priority))
-            fields: dict[str, str | int | float] = {
-                "status": "waiting",
-                "parent_id": self.request_id,
-                "gateway_id": context.config.gateway_id,
-                "model": context.model_name,
-                "arrival_time": self._arrival_time,
-                "prompt_tokens": len(prompt),
-                "sampling_params": msgspec.json.encode(params).decode(),
-            }
-            replica_id = context.replica_id()
-            if replica_id is not None:
-                fields["replica_id"] = replica_id
-            context.records.record(request_id, fields)
-        context.scheduler.register(list(self._samples_of), self._queue)
+            await self._submit_to_replica(request_id, prompt, params, exclude=())
+
+    async def _submit_to_replica(self, request_id: str, prompt: list[int], params: SamplingParams, exclude: tuple[str, ...], failover_from: str | None = None) -> None:
+        context = self._context
+        route = await context.replicas.route(prompt, exclude=exclude)
+        if route is None:
+            raise self._fail(503, context.no_replica_message(), code="service_unavailable", retry_after_s=1.0)
+        replica = route.replica
+        context.metrics.routed(replica.replica_id, route.decision.reason if failover_from is None else "failover", route.decision.num_cached_blocks)
+        fields: dict[str, str | int | float] = {
+            "status": "waiting",
+            "parent_id": self.request_id,
+            "gateway_id": context.config.gateway_id,
+            "model": context.model_name,
+            "arrival_time": self._arrival_time,
+            "prompt_tokens": len(prompt),
+            "sampling_params": msgspec.json.encode(params).decode(),
+            "replica_id": replica.replica_id,
+        }
+        if failover_from is not None:
+            fields["failover_from"] = failover_from
+        context.records.record(request_id, fields)
+        self._replica_of[request_id] = replica
+        self._block_hashes_of[request_id] = route.block_hashes
+        replica.num_in_flight += 1
+        replica.client.register([request_id], self._queue)
         try:
-            await context.scheduler.submit(requests)
+            await replica.client.submit([SubmitRequest(request_id, prompt, params, self._arrival_time, self._priority)])
         except SchedulerUnavailable as error:
             raise self._fail(503, str(error), code="service_unavailable") from None
 
@@ -180,6 +221,8 @@ class Generation:
                     unfinished = [c for c in samples if c.finish_reason is None]
                     if not unfinished:
                         continue  # late, after every sample ended
+                    if event.status_code == 503 and await self._fail_over(event.request_id, event.message):
+                        continue
                     for choice in unfinished:
                         choice.finish_reason = "error"
                     raise self._fail(
@@ -249,7 +292,9 @@ class Generation:
                     context.metrics.inter_token_latency.observe(per_token_s)
             choice.last_token_at = now
             choice.num_output_tokens += len(token_ids)
-        choice.num_cached_tokens = max(choice.num_cached_tokens, delta.num_cached_tokens)
+            choice.output_token_ids += token_ids
+        # After a failover the prompt there includes earlier output: count the client's prompt only.
+        choice.num_cached_tokens = max(choice.num_cached_tokens, min(delta.num_cached_tokens, choice.num_prompt_tokens))
         finish_reason = delta.finish_reason
         text = choice.detokenizer.push(token_ids)
         if finish_reason is not None:
@@ -257,8 +302,15 @@ class Generation:
         text, stopped = choice.stop_matcher.push(text, final=finish_reason is not None)
         if stopped:
             finish_reason = "stop"  # the scheduler only knows token-level stops: _finish tells it
+            samples = self._samples_of[choice.request_id]
+            replica = self._replica_of.get(choice.request_id)
+            if delta.finish_reason is None and replica is not None and any(c is not choice and c.finish_reason is None for c in samples):
+                # Its siblings go on: stop this sample alone there, freeing its blocks now.
+                replica.client.abort_samples_soon(choice.request_id, [choice.sample_index])
         if finish_reason is not None:
             self._finish(choice, finish_reason)
+        if len(delta.prompt_logprobs) > len(self.prompt_logprobs.get(choice.prompt_index, ())):
+            self.prompt_logprobs[choice.prompt_index] = delta.prompt_logprobs
         return ChoiceDelta(choice.index, text, token_ids, delta.logprobs, finish_reason)
 
     def _finish(self, choice: _Choice, finish_reason: str) -> None:
@@ -274,8 +326,8 @@ class Generation:
         # the request, a stop string ended some choice first: aborting the request (all
         # its samples) stops it there only now.
         if choice.request_id not in self._done_at_scheduler:
-            context.scheduler.abort_soon([choice.request_id])
-        context.scheduler.unregister([choice.request_id])
+            self._abort_soon([choice.request_id])
+        self._release(choice.request_id)
         context.records.record(choice.request_id, {
             "status": "finished",
             "finish_reason": ",".join(c.finish_reason or "" for c in samples),  # one per sample
@@ -308,15 +360,18 @@ class Generation:
         config = self._context.config
         unfinished = [request_id for request_id, samples in self._samples_of.items() if any(c.finish_reason is None for c in samples)]
         # Asked afresh, after our submit: the answer reflects it.
-        info = await self._context.scheduler.info(config.status_timeout_s, request_ids=unfinished)
-        if not self._queue.empty():
-            return  # deltas arrived while asking (they precede the answer on the socket)
-        if info is None:
-            raise self._fail(
-                503, f"the scheduler at {config.scheduler_address} stopped answering (no token for {config.stall_timeout_s:g} s, "
-                f"no status reply within {config.status_timeout_s:g} s)", code="service_unavailable",
-            )
-        lost = [request_id for request_id in unfinished if request_id not in info.held_request_ids]
+        lost: list[str] = []
+        for replica in {id(self._replica_of[r]): self._replica_of[r] for r in unfinished}.values():
+            held_here = [r for r in unfinished if self._replica_of[r] is replica]
+            info = await replica.client.info(config.status_timeout_s, request_ids=held_here)
+            if not self._queue.empty():
+                return  # deltas arrived while asking (they precede the answer on the socket)
+            if info is None:
+                raise self._fail(
+                    503, f"the scheduler at {replica.address} stopped answering (no token for {config.stall_timeout_s:g} s, "
+                    f"no status reply within {config.status_timeout_s:g} s)", code="service_unavailable",
+                )
+            lost += [request_id for request_id in held_here if request_id not in info.held_request_ids]
         if lost:
             raise self._fail(
                 503, f"the scheduler no longer holds request(s) {', '.join(lost)} (restarted?); please retry",
@@ -331,7 +386,7 @@ class Generation:
         self.timed_out = True
         unfinished = [c for c in self._choices if c.finish_reason is None]
         request_ids = list(dict.fromkeys(c.request_id for c in unfinished))
-        self._context.scheduler.abort_soon(request_ids)
+        self._abort_soon(request_ids)
         for request_id in request_ids:
             # What the scheduler answers an abort of a request whose samples were not forked
             # yet: one delta that ends the request, and with it every unfinished choice.
@@ -348,6 +403,63 @@ class Generation:
             code="timeout",
         )
 
+    def _abort_soon(self, request_ids: list[str]) -> None:
+        """Abort each at the replica it runs on."""
+        for request_id in request_ids:
+            replica = self._replica_of.get(request_id)
+            if replica is not None:
+                replica.client.abort_soon([request_id])
+
+    def _release(self, request_id: str) -> None:
+        """Done with this scheduler request here: stop routing its deltas, uncount it."""
+        replica = self._replica_of.pop(request_id, None)
+        if replica is not None:
+            replica.client.unregister([request_id])
+            replica.num_in_flight -= 1
+            self._context.replicas.request_ended(replica, self._block_hashes_of.pop(request_id, []))
+
+    async def _fail_over(self, request_id: str, reason: str) -> bool:
+        """The replica running `request_id` lost it (503): resubmit each unfinished choice
+        elsewhere as prompt + the tokens already received. False when it cannot be
+        continued (beam search, no other replica, too many failovers): the caller fails it."""
+        context = self._context
+        replica = self._replica_of.get(request_id)
+        samples = self._samples_of.get(request_id, [])
+        unfinished = [c for c in samples if c.finish_reason is None]
+        if replica is None or not unfinished or self._params.use_beam_search:
+            return False
+        if self._num_failovers >= max(2, len(context.replicas.all())):
+            return False
+        others = [r for r in context.replicas.all() if r is not replica and r.client.connected]
+        if not others:
+            return False
+        self._num_failovers += 1
+        self._release(request_id)
+        context.replicas.mark_failed(replica)  # after the release: it forgets what was routed there
+        del self._samples_of[request_id]
+        # A request whose samples were not all finished there: abort it there in case the
+        # replica is alive (a 503 for executors gone); harmless when it is not.
+        replica.client.abort_soon([request_id])
+        self._done_at_scheduler.discard(request_id)
+        context.metrics.failovers.inc(len(unfinished))
+        for choice in unfinished:
+            new_id = f"{request_id}.{choice.sample_index}~{self._num_failovers}"
+            params = self._params.for_sample(choice.sample_index) if self._num_samples > 1 else msgspec.structs.replace(self._params, n=1)
+            remaining = params.max_tokens - choice.num_output_tokens
+            prompt = self._prompts[choice.prompt_index] + choice.output_token_ids
+            if remaining <= 0:
+                return False  # cannot happen: the scheduler ends a choice at max_tokens itself
+            params = msgspec.structs.replace(params, max_tokens=remaining)
+            choice.request_id = new_id
+            choice.sample_index = 0
+            self._samples_of[new_id] = [choice]
+            try:
+                await self._submit_to_replica(new_id, prompt, params, exclude=(replica.address,), failover_from=replica.replica_id)
+            except GatewayError:
+                return False
+        context.records.record(request_id, {"status": "failed_over", "error": reason, "finished_time": time.time()})
+        return True
+
     def _fail(self, status_code: int, message: str, *, code: str | None = None, retry_after_s: float | None = None) -> GatewayError:
         """Remember why this generation failed (for close()) and build the error to raise."""
         self._error = message
@@ -363,8 +475,9 @@ class Generation:
         unfinished = [c for c in self._choices if c.finish_reason is None or c.finish_reason == "error"]
         # Aborting a request aborts every sample of it, finished ones being no matter.
         undropped_request_ids = list(dict.fromkeys(c.request_id for c in unfinished))
-        context.scheduler.abort_soon(undropped_request_ids)
-        context.scheduler.unregister(list(self._samples_of))
+        self._abort_soon(undropped_request_ids)
+        for request_id in list(self._replica_of):
+            self._release(request_id)
         reason = "error" if self._error is not None else "abort"
         now = time.time()
         for choice in unfinished:

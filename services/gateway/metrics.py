@@ -5,10 +5,18 @@ Counters and latency histograms are updated as requests progress; the scheduler-
 gauges (queue depths, KV blocks) are refreshed from a SchedulerInfo when /metrics is
 scraped, so they are as fresh as the scrape and cost nothing in between. The prefix-cache
 hit rate is measured here, from the cached-token counts the scheduler reports per request.
+
+With several replicas the scheduler gauges are their sums, and each replica has its own
+(label `replica`): up, running, waiting, KV blocks used; routing decisions are counted per
+replica and reason ("prefix": a cached chain won, "least_loaded": none was cached,
+"failover": a lost replica's request resumed there), with the prompt blocks the router
+expected that replica to hold (`pagedserve_routing_cached_blocks`, its hits as routing saw
+them; the scheduler's own count arrives in `cached_tokens`).
 """
 
 from __future__ import annotations
 
+import msgspec
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from shared.messages import SchedulerInfo
@@ -60,6 +68,25 @@ class GatewayMetrics:
         self.prefix_cache_hit_rate = gauge(
             "pagedserve_prefix_cache_hit_rate", "Fraction of prompt tokens served from the prefix cache, since start."
         )
+        self.routing_decisions = Counter(
+            "pagedserve_routing_decisions", "Scheduler requests routed, by replica and reason (prefix, least_loaded, failover).",
+            ["model", "replica", "reason"], registry=r,
+        )
+        self.routing_cached_blocks = Counter(
+            "pagedserve_routing_cached_blocks", "Prompt blocks the chosen replica held when routed (expected prefix hits).",
+            ["model", "replica"], registry=r,
+        )
+        self.failovers = Counter(
+            "pagedserve_failovers", "Choices resumed on another replica after theirs was lost.", ["model"], registry=r,
+        ).labels(**labels)
+
+        def replica_gauge(name: str, documentation: str) -> Gauge:
+            return Gauge(name, documentation, ["model", "replica"], registry=r)
+
+        self.replica_up = replica_gauge("pagedserve_replica_up", "1 when the replica's scheduler answered the last scrape.")
+        self.replica_running = replica_gauge("pagedserve_replica_requests_running", "Requests running on the replica.")
+        self.replica_waiting = replica_gauge("pagedserve_replica_requests_waiting", "Requests waiting on the replica.")
+        self.replica_kv_blocks_used = replica_gauge("pagedserve_replica_kv_blocks_used", "KV cache blocks in use on the replica.")
 
     def finished(self, finish_reason: str) -> None:
         self.requests.labels(model=self._labels["model"], finish_reason=finish_reason).inc()
@@ -71,6 +98,34 @@ class GatewayMetrics:
         self.cached_prompt_tokens.inc(num_cached_tokens)
         self._num_prompt_tokens += num_prompt_tokens
         self._num_cached_tokens += num_cached_tokens
+
+    def routed(self, replica_id: str, reason: str, num_cached_blocks: int) -> None:
+        model = self._labels["model"]
+        self.routing_decisions.labels(model=model, replica=replica_id, reason=reason).inc()
+        self.routing_cached_blocks.labels(model=model, replica=replica_id).inc(num_cached_blocks)
+
+    def refresh_replicas(self, infos: list[tuple[str, SchedulerInfo | None]]) -> None:
+        """Per-replica gauges, and the unlabelled ones as sums over the replicas that
+        answered (None when none did: they keep their last values)."""
+        model = self._labels["model"]
+        answered = [info for _, info in infos if info is not None]
+        for replica_id, info in infos:
+            self.replica_up.labels(model=model, replica=replica_id).set(0 if info is None else 1)
+            if info is not None:
+                self.replica_running.labels(model=model, replica=replica_id).set(info.num_running)
+                self.replica_waiting.labels(model=model, replica=replica_id).set(info.num_waiting)
+                self.replica_kv_blocks_used.labels(model=model, replica=replica_id).set(info.num_used_blocks)
+        if not answered:
+            self.refresh(None)
+            return
+        total = answered[0]
+        for info in answered[1:]:
+            total = msgspec.structs.replace(
+                total, num_running=total.num_running + info.num_running, num_waiting=total.num_waiting + info.num_waiting,
+                num_swapped=total.num_swapped + info.num_swapped, num_blocks=total.num_blocks + info.num_blocks,
+                num_used_blocks=total.num_used_blocks + info.num_used_blocks, num_free_blocks=total.num_free_blocks + info.num_free_blocks,
+            )
+        self.refresh(total)
 
     def refresh(self, info: SchedulerInfo | None) -> None:
         """Set the scheduler gauges from a fresh info answer (None: scheduler not answering,

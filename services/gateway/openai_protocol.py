@@ -9,7 +9,7 @@ wire format further in (an unbounded JSON integer would otherwise reach the enco
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta
@@ -20,10 +20,36 @@ TokenId = Annotated[int, Meta(ge=0, le=2**31 - 1)]  # checked against the vocabu
 Seed = Annotated[int, Meta(ge=0, le=2**63 - 1)]
 FiniteFloat = Annotated[float, Meta(ge=-1e9, le=1e9)]  # also rejects inf and NaN
 TimeoutSeconds = Annotated[float, Meta(gt=0, le=1e9)]  # checked against the server's ceiling later
+LogitBias = Annotated[float, Meta(ge=-100, le=100)]  # OpenAI's bounds
+MAX_LOGIT_BIAS_ENTRIES = 1024  # each is a scatter entry in the step's sampler
 
 
 class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+    # Any JSON schema; whether the grammar library implements it is checked later, by
+    # compiling it (a 400 naming `response_format.json_schema.schema` if not).
+    schema: dict[str, Any] | None = None
+    description: str | None = None
+    strict: bool | None = None  # the output always matches the schema, strict or not
+
+
+class ResponseFormat(msgspec.Struct, forbid_unknown_fields=True):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(msgspec.Struct, forbid_unknown_fields=True):
+    """vLLM's `structured_outputs` extension: exactly one constraint."""
+
+    json: dict[str, Any] | str | None = None  # a JSON schema (object or JSON text)
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None  # EBNF (xgrammar's GBNF dialect) with a `root` rule
+    json_object: bool | None = None
 
 
 class SamplingFields(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -56,12 +82,32 @@ class SamplingFields(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     beam_width: Count | None = None
     length_penalty: FiniteFloat | None = None
     early_stopping: bool | Literal["never"] | None = None
+    # OpenAI's logit_bias: {"token id": bias in [-100, 100]}; ids outside the vocabulary are a 400.
+    logit_bias: Annotated[dict[TokenId, LogitBias], Meta(max_length=MAX_LOGIT_BIAS_ENTRIES)] | None = None
+    # vLLM's extension: EOS and stop_token_ids held back until min_tokens were generated
+    # (at most max_tokens).
+    min_tokens: Count | None = None
+    # Structured output: OpenAI's response_format, vLLM's structured_outputs, and vLLM's
+    # older guided_* names (still sent by clients written for vLLM < 0.10).
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 class CompletionRequest(SamplingFields, kw_only=True):
     # A string, a list of token ids, or a batch of either (one choice block per prompt).
     prompt: str | list[str | TokenId | list[TokenId]]
     logprobs: Count | None = None
+    # The prompt before the completion, in `text` and (with logprobs) in `logprobs`, its
+    # first token's logprob null. With max_tokens 0 only the prompt comes back
+    # (lm-evaluation-harness's loglikelihood requests).
+    echo: bool = False
+    # vLLM's extension: the logprob of every prompt token with its top-k alternatives,
+    # in each choice's `prompt_logprobs`.
+    prompt_logprobs: Count | None = None
 
 
 class ContentPart(msgspec.Struct, forbid_unknown_fields=True):
@@ -69,10 +115,44 @@ class ContentPart(msgspec.Struct, forbid_unknown_fields=True):
     text: str | None = None
 
 
+class FunctionCall(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(msgspec.Struct, forbid_unknown_fields=True):
+    id: str
+    function: FunctionCall
+    type: Literal["function"] = "function"
+
+
 class ChatMessage(msgspec.Struct, forbid_unknown_fields=True):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool's result: which call it answers
+
+
+class FunctionDefinition(msgspec.Struct, forbid_unknown_fields=True):
+    name: Annotated[str, Meta(min_length=1, max_length=64, pattern="^[a-zA-Z0-9_.-]+$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None
+
+
+class Tool(msgspec.Struct, forbid_unknown_fields=True):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ToolChoiceFunction(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+
+
+class NamedToolChoice(msgspec.Struct, forbid_unknown_fields=True):
+    type: Literal["function"]
+    function: ToolChoiceFunction
 
 
 class ChatCompletionRequest(SamplingFields, kw_only=True):
@@ -80,6 +160,9 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     max_completion_tokens: Count | None = None  # OpenAI's newer name; wins over max_tokens
     logprobs: bool = False
     top_logprobs: Count | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # None: True, as OpenAI
 
 
 # ---------------------------------------------------------------------------------------
@@ -106,11 +189,21 @@ class CompletionLogprobs(msgspec.Struct):
     text_offset: list[int]
 
 
+class PromptLogprob(msgspec.Struct):
+    """vLLM's entry of `prompt_logprobs` (keyed by token id as a string)."""
+
+    logprob: float
+    rank: int | None
+    decoded_token: str
+
+
 class CompletionChoice(msgspec.Struct):
     index: int
     text: str
     logprobs: CompletionLogprobs | None
     finish_reason: str | None
+    # vLLM's: one entry per prompt token, the first null; null unless asked for.
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
 
 
 class Completion(msgspec.Struct):
@@ -151,9 +244,25 @@ class ChatLogprobs(msgspec.Struct):
     refusal: None = None
 
 
-class AssistantMessage(msgspec.Struct):
+class AssistantMessage(msgspec.Struct, omit_defaults=True):
     role: str
-    content: str
+    content: str | None  # null when the turn is only tool calls, as OpenAI
+    tool_calls: list[ToolCall] | None = None
+
+
+class FunctionCallDelta(msgspec.Struct, omit_defaults=True):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(msgspec.Struct, omit_defaults=True):
+    """A streamed tool call: the first chunk of call `index` brings its id, type and
+    name; later ones append argument fragments."""
+
+    index: int
+    id: str | None = None
+    type: str | None = None
+    function: FunctionCallDelta | None = None
 
 
 class ChatChoice(msgspec.Struct):
@@ -175,6 +284,7 @@ class ChatCompletion(msgspec.Struct):
 class ChatDelta(msgspec.Struct, omit_defaults=True):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(msgspec.Struct):

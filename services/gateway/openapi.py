@@ -27,6 +27,8 @@ from services.gateway.openai_protocol import (
     CompletionRequest,
     ModelList,
 )
+from services.gateway.tokenize import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
+from shared.sampling_params import MAX_BEAM_WIDTH
 
 _REF = "#/components/schemas/{name}"
 
@@ -50,6 +52,15 @@ def _error_responses(*statuses: int) -> dict[str, Any]:
     return {str(status): {"description": reasons[status], "content": body} for status in statuses}
 
 
+def _sse_event(chunk: type) -> dict[str, Any]:
+    """One Server-Sent Event of a stream (OpenAPI 3.1: `schema` describes each event): its
+    `data` is a chunk, an error that ended the stream, or the final `[DONE]`."""
+    json_data = {
+        "type": "string", "contentMediaType": "application/json", "contentSchema": {"anyOf": [_ref(chunk), _ref(ErrorBody)]},
+    }
+    return {"type": "object", "required": ["data"], "properties": {"data": {"anyOf": [{"const": "[DONE]"}, json_data]}}}
+
+
 def _generation_operation(summary: str, request: type, whole: type, chunk: type, config: GatewayConfig) -> dict[str, Any]:
     return {
         "summary": summary,
@@ -57,24 +68,147 @@ def _generation_operation(summary: str, request: type, whole: type, chunk: type,
             f"At most {config.max_n} choices per request (prompts x n), a body of at most {config.max_body_bytes:,} "
             f"bytes, a deadline of at most {config.request_timeout_s:g} s (`timeout`, an extension). Unknown fields are "
             "refused (400, code `unknown_parameter`). With `stream: true` the response is Server-Sent Events, one "
-            "chunk per `data:` line, ending with `data: [DONE]`."
+            "chunk per `data:` line, ending with `data: [DONE]`; a failure after the stream started is an `{\"error\": ...}` event before it."
         ),
         "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(request)}}},
         "responses": {
             "200": {
                 "description": "the completion, or its stream of chunks",
-                "content": {"application/json": {"schema": _ref(whole)}, "text/event-stream": {"schema": _ref(chunk)}},
+                "content": {"application/json": {"schema": _ref(whole)}, "text/event-stream": {"schema": _sse_event(chunk)}},
             },
             **_error_responses(400, 401, 404, 413, 415, 429, 503, 504),
         },
     }
 
 
+def _bound(schema: dict[str, Any], field: str, description: str | None = None, **bounds: Any) -> None:
+    """Tighten a property's number (or array) option, keeping its null option."""
+    prop = schema["properties"][field]
+    for option in prop.get("anyOf", [prop]):
+        if option.get("type") in ("integer", "number", "array"):
+            option.update(bounds)
+    if description is not None:
+        prop["description"] = description
+
+
+def _absent_or(value: Any) -> dict[str, Any]:
+    """A property that is left out, null, or equal to `value` (the default)."""
+    return {"anyOf": [{"type": "null"}, {"const": value}]}
+
+
+def _state_server_bounds(schemas: dict[str, Any], config: GatewayConfig) -> None:
+    """The value ranges SamplingParams.validate and the endpoints enforce (some set by
+    this deployment's config), and the rules that span fields as if/then clauses: the
+    document refuses what the server refuses. What no schema can say (a prompt's tokens
+    plus max_tokens within the context length; prompts x n within max_n) is in the
+    descriptions."""
+    max_beam_width = min(MAX_BEAM_WIDTH, config.max_n)
+    for name in ("CompletionRequest", "ChatCompletionRequest"):
+        schema = schemas[name]
+        _bound(schema, "n", f"choices per prompt; prompts x n at most {config.max_n}", minimum=1, maximum=config.max_n)
+        _bound(schema, "temperature", minimum=0)
+        _bound(schema, "top_p", exclusiveMinimum=0, maximum=1)
+        _bound(schema, "top_k", "-1 or 0: off", minimum=-1)
+        _bound(schema, "min_p", minimum=0, maximum=1)
+        _bound(schema, "presence_penalty", minimum=-2, maximum=2)
+        _bound(schema, "frequency_penalty", minimum=-2, maximum=2)
+        _bound(schema, "repetition_penalty", exclusiveMinimum=0)
+        _bound(schema, "length_penalty", minimum=-10, maximum=10)
+        _bound(schema, "beam_width", f"beam search over this many beams (at most {max_beam_width})", minimum=1, maximum=max_beam_width)
+        _bound(schema, "stop", maxItems=config.max_stop_strings)
+        _bound(schema, "timeout", f"seconds, at most {config.request_timeout_s:g} (the server's limit)", maximum=config.request_timeout_s)
+        _bound(schema, "min_tokens", "EOS and stop_token_ids are held back until this many tokens; at most max_tokens")
+        _bound(
+            schema, "logit_bias",
+            "token id (a string of digits, below the vocabulary size) -> bias in [-100, 100], added to its logit",
+        )
+        schema["properties"]["stream_options"]["description"] = "only with stream: true"
+        rules: list[dict[str, Any]] = [
+            # stream_options only when streaming.
+            {"if": _present("stream_options", {"type": "object"}), "then": _required("stream", {"const": True})},
+            # Beam search: deterministic, n at most beam_width, none of the per-token knobs.
+            {
+                "if": _present("beam_width", {"type": "integer", "minimum": 2}),
+                "then": {"properties": {
+                    "presence_penalty": _absent_or(0), "frequency_penalty": _absent_or(0), "repetition_penalty": _absent_or(1),
+                    "logit_bias": {"anyOf": [{"type": "null"}, {"type": "object", "maxProperties": 0}]},
+                    "min_tokens": _absent_or(0),
+                    **{field: {"type": "null"} for field in ("prompt_logprobs", "response_format", "structured_outputs", "guided_json",
+                                                              "guided_regex", "guided_choice", "guided_grammar") if field in schema["properties"]},
+                }},
+            },
+        ]
+        schema["allOf"] = rules
+    completion, chat = schemas["CompletionRequest"], schemas["ChatCompletionRequest"]
+    logprobs_bound = dict(minimum=0, maximum=config.max_logprobs)
+    _bound(completion, "logprobs", f"at most {config.max_logprobs}; not with beam search", **logprobs_bound)
+    _bound(completion, "prompt_logprobs", f"at most {config.max_logprobs}; not with beam search", **logprobs_bound)
+    _bound(chat, "top_logprobs", f"at most {config.max_logprobs}; only with logprobs: true", **logprobs_bound)
+    _bound(completion, "max_tokens", "at least 1; 0 only with echo: true (the prompt alone)", minimum=0)
+    _bound(chat, "max_tokens", minimum=1)
+    _bound(chat, "max_completion_tokens", minimum=1)
+    completion["allOf"] += [
+        {"if": _present("max_tokens", {"const": 0}), "then": _required("echo", {"const": True})},
+        {"if": _present("beam_width", {"type": "integer", "minimum": 2}), "then": {"properties": {"logprobs": {"type": "null"}}}},
+    ]
+    chat["allOf"] += [
+        {"if": _present("top_logprobs", {"type": "integer"}), "then": _required("logprobs", {"const": True})},
+        {"if": _present("beam_width", {"type": "integer", "minimum": 2}), "then": {"properties": {"logprobs": {"const": False}}}},
+    ]
+
+
+def _state_non_empty(schemas: dict[str, Any]) -> None:
+    """Prompts and conversations must hold something (the endpoints refuse empty ones)."""
+    for name in ("ChatCompletionRequest", "TokenizeRequest"):
+        _bound(schemas[name], "messages", minItems=1)
+    prompt = schemas["CompletionRequest"]["properties"]["prompt"]
+    for option in prompt["anyOf"]:
+        if option.get("type") == "string":
+            option["minLength"] = 1
+        elif option.get("type") == "array":
+            option["minItems"] = 1
+            for item in option["items"].get("anyOf", [option["items"]]):
+                if item.get("type") == "string":
+                    item["minLength"] = 1
+                elif item.get("type") == "array":
+                    item["minItems"] = 1
+    tokenize_prompt = schemas["TokenizeRequest"]["properties"]["prompt"]
+    for option in tokenize_prompt.get("anyOf", [tokenize_prompt]):
+        if option.get("type") == "string":
+            option["minLength"] = 1
+
+
+def _present(field: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"required": [field], "properties": {field: schema}}
+
+
+_required = _present
+
+
+def _plain_operation(summary: str, request: type, response: type) -> dict[str, Any]:
+    return {
+        "summary": summary,
+        "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(request)}}},
+        "responses": {
+            "200": {"description": "the answer", "content": {"application/json": {"schema": _ref(response)}}},
+            **_error_responses(400, 401, 404, 413, 415, 503),
+        },
+    }
+
+
 def openapi_document(config: GatewayConfig) -> dict[str, Any]:
     _, schemas = msgspec.json.schema_components(
-        [CompletionRequest, ChatCompletionRequest, Completion, CompletionChunk, ChatCompletion, ChatCompletionChunk, ModelList, ErrorBody],
+        [CompletionRequest, ChatCompletionRequest, Completion, CompletionChunk, ChatCompletion, ChatCompletionChunk, ModelList, ErrorBody,
+         TokenizeRequest, TokenizeResponse, DetokenizeRequest, DetokenizeResponse],
         ref_template=_REF,
     )
+    _state_server_bounds(schemas, config)
+    _state_non_empty(schemas)
+    # Exactly one of a prompt and a conversation.
+    schemas["TokenizeRequest"]["oneOf"] = [
+        {"required": ["prompt"], "properties": {"prompt": {"type": "string"}, "messages": {"type": "null"}}},
+        {"required": ["messages"], "properties": {"messages": {"type": "array"}, "prompt": {"type": "null"}}},
+    ]
     try:
         api_version = version("pagedserve")
     except PackageNotFoundError:
@@ -91,9 +225,11 @@ def openapi_document(config: GatewayConfig) -> dict[str, Any]:
                 "responses": {"200": {"description": "one model", "content": {"application/json": {"schema": _ref(ModelList)}}}, **_error_responses(401)},
             }
         },
+        "/tokenize": {"post": _plain_operation("Tokenize a prompt or a conversation (vLLM's shape)", TokenizeRequest, TokenizeResponse)},
+        "/detokenize": {"post": _plain_operation("Token ids back to text (vLLM's shape)", DetokenizeRequest, DetokenizeResponse)},
         "/health": {"get": {"summary": "200 when a scheduler answers and has a live executor, else 503", "responses": {"200": {"description": "ready"}, "503": {"description": "not ready"}}}},
     }
-    for path in ("/v1/completions", "/v1/chat/completions", "/v1/models"):
+    for path in ("/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize"):
         for operation in paths[path].values():
             operation["security"] = security
     return {

@@ -19,7 +19,7 @@ T = TypeVar("T")
 
 # msgspec names the offending field either as a path ("- at `$.messages[0].role`") or,
 # for unknown/missing fields, in backquotes; OpenAI's `param` wants the field name.
-_PATH = re.compile(r"- at `\$\.?([^`]*)`")
+_PATH = re.compile(r"- at `(?:key` in `)?\$\.?([^`]*)`")  # "key in": a dict's key (logit_bias)
 _FIELD = re.compile(r"(?:unknown|required) field `([^`]+)`")
 
 
@@ -44,7 +44,7 @@ def _param_of(text: str) -> str | None:
     if field:
         return field.group(1)
     if path and path.group(1):
-        return path.group(1)
+        return path.group(1).replace("[...]", "")  # msgspec's "[...]": some dict value (logit_bias)
     return None
 
 

@@ -56,9 +56,15 @@ def stop_strings(fields: SamplingFields, max_stop_strings: int) -> list[str]:
 
 
 def build_sampling_params(
-    context: GatewayContext, fields: SamplingFields, *, max_tokens: int, logprobs: int | None
+    context: GatewayContext,
+    fields: SamplingFields,
+    *,
+    max_tokens: int,
+    logprobs: int | None,
+    prompt_logprobs: int | None = None,
 ) -> SamplingParams:
-    """`max_tokens` and `logprobs` are resolved by the endpoint (their names and defaults differ)."""
+    """`max_tokens` and `logprobs` are resolved by the endpoint (their names and defaults
+    differ); so is `prompt_logprobs` (completions' echo asks for them too)."""
     defaults = SamplingParams()
     params = SamplingParams(
         max_tokens=max_tokens,
@@ -77,6 +83,9 @@ def build_sampling_params(
         beam_width=defaults.beam_width if fields.beam_width is None else fields.beam_width,
         length_penalty=defaults.length_penalty if fields.length_penalty is None else fields.length_penalty,
         early_stopping=defaults.early_stopping if fields.early_stopping is None else fields.early_stopping,
+        logit_bias=dict(fields.logit_bias or {}),
+        min_tokens=fields.min_tokens or 0,
+        prompt_logprobs=prompt_logprobs,
     )
     if params.beam_width > context.config.max_n:
         raise invalid_request(
@@ -89,6 +98,7 @@ def build_sampling_params(
         # Every message starts with the field's name.
         raise invalid_request(str(error), str(error).split(" ", 1)[0]) from None
     check_token_ids(params.stop_token_ids, context.vocab_size, "stop_token_ids")
+    check_token_ids(list(params.logit_bias), context.vocab_size, "logit_bias")
     if fields.stream_options is not None and not fields.stream:
         raise invalid_request("stream_options is only allowed when stream is true", "stream_options")
     return params

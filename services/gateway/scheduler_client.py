@@ -13,6 +13,9 @@ The DEALER is IMMEDIATE: messages are queued only to a connected scheduler, so w
 scheduler a submit fails fast (503) instead of waiting in a buffer and starting
 generation long after the client gave up.
 
+A heartbeat goes out every second while connected: the scheduler aborts the requests of
+a gateway it stops hearing (this one died), so their blocks do not wait for a timeout.
+
 A lost connection (the scheduler stopped or restarted) ends every request in flight at
 once with a 503 RequestError: a scheduler that comes back knows nothing of them. ZeroMQ
 reconnects by itself, with the same identity, so new requests need nothing from us.
@@ -24,6 +27,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
@@ -34,6 +38,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from shared.messages import (
     AbortRequest,
+    GatewayHeartbeat,
     InfoQuery,
     RequestDelta,
     RequestDeltas,
@@ -54,6 +59,8 @@ RequestEvent = RequestDelta | RequestError
 # A query nobody answered is forgotten (its waiters see "no answer") after this long.
 _QUERY_EXPIRY_S = 30.0
 _FULL_QUEUE_RETRY_S = 0.005  # a connected scheduler whose queue is full: try again after this
+# The scheduler aborts the requests of a gateway silent past its --gateway-timeout (5 s).
+HEARTBEAT_INTERVAL_S = 1.0
 
 Answer = TypeVar("Answer", StatusSnapshot, SchedulerInfo)
 
@@ -120,7 +127,9 @@ class SchedulerClient:
         self._receiver: asyncio.Task[None] | None = None
         self._monitor: zmq.asyncio.Socket | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
         self.connected = False  # a scheduler is connected now (handshake done)
+        self.num_connects = 0  # handshakes so far: a new one after a loss is a restarted scheduler
         self._connected_event: asyncio.Event | None = None
         self._decoder = msgspec.msgpack.Decoder(SchedulerToGateway)
         self._queues: dict[str, asyncio.Queue[RequestEvent]] = {}
@@ -146,6 +155,7 @@ class SchedulerClient:
         self._socket = sock
         self._receiver = asyncio.create_task(self._receive_loop(), name="scheduler-receiver")
         self._watcher = asyncio.create_task(self._watch_connection(), name="scheduler-connection")
+        self._heartbeat = asyncio.create_task(self._beat(), name="scheduler-heartbeat")
 
     async def close(self, drain_timeout_s: float = 0.5) -> None:
         """Stop, first telling the scheduler to abort whatever this gateway still has in
@@ -158,7 +168,7 @@ class SchedulerClient:
             self._queues.clear()
         if self._background:  # aborts already under way get a moment to go out
             await asyncio.wait(list(self._background), timeout=drain_timeout_s)
-        for task in (self._receiver, self._watcher):
+        for task in (self._receiver, self._watcher, self._heartbeat):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
@@ -174,6 +184,13 @@ class SchedulerClient:
             self._socket.close(linger=0)
         if self._context is not None:
             self._context.term()
+
+    async def wait_connected(self, timeout_s: float) -> bool:
+        """Wait until a scheduler is connected (True), or `timeout_s` passes (False)."""
+        assert self._connected_event is not None, "SchedulerClient.start() was not called"
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._connected_event.wait(), timeout_s)
+        return self.connected
 
     # -- requests ----------------------------------------------------------------------
 
@@ -204,9 +221,18 @@ class SchedulerClient:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _abort_quietly(self, request_ids: list[str]) -> None:
+    def abort_samples_soon(self, request_id: str, sample_indices: list[int]) -> None:
+        """Abort only these samples of an n > 1 request (a stop string ended them here):
+        the scheduler frees their blocks while the other samples go on."""
+        if not sample_indices or self._socket is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._abort_quietly([request_id], list(sample_indices)))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _abort_quietly(self, request_ids: list[str], sample_indices: list[int] | None = None) -> None:
         try:
-            await self.abort(request_ids)
+            await self._send(AbortRequest(request_ids, sample_indices or []), self._submit_timeout_s)
         except SchedulerUnavailable:
             # The scheduler is gone; whichever one answers next does not know these ids.
             log.warning("could not abort %s: scheduler at %s unavailable", request_ids, self.address)
@@ -288,6 +314,16 @@ class SchedulerClient:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._connected_event.wait(), remaining_s)
 
+    async def _beat(self) -> None:
+        """Heartbeats while connected; one the queue has no room for is skipped (the next
+        follows in a second, well inside the scheduler's timeout)."""
+        assert self._socket is not None
+        while True:
+            if self.connected:
+                with contextlib.suppress(zmq.Again):
+                    await self._socket.send_multipart(encode(GatewayHeartbeat(self.gateway_id, time.time())), flags=zmq.NOBLOCK)
+            await asyncio.sleep(HEARTBEAT_INTERVAL_S)  # the beat's period, not a synchronisation
+
     async def _receive_loop(self) -> None:
         assert self._socket is not None
         while True:
@@ -306,6 +342,7 @@ class SchedulerClient:
             event = parse_monitor_message(await self._monitor.recv_multipart())
             if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.connected = True
+                self.num_connects += 1
                 self._connected_event.set()
                 log.info("connected to the scheduler at %s", self.address)
             elif event["event"] == zmq.EVENT_DISCONNECTED and self.connected:  # not a failed handshake

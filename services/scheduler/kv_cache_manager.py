@@ -97,6 +97,10 @@ class KVCacheManager:
         if not self._enable_prefix_caching:
             return []
         self.hash_blocks(req)
+        if req.sampling_params.prompt_logprobs is not None and req.num_output_tokens == 0:
+            # Its prompt logprobs need the logits of every prompt position: computed
+            # whole, as vLLM does. Its blocks still join the cache for others.
+            return []
         max_hit_blocks = (req.num_tokens - 1) // self.block_size
         hit_block_ids: list[int] = []
         for block_hash in req.block_hashes[:max_hit_blocks]:

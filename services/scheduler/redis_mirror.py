@@ -14,8 +14,10 @@ clears it. Routing tolerates that: a wrong guess only costs a recompute.
 
 Cached prefixes: the sorted set `prefix:{replica_id}` has one member per cached full
 block, its hash in hex (`services/scheduler/prefix_cache.py`: the same tokens give the same
-hash everywhere), scored by its last use (wall-clock seconds). A gateway can hash a
-prompt's blocks and route to the replica holding the longest chain.
+hash everywhere), scored by its last use (wall-clock seconds). A gateway hashes a
+prompt's blocks and routes to the replica holding the longest chain
+(services/gateway/router.py). Each write of the replica's fields also adds its id to the
+`replicas` set: that is the registration gateways discover (shared/redis_keys.py).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field
 import redis
 
 from services.scheduler.prefix_cache import PrefixCacheEvent
+from shared.redis_keys import REPLICAS_KEY, prefix_cache_key, replica_key
 
 log = logging.getLogger("pagedserve.scheduler.redis")
 
@@ -37,12 +40,7 @@ _RETRY_AFTER_FAILURE_S = 1.0
 ReplicaFields = dict[str, str | int | float]
 
 
-def replica_key(replica_id: str) -> str:
-    return f"replica:{replica_id}"
-
-
-def prefix_cache_key(replica_id: str) -> str:
-    return f"prefix:{replica_id}"
+__all__ = ["RedisMirror", "prefix_cache_key", "replica_key"]
 
 
 @dataclass
@@ -180,6 +178,7 @@ class RedisMirror:
             pipe = self.client.pipeline(transaction=False)
             if replica:
                 pipe.hset(self.replica_key, mapping=replica)
+                pipe.sadd(REPLICAS_KEY, self.replica_id)  # registration: gateways discover replicas here
             if prefixes.clear:
                 pipe.delete(self.prefix_key)
             if prefixes.evicted:

@@ -183,6 +183,7 @@ class Request:
             finish_reason=self.finish_reason,
             num_cached_tokens=self.num_cached_tokens,
             sample_index=self.sample_index,
+            prompt_logprobs=[] if token is None else token.prompt_logprobs,
         )
 
     def __repr__(self) -> str:

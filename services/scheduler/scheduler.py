@@ -150,6 +150,22 @@ class Scheduler:
             deltas.append(req.delta(None))
         return self._mark_request_ends(deltas)
 
+    def abort_samples(self, request_id: str, sample_indices: Iterable[int]) -> list[RequestDelta]:
+        """Abort some samples of a parallel-sampling request (n > 1), freeing their blocks
+        at once while the others go on: the gateway matched a stop string in their text.
+        Sample 0 is the request's own sequence, sample i its fork f"{request_id}#{i}".
+        Beams are not samples (a search cannot lose one beam): ignored, as are unknown or
+        finished ones."""
+        deltas: list[RequestDelta] = []
+        for sample_index in sample_indices:
+            req = self._requests.get(request_id if sample_index == 0 else f"{request_id}#{sample_index}")
+            if req is None or req.beam_group is not None or req.client_request_id != request_id:
+                continue
+            self._dequeue(req)
+            self._finish(req, RequestStatus.FINISHED_ABORTED)
+            deltas.append(req.delta(None))
+        return self._mark_request_ends(deltas)
+
     def _mark_request_ends(self, deltas: list[RequestDelta]) -> list[RequestDelta]:
         """Flag the last delta of each client request that has just ended as a whole (all
         its samples, or its whole beam search): the one fact every consumer reads, instead
@@ -561,6 +577,10 @@ class Scheduler:
         prefix cache until evicted. False (nothing done) when the caller must preempt by
         recompute instead."""
         if self.config.preemption_mode != "swap" or req.beam_group is not None or not self._swap.can_hold(req):
+            return False
+        if req.sampling_params.prompt_logprobs is not None and req.num_output_tokens == 0:
+            # The executor's mirror holds its prompt logprobs so far and is dropped on
+            # swap-out: recompute, which computes them all again.
             return False
         self._running.remove(req)
         self._swap.swap_out(req)

@@ -18,11 +18,17 @@ to the waiting queue for recompute, keeping the tokens already streamed, and wai
 or the same one reconnecting); then they, and whatever arrived meanwhile, end with a 503.
 Every ExecutorReady starts the executor afresh: its KV cache and request mirror are
 unknown, so nothing running or cached is trusted and everything running recomputes.
+
+Tensor parallel: the T ranks of a group each connect and announce themselves (same
+`group_id`, their `rank`); the group serves once all have, sized by the smallest capacity
+any reports. Each step goes to every rank (encoded once), the result is rank 0's, and the
+group is lost as soon as any rank is (silent, or announcing itself again: it restarted).
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections import defaultdict, deque
@@ -52,6 +58,7 @@ from shared.messages import (
     ExecutorMessage,
     ExecutorReady,
     ExecutorStatus,
+    GatewayHeartbeat,
     GatewayMessage,
     InfoQuery,
     RequestDelta,
@@ -82,16 +89,43 @@ class SchedulerServiceConfig(msgspec.Struct, forbid_unknown_fields=True):
     executor_timeout_s: float = 60.0  # requeued requests wait this long for an executor to join
     redis_url: str | None = None
     replica_id: str = "replica-0"
+    # Where gateways should connect, as registered in Redis (None: `gateway_address`, or
+    # this host's name when that binds a wildcard such as tcp://*:5555).
+    advertise_address: str | None = None
+    # A gateway that owns requests and has sent nothing (it beats every second) for this
+    # long is gone: its requests are aborted and their blocks freed.
+    gateway_timeout_s: float = 5.0
     enable_prefix_caching: bool = DEFAULT_ENABLE_PREFIX_CACHING
     preemption_mode: PreemptionMode = DEFAULT_PREEMPTION_MODE  # "swap": into the executor's CPU swap pool
     curve_keys_dir: str | None = None  # CURVE-secure both sockets (shared/zmq_security.py)
 
 
 @dataclass
-class _Executor:
+class _Rank:
     identity: bytes
-    ready: ExecutorReady
+    ready: ExecutorReady  # as this rank announced itself
     last_heard: float  # monotonic
+
+
+@dataclass
+class _Executor:
+    """What steps go to: one executor process, or the T ranks of a tensor-parallel group
+    (rank 0 first). Every rank gets every step; rank 0's result is the one read."""
+
+    ranks: list[_Rank]
+    ready: ExecutorReady  # rank 0's, carrying the smallest capacity of any rank
+
+    @property
+    def identity(self) -> bytes:
+        return self.ranks[0].identity
+
+    @property
+    def last_heard(self) -> float:
+        """Of the rank heard from least recently: losing any rank loses the group."""
+        return min(rank.last_heard for rank in self.ranks)
+
+    def rank_of(self, identity: bytes) -> _Rank | None:
+        return next((rank for rank in self.ranks if rank.identity == identity), None)
 
 
 class SchedulerService:
@@ -110,6 +144,8 @@ class SchedulerService:
         self.executors.bind(config.executor_address)
         self.core: Scheduler | None = None  # sized by the first executor's capacity
         self.executor: _Executor | None = None  # the one steps go to; None while lost
+        # Tensor-parallel groups whose ranks are announcing themselves: group id -> rank -> it.
+        self.assembling_groups: dict[str, dict[int, _Rank]] = {}
         # The latest executor to join, kept after it is lost: requests arriving meanwhile
         # need its EOS token, and it is taken back should it speak again (it was only slow).
         self.last_executor: _Executor | None = None
@@ -120,6 +156,9 @@ class SchedulerService:
         # Client request id -> the identity of the gateway that asked for it, until the core
         # flags its last delta; forked samples and beams report under the client's id.
         self.owner_of: dict[str, bytes] = {}
+        # Gateways that beat (GatewayHeartbeat): identity -> when last heard (monotonic).
+        # One silent past gateway_timeout_s died: its requests are aborted.
+        self.gateway_last_heard: dict[bytes, float] = {}
         self.history = StepHistory()
         self.started_at = time.monotonic()
         self.redis = RedisMirror(config.redis_url, config.replica_id) if config.redis_url else None
@@ -140,6 +179,7 @@ class SchedulerService:
             if self.gateways in events:
                 self._drain(self.gateways, self._on_gateway_frames)
             self._check_executor(time.monotonic())
+            self._check_gateways(time.monotonic())
             self._maybe_step()
             self._maybe_report_load()
 
@@ -169,7 +209,9 @@ class SchedulerService:
         if not step.num_scheduled_tokens:
             return  # nothing fits this instant (cannot happen for validated requests)
         self.in_flight = step
-        self.executors.send_multipart([self.executor.identity, *encode(StepMessage(step=step))])
+        frames = encode(StepMessage(step=step))  # once, for every rank of the group
+        for rank in self.executor.ranks:
+            self.executors.send_multipart([rank.identity, *frames])
 
     def _maybe_report_load(self) -> None:
         """Replica heartbeat and load, and the changes to its cached prefixes, once a
@@ -184,7 +226,10 @@ class SchedulerService:
         self.redis.update_replica(
             {
                 "heartbeat_at": time.time(),
-                "gateway_address": self.config.gateway_address,
+                "gateway_address": advertised_gateway_address(self.config),
+                "model": self.last_executor.ready.model if self.last_executor else "",
+                "block_size": self.last_executor.ready.block_size if self.last_executor else 0,
+                "num_executors_alive": sum(e.alive for e in self._executor_statuses(now)),
                 "num_running": core.num_running if core else 0,
                 "num_waiting": core.num_waiting if core else 0,
                 "num_free_blocks": core.block_pool.num_free_blocks if core else 0,
@@ -201,25 +246,61 @@ class SchedulerService:
             return
         now = time.monotonic()
         if isinstance(message, ExecutorReady):
-            self._on_executor_ready(identity, message, now)
+            if message.world_size > 1:
+                self._on_rank_ready(identity, message, now)
+            else:
+                self._on_executor_ready(identity, message, now)
             return
         executor = self.executor
-        if executor is not None and executor.identity == identity:
-            executor.last_heard = now
-            if isinstance(message, StepResultMessage):
+        if executor is not None and (rank := executor.rank_of(identity)) is not None:
+            rank.last_heard = now
+            if isinstance(message, StepResultMessage) and identity == executor.identity:  # rank 0's
                 self._on_step_result(message, now)
-        elif executor is None and self.last_executor is not None and self.last_executor.identity == identity:
-            # Counted as lost, yet it speaks: it was only slow. It serves again, from
-            # scratch (the next step tells it to forget every request it mirrors).
-            log.warning("executor %s is alive after all: serving again", self.last_executor.ready.executor_id)
-            self._on_executor_ready(identity, self.last_executor.ready, now)
+            return
+        last = self.last_executor
+        if executor is None and last is not None and (rank := last.rank_of(identity)) is not None:
+            rank.last_heard = now
+            if all(r.last_heard > (self.executor_lost_at or 0.0) for r in last.ranks):
+                # Counted as lost, yet every rank speaks: it was only slow. It serves again,
+                # from scratch (the next step tells it to forget every request it mirrors).
+                log.warning("executor %s is alive after all: serving again", last.ready.executor_id)
+                self._on_executor_ready(last.identity, last.ready, now, last.ranks)
         # Anything else comes from an executor replaced by another, or from before this
         # scheduler started (an executor announces itself again when it reconnects).
 
-    def _on_executor_ready(self, identity: bytes, ready: ExecutorReady, now: float) -> None:
-        """An executor announced itself: started, reconnected, or replacing the one we had.
-        What its KV cache and request mirror hold is unknown, so everything running is
-        requeued for recompute and no cached prefix is trusted."""
+    def _on_rank_ready(self, identity: bytes, ready: ExecutorReady, now: float) -> None:
+        """A rank of a tensor-parallel group announced itself. The group serves once all
+        its ranks have, with the smallest capacity any reports (a block id must exist on
+        every rank). A rank of the serving group announcing itself again has restarted or
+        reconnected: the group's collectives are broken, so the group is lost."""
+        executor = self.executor
+        if executor is not None and executor.ready.group_id == ready.group_id:
+            self._lose_executor(f"rank {ready.rank} of group {ready.group_id} announced itself again", now)
+        ranks = self.assembling_groups.setdefault(ready.group_id, {})
+        if any(r.ready.world_size != ready.world_size for r in ranks.values()):
+            ranks.clear()  # left over from an earlier start of the group with another size
+        ranks[ready.rank] = _Rank(identity, ready, now)
+        if len(ranks) < ready.world_size:
+            log.info("group %s: rank %d of %d ready, waiting for the others", ready.group_id, ready.rank, ready.world_size)
+            return
+        del self.assembling_groups[ready.group_id]
+        ordered = [ranks[r] for r in range(ready.world_size)]
+        group_ready = msgspec.structs.replace(
+            ordered[0].ready,
+            executor_id=ready.group_id,
+            num_blocks=min(r.ready.num_blocks for r in ordered),
+            num_swap_blocks=min(r.ready.num_swap_blocks for r in ordered),
+        )
+        self._on_executor_ready(ordered[0].identity, group_ready, now, ordered)
+
+    def _on_executor_ready(
+        self, identity: bytes, ready: ExecutorReady, now: float, ranks: list[_Rank] | None = None
+    ) -> None:
+        """An executor (or all `ranks` of a group, `identity` rank 0's) announced itself:
+        started, reconnected, or replacing the one we had. What its KV cache and request
+        mirror hold is unknown, so everything running is requeued for recompute and no
+        cached prefix is trusted."""
+        ranks = ranks or [_Rank(identity, ready, now)]
         core, last = self.core, self.last_executor
         requeued: list[str] = []
         if core is None or last is None:
@@ -239,9 +320,13 @@ class SchedulerService:
             num_swap_blocks = core.swap_pool.num_blocks if core.swap_pool else 0
             if (ready.num_blocks, ready.num_swap_blocks) != (core.block_pool.num_blocks, num_swap_blocks):
                 self._resize(ready)
-        self.executor = self.last_executor = _Executor(identity=identity, ready=ready, last_heard=now)
+        for rank in ranks:
+            rank.last_heard = now
+        self.executor = self.last_executor = _Executor(ranks=ranks, ready=ready)
         self.executor_lost_at = None
         detail = f"{ready.model} on {ready.device}, {ready.num_blocks:,} blocks of {ready.block_size} tokens"
+        if ready.world_size > 1:
+            detail += f", {ready.world_size} tensor-parallel ranks"
         if ready.num_swap_blocks:
             detail += f", {ready.num_swap_blocks:,} swap blocks"
         self._record_event(ready.executor_id, "joined", detail, len(requeued))
@@ -292,6 +377,25 @@ class SchedulerService:
                 log.error("%s: failing %d request(s)", self._no_executor_message(now), len(request_ids))
                 self._fail_requests(request_ids, 503, self._no_executor_message(now))
 
+    def _check_gateways(self, now: float) -> None:
+        """Abort the requests of a gateway that beat and went silent (it died: nobody will
+        read their tokens or abort them), freeing their blocks. A gateway that never beat
+        (an older one, or a test's socket) is never timed out."""
+        timeout_s = self.config.gateway_timeout_s
+        for identity, last_heard in list(self.gateway_last_heard.items()):
+            if now - last_heard <= timeout_s:
+                continue
+            del self.gateway_last_heard[identity]
+            request_ids = [request_id for request_id, owner in self.owner_of.items() if owner == identity]
+            for request_id in request_ids:
+                del self.owner_of[request_id]
+            if self.core is not None and request_ids:
+                self.core.abort_requests(request_ids)  # their "abort" deltas have nobody to go to
+            log.warning(
+                "gateway %s silent for %.1f s (timeout %g s): gone; aborted its %d request(s)",
+                identity.decode(errors="replace"), now - last_heard, timeout_s, len(request_ids),
+            )
+
     def _lose_executor(self, reason: str, now: float) -> None:
         executor, core = self.executor, self.core
         assert executor is not None and core is not None
@@ -341,10 +445,15 @@ class SchedulerService:
     def _on_gateway_frames(self, frames: list[bytes]) -> None:
         identity, payload = frames[0], frames[1:]
         message = decode(payload, self._gateway_decoder, peer=f"gateway {identity!r}")
+        if isinstance(message, GatewayHeartbeat) or identity in self.gateway_last_heard:
+            self.gateway_last_heard[identity] = time.monotonic()  # any message shows it alive
         if isinstance(message, SubmitRequest):
             self._on_submit(identity, message)
         elif isinstance(message, AbortRequest):
-            if self.core is not None:
+            if self.core is not None and message.sample_indices:
+                for request_id in message.request_ids:
+                    self._send_deltas(self.core.abort_samples(request_id, message.sample_indices))
+            elif self.core is not None:
                 self._send_deltas(self.core.abort_requests(message.request_ids))
         elif isinstance(message, InfoQuery):
             self._send(identity, self.info(message))
@@ -454,17 +563,29 @@ class SchedulerService:
     def _executor_statuses(self, now: float) -> list[ExecutorStatus]:
         if self.executor is None:
             return []
-        ready = self.executor.ready
-        return [
+        return [  # one per rank of a tensor-parallel group
             executor_status(
-                ready.executor_id, ready.device, ready.num_blocks, ready.model,
-                now - self.executor.last_heard, self.config.heartbeat_timeout_s,
+                rank.ready.executor_id, rank.ready.device, rank.ready.num_blocks, rank.ready.model,
+                now - rank.last_heard, self.config.heartbeat_timeout_s,
+                rank.ready.group_id, rank.ready.rank, rank.ready.world_size,
             )
+            for rank in self.executor.ranks
         ]
 
     def _step_stats(self) -> StepStats:
         core = self.core
         return self.history.stats(core.num_preemptions_total) if core else StepStats(0, 0.0, 0.0, 0.0, 0)
+
+
+def advertised_gateway_address(config: SchedulerServiceConfig) -> str:
+    """The address gateways discover in Redis: a wildcard bind is no address to connect to."""
+    if config.advertise_address:
+        return config.advertise_address
+    address = config.gateway_address
+    for wildcard in ("://*:", "://0.0.0.0:"):
+        if wildcard in address:
+            return address.replace(wildcard, f"://{socket.gethostname()}:")
+    return address
 
 
 def serve(config: SchedulerServiceConfig, stop_event: threading.Event | None = None) -> None:

@@ -97,8 +97,18 @@ def block_pool_status(scheduler: Scheduler) -> BlockPoolStatus:
 
 
 def executor_status(
-    executor_id: str, device: str, num_blocks: int, model: str, heartbeat_age_s: float, timeout_s: float
+    executor_id: str,
+    device: str,
+    num_blocks: int,
+    model: str,
+    heartbeat_age_s: float,
+    timeout_s: float,
+    group_id: str = "",
+    rank: int = 0,
+    world_size: int = 1,
 ) -> ExecutorStatus:
+    """One executor process; for a tensor-parallel group, one rank of it (its own device
+    and capacity: the group serves with the smallest)."""
     return ExecutorStatus(
         executor_id=executor_id,
         device=device,
@@ -106,4 +116,7 @@ def executor_status(
         model=model,
         last_heartbeat_age_s=heartbeat_age_s,
         alive=heartbeat_age_s <= timeout_s,
+        group_id=group_id or executor_id,
+        rank=rank,
+        world_size=world_size,
     )

@@ -145,11 +145,46 @@ def test_services_point_at_each_other(services: dict[str, dict[str, Any]]) -> No
     assert urlparse(scheduler.executor_address).hostname == "0.0.0.0"
     assert urlparse(executor.scheduler_address).hostname == "scheduler"
     assert port_of(executor.scheduler_address) == port_of(scheduler.executor_address)
-    assert urlparse(gateway.scheduler_address).hostname == "scheduler"
-    assert port_of(gateway.scheduler_address) == port_of(scheduler.gateway_address)
+    first_replica = gateway.scheduler_address.split(",")[0]
+    assert urlparse(first_replica).hostname == "scheduler"
+    assert port_of(first_replica) == port_of(scheduler.gateway_address)
     for args in (scheduler, gateway):
         assert urlparse(args.redis_url).hostname == "redis"
         assert port_of(args.redis_url) == 6379
+
+
+def test_two_replicas_each_with_its_executor_behind_the_gateway(services: dict[str, dict[str, Any]]) -> None:
+    gateway = parse_pagedserve(services["gateway"]["command"])
+    replicas = gateway.scheduler_address.split(",")
+    assert len(replicas) == 2
+    replica_ids = set()
+    for address, (scheduler_name, executor_name) in zip(replicas, [("scheduler", "executor"), ("scheduler-1", "executor-1")]):
+        scheduler = parse_pagedserve(services[scheduler_name]["command"])
+        executor = parse_pagedserve(services[executor_name]["command"])
+        assert (scheduler.command, executor.command) == ("scheduler", "executor")
+        # The gateway connects to each by service name; Redis registers the same address,
+        # so a gateway discovering replicas there finds the ones it was given, not copies.
+        assert urlparse(address).hostname == scheduler_name and port_of(address) == port_of(scheduler.gateway_address)
+        assert scheduler.advertise_address == address
+        assert urlparse(executor.scheduler_address).hostname == scheduler_name
+        assert port_of(executor.scheduler_address) == port_of(scheduler.executor_address)
+        assert urlparse(scheduler.redis_url).hostname == "redis"
+        replica_ids.add(scheduler.replica_id)
+        assert services[executor_name]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+        assert services["gateway"]["depends_on"][scheduler_name]["condition"] == "service_started"
+    assert len(replica_ids) == 2  # each replica's own `replica:{id}` and `prefix:{id}` in Redis
+
+
+def test_up_with_replicas_gives_the_gateway_every_scheduler() -> None:
+    commands = service_commands(build_parser().parse_args(["up", "--replicas", "3", "--redis-url", "redis://127.0.0.1:6379/0"]))
+    prefix = pagedserve_command()
+    schedulers = [parse_pagedserve(command[len(prefix):]) for command in commands.schedulers]
+    executors = [parse_pagedserve(command[len(prefix):]) for command in commands.executors]
+    gateway = parse_pagedserve(commands.gateway[len(prefix):])
+    assert gateway.scheduler_address.split(",") == [s.gateway_address for s in schedulers]
+    assert [e.scheduler_address for e in executors] == [s.executor_address for s in schedulers]
+    assert len({s.replica_id for s in schedulers}) == 3 and len({s.gateway_address for s in schedulers}) == 3
+    assert list(commands.services()) == ["scheduler-0", "executor-0", "scheduler-1", "executor-1", "scheduler-2", "executor-2", "gateway"]
 
 
 def test_redis_is_health_checked_before_its_users_start(services: dict[str, dict[str, Any]]) -> None:
@@ -309,3 +344,46 @@ def test_up_runs_commands_the_cli_accepts(up_flags: list[str]) -> None:
     assert scheduler.zmq_curve_keys == executor.zmq_curve_keys == gateway.zmq_curve_keys == up_args.zmq_curve_keys
     assert scheduler.enable_prefix_caching == up_args.enable_prefix_caching
     assert commands.url == f"http://{up_args.host}:{up_args.port}"
+
+
+# ------------------------------------------------------------------ tensor parallel (TP=2)
+
+
+def test_tensor_parallel_replica_is_one_group_of_two_ranks(raw_compose: dict[str, Any], services: dict[str, dict[str, Any]]) -> None:
+    """The `tensor-parallel` profile: a scheduler and one service per rank, the ranks of
+    one group (same executor id and rendezvous, ranks 0 and 1, a GPU each) joining that
+    scheduler, the rendezvous hosted by rank 0's service."""
+    names = ("scheduler-tp", "executor-tp", "executor-tp-rank1")
+    assert all(services[name]["profiles"] == ["tensor-parallel"] for name in names)
+    scheduler = parse_pagedserve(services["scheduler-tp"]["command"])
+    ranks = [parse_pagedserve(services[name]["command"]) for name in names[1:]]
+    assert [(r.command, r.rank, r.tensor_parallel_size) for r in ranks] == [("executor", 0, 2), ("executor", 1, 2)]
+    assert len({r.executor_id for r in ranks}) == 1 and len({r.dist_init_address for r in ranks}) == 1
+    assert urlparse(ranks[0].dist_init_address).hostname == "executor-tp"  # rank 0 listens there
+    assert len({r.model for r in ranks}) == 1 and ranks[0].model.startswith("/models/")
+    for name, args in zip(names[1:], ranks):
+        assert urlparse(args.scheduler_address).hostname == "scheduler-tp"
+        assert port_of(args.scheduler_address) == port_of(scheduler.executor_address)
+        assert any(volume.endswith(":/models:ro") for volume in services[name]["volumes"])
+    gpus = [services[name]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] for name in names[1:]]
+    assert gpus == [["0"], ["1"]], "a GPU per rank"
+    assert scheduler.advertise_address == "tcp://scheduler-tp:5555" and scheduler.replica_id == "replica-tp"
+    assert "tensor-parallel" not in str(raw_compose["services"]["gateway"].get("profiles", [])), "the gateway always runs"
+
+
+def test_up_with_tensor_parallel_starts_each_replica_as_a_group_of_ranks() -> None:
+    commands = service_commands(build_parser().parse_args(
+        ["up", "--tensor-parallel-size", "3", "--replicas", "2", "--redis-url", "redis://127.0.0.1:6379/0"]
+    ))
+    prefix = pagedserve_command()
+    executors = [parse_pagedserve(command[len(prefix):]) for command in commands.executors]
+    schedulers = [parse_pagedserve(command[len(prefix):]) for command in commands.schedulers]
+    assert [(e.rank, e.tensor_parallel_size) for e in executors] == [(r, 3) for r in range(3)] * 2
+    for replica, scheduler in enumerate(schedulers):
+        group = executors[3 * replica : 3 * replica + 3]
+        assert {e.scheduler_address for e in group} == {scheduler.executor_address}
+        assert len({e.dist_init_address for e in group}) == 1 and len({e.executor_id for e in group}) == 1
+    assert executors[0].dist_init_address != executors[3].dist_init_address
+    assert commands.executor_groups() == [
+        ["executor-0-rank0", "executor-0-rank1", "executor-0-rank2"], ["executor-1-rank0", "executor-1-rank1", "executor-1-rank2"],
+    ]

@@ -81,3 +81,13 @@ def random_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def hf_model_float64():  # type: ignore[no-untyped-def]
+    """HF transformers' SmolLM2 in float64, loaded once for the tests that compare
+    against its logits processors or its logits."""
+    from transformers import AutoModelForCausalLM
+
+    source = default_model_source()
+    return AutoModelForCausalLM.from_pretrained(source.directory, gguf_file=source.gguf_file, dtype=torch.float64).eval()

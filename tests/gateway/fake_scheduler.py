@@ -26,6 +26,7 @@ import zmq
 from shared.messages import (
     AbortRequest,
     BlockPoolStatus,
+    GatewayHeartbeat,
     ExecutorStatus,
     GatewayMessage,
     InfoQuery,
@@ -85,6 +86,8 @@ class FakeScheduler:
         self.num_cached_tokens = 0
         self.submits: list[SubmitRequest] = []
         self.aborted: list[str] = []
+        self.aborted_samples: list[tuple[str, int]] = []  # (request id, sample index) of per-sample aborts
+        self.num_heartbeats = 0
         self.num_status_queries = 0  # full snapshots asked for
         self.num_info_queries = 0
         self._active: dict[str, _Active] = {}  # by sample id
@@ -115,6 +118,7 @@ class FakeScheduler:
             self.num_cached_tokens = 0
             self.submits.clear()
             self.aborted.clear()
+            self.aborted_samples.clear()
             self.num_status_queries = 0
             self.num_info_queries = 0
             self._active.clear()
@@ -149,9 +153,11 @@ class FakeScheduler:
             if not self.hold:
                 self._step()
 
-    def _handle(self, identity: bytes, message: SubmitRequest | AbortRequest | StatusQuery | InfoQuery) -> None:
+    def _handle(self, identity: bytes, message: SubmitRequest | AbortRequest | StatusQuery | InfoQuery | GatewayHeartbeat) -> None:
         with self._changed:
-            if isinstance(message, SubmitRequest):
+            if isinstance(message, GatewayHeartbeat):
+                self.num_heartbeats += 1
+            elif isinstance(message, SubmitRequest):
                 self.submits.append(message)
                 if self.refuse is not None:
                     error = msgspec.structs.replace(self.refuse, request_id=message.request_id)
@@ -164,9 +170,14 @@ class FakeScheduler:
                         self._active[active.sample_id] = active
             elif isinstance(message, AbortRequest):
                 self.aborted.extend(message.request_ids)
+                self.aborted_samples.extend((r, i) for r in message.request_ids for i in message.sample_indices)
                 for request_id in message.request_ids:
-                    # As the real scheduler does: every sample still running, a final "abort" delta.
-                    aborted = [a for a in self._active.values() if a.submit.request_id == request_id]
+                    # As the real scheduler does: every sample still running (or those
+                    # named), a final "abort" delta.
+                    aborted = [
+                        a for a in self._active.values() if a.submit.request_id == request_id
+                        and (not message.sample_indices or a.sample_index in message.sample_indices)
+                    ]
                     for active in aborted:
                         del self._active[active.sample_id]
                     deltas = [RequestDelta(request_id, [], finish_reason="abort", sample_index=a.sample_index) for a in aborted]

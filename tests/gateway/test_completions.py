@@ -21,7 +21,7 @@ def test_non_streaming_completion(client: httpx.Client, scheduler: FakeScheduler
     body = response.json()
     assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
     assert body["model"] == "SmolLM2-135M-Instruct"
-    assert body["choices"] == [{"index": 0, "text": TEXT, "logprobs": None, "finish_reason": "stop"}]
+    assert body["choices"] == [{"index": 0, "text": TEXT, "logprobs": None, "finish_reason": "stop", "prompt_logprobs": None}]
     prompt_ids = tokenizer("Explain paging").input_ids
     assert body["usage"]["prompt_tokens"] == len(prompt_ids)
     assert body["usage"]["completion_tokens"] == len(token_ids)

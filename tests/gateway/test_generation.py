@@ -16,7 +16,9 @@ from services.gateway.detokenizer import TokenTexts
 from services.gateway.errors import GatewayError
 from services.gateway.generation import Generation
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.replica_registry import Replica, RouteResult
 from services.gateway.request_records import RequestRecorder
+from services.gateway.router import RoutingDecision
 from services.gateway.scheduler_client import RequestEvent
 from shared.messages import RequestDelta, SchedulerInfo, StepStats, SubmitRequest
 from shared.sampling_params import SamplingParams
@@ -26,6 +28,7 @@ class StubScheduler:
         self.queues: dict[str, asyncio.Queue[RequestEvent]] = {}
         self.submitted: list[SubmitRequest] = []
         self.aborted: list[str] = []
+        self.aborted_samples: list[tuple[str, list[int]]] = []
         self.holding: list[str] | None = None  # what its info answers say it holds; None: no answer
         self.info_questions: list[list[str]] = []  # the request ids each info query asked about
         self.latest_info: SchedulerInfo | None = None
@@ -43,12 +46,31 @@ class StubScheduler:
     def abort_soon(self, request_ids: list[str]) -> None:
         self.aborted += request_ids
 
+    def abort_samples_soon(self, request_id: str, sample_indices: list[int]) -> None:
+        self.aborted_samples.append((request_id, sample_indices))
+
     async def info(self, timeout_s: float = 1.0, max_age_s: float = 0.0, request_ids: list[str] | None = None) -> SchedulerInfo | None:
         self.info_questions.append(list(request_ids or []))
         if self.holding is None:
             return None
         held = [r for r in request_ids or [] if r in self.holding]
         return SchedulerInfo(1, "replica-stub", "m", 256, 1, len(self.holding), 0, 0, 8, 0, 8, 0.0, StepStats(0, 0.0, 0.0, 0.0, 0), held)
+
+
+class StubReplicas:
+    """The replica registry with the stub as its only replica."""
+
+    def __init__(self, stub: StubScheduler) -> None:
+        self.replica = Replica("stub", stub)  # type: ignore[arg-type]
+
+    async def route(self, prompt: list[int], exclude: Any = ()) -> RouteResult | None:
+        return RouteResult(self.replica, RoutingDecision("stub", 0, "least_loaded"))
+
+    def all(self) -> list[Replica]:
+        return [self.replica]
+
+    def request_ended(self, replica: Replica, block_hashes: list[bytes]) -> None:
+        pass
 
 
 def run(tokenizer: PreTrainedTokenizerBase, body: Any, n: int = 1, stop: list[str] | None = None, **config: Any) -> Any:
@@ -60,7 +82,7 @@ def run(tokenizer: PreTrainedTokenizerBase, body: Any, n: int = 1, stop: list[st
             config=msgspec.structs.replace(GatewayConfig(gateway_id="test"), **config),
             tokenizer=tokenizer,
             model_name="m",
-            scheduler=stub,  # type: ignore[arg-type]
+            replicas=StubReplicas(stub),  # type: ignore[arg-type]
             metrics=GatewayMetrics("m"),
             records=RequestRecorder(None),
             token_texts=TokenTexts(tokenizer),
@@ -192,6 +214,23 @@ def test_choices_ended_by_the_gateway_abort_at_the_scheduler_unless_it_flagged_t
     results, stub = run(tokenizer, body, n=2, stop=["###"])
     assert [(r.text, r.finish_reason) for r in results] == [("one ", "stop"), (" two", "length")]
     assert stub.aborted == ["req-0"]  # the scheduler still ran sample 0: told to stop, once
+    assert stub.aborted_samples == []  # its sibling had ended: the whole request is aborted
+
+    async def sibling_runs_on(generation: Generation, stub: StubScheduler) -> Any:
+        queue = stub.queues["req-0"]
+        # Sample 0 meets the stop string while sample 1 still runs: sample 0 alone is
+        # aborted at the scheduler (its blocks freed now), sample 1 goes on to its end.
+        queue.put_nowait(RequestDelta("req-0", stop_ids, sample_index=0))
+        (first,) = await generation.next_deltas()
+        assert (first.index, first.finish_reason) == (0, "stop")
+        assert stub.aborted_samples == [("req-0", [0])] and stub.aborted == []
+        queue.put_nowait(RequestDelta("req-0", [], finish_reason="abort", sample_index=0))  # its answer: ignored
+        queue.put_nowait(RequestDelta("req-0", rest_ids, finish_reason="length", sample_index=1, request_finished=True))
+        return await generation.run_to_end()
+
+    results, stub = run(tokenizer, sibling_runs_on, n=2, stop=["###"])
+    assert [(r.finish_reason) for r in results] == ["stop", "length"] and results[1].text == " two"
+    assert stub.aborted == [] and stub.aborted_samples == [("req-0", [0])]
 
     async def flagged(generation: Generation, stub: StubScheduler) -> Any:
         queue = stub.queues["req-0"]

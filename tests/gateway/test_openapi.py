@@ -50,7 +50,8 @@ def test_request_bodies_are_described_field_for_field(document: dict[str, Any], 
     assert schema["additionalProperties"] is False  # unknown fields are refused
     assert schema["required"] == (["prompt"] if struct is CompletionRequest else ["messages"])
     max_tokens = next(option for option in schema["properties"]["max_tokens"]["anyOf"] if option["type"] == "integer")
-    assert (max_tokens["minimum"], max_tokens["maximum"]) == (0, 2**31 - 1)
+    # 0 only for completions, with echo (an if/then rule); chat needs at least 1.
+    assert (max_tokens["minimum"], max_tokens["maximum"]) == (0 if struct is CompletionRequest else 1, 2**31 - 1)
     timeout = next(option for option in schema["properties"]["timeout"]["anyOf"] if option["type"] == "number")
     assert timeout["exclusiveMinimum"] == 0
     operation = document["paths"][path]["post"]
@@ -97,7 +98,7 @@ def test_a_json_schema_validator_agrees_with_the_server(
     assert metaschema.returncode == 0, metaschema.stdout + metaschema.stderr
     bodies = {
         "valid": {"prompt": "p", "max_tokens": 2, "timeout": 5, "stop": ["x"]},
-        "unknown-field": {"prompt": "p", "logit_bias": {}},
+        "unknown-field": {"prompt": "p", "best_of": 2},
         "wrong-type": {"prompt": "p", "max_tokens": "two"},
         "out-of-range": {"prompt": "p", "timeout": 0},
         "missing-prompt": {"max_tokens": 2},

@@ -35,7 +35,7 @@ JSON_CASES = [
     (COMPLETIONS, {"prompt": "p", "max_tokens": "ten"}, "max_tokens"),
     (COMPLETIONS, {"prompt": "p", "temperature": -1}, "temperature"),
     (COMPLETIONS, {"prompt": "p", "top_p": 0}, "top_p"),
-    (COMPLETIONS, {"prompt": "p", "logit_bias": {}}, "logit_bias"),
+    (COMPLETIONS, {"prompt": "p", "best_of": 2}, "best_of"),
     (COMPLETIONS, {"prompt": "p", "max_tokens": 0}, "max_tokens"),
     (COMPLETIONS, {"prompt": "p", "n": 0}, "n"),
     (COMPLETIONS, {"prompt": "p", "n": 17}, "n"),

@@ -536,3 +536,27 @@ class BeamSearchMachine(ParallelSamplingMachine):
 
 TestBeamSearchMachine = BeamSearchMachine.TestCase
 TestBeamSearchMachine.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
+
+
+def test_a_sample_stopped_by_the_gateway_alone_is_aborted_and_its_own_blocks_freed() -> None:
+    """`abort_samples`: a stop string ended sample 0 (the request's own sequence) at the
+    gateway; samples 1 and 2 go on to exactly their tokens, sample 0's private blocks are
+    freed now, and the request ends with its last sample."""
+    sched, executor, outputs = make_scheduler(), ForkingExecutor(4), Outputs()
+    req = make_request("a", prompt_len=10, max_tokens=12, n=3)
+    expected = separate_outputs(req)
+    sched.add_request(req)
+    for _ in range(6):  # prompt, fork, then decodes: each sample has blocks of its own
+        step(sched, executor, outputs)
+    used_before = sched.block_pool.num_used_blocks
+    sample_0 = next(r for r in sched.running if r.request_id == "a")
+    private = [b for b in sample_0.block_ids if sched.block_pool.ref_count(b) == 1]
+    assert private
+    deltas = sched.abort_samples("a", [0])
+    assert [(d.request_id, d.sample_index, d.finish_reason, d.request_finished) for d in deltas] == [("a", 0, "abort", False)]
+    check_pool(sched)
+    assert sched.block_pool.num_used_blocks == used_before - len(private)
+    assert sorted(r.sample_index for r in sched.running) == [1, 2]
+    assert sched.abort_samples("a", [0, 7]) == []  # already gone, or never was
+    run_to_end(sched, executor, outputs)
+    assert outputs.tokens[("a", 1)] == expected[1] and outputs.tokens[("a", 2)] == expected[2]

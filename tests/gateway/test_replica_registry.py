@@ -1,0 +1,192 @@
+"""A gateway in front of two replicas (services/gateway/replica_registry.py, router.py and
+the failover in generation.py): real Redis written by the scheduler's own RedisMirror,
+real ZeroMQ to two scripted schedulers, a real gateway on uvicorn.
+
+- routing reads `prefix:{replica}` once per request: the replica holding the prompt's
+  blocks gets it; with Redis down, the last known loads decide and /health is degraded;
+- a replica lost mid-stream: the gateway resubmits prompt + the tokens already streamed
+  to the other, which continues: the client sees every token once;
+- every replica down: a new request gets its 503 at once, not after the submit timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+import httpx
+import msgspec
+import pytest
+import redis
+from transformers import PreTrainedTokenizerBase
+
+from services.gateway.config import GatewayConfig
+from services.launcher import free_port
+from services.scheduler.prefix_cache import PrefixCacheEvent
+from services.scheduler.redis_mirror import RedisMirror
+from shared.block_hashing import prompt_block_hashes
+from tests.cluster import wait_until
+from tests.gateway.conftest import running_gateway
+from tests.gateway.fake_scheduler import FakeScheduler, Script, one_token_per_step
+from tests.scheduler.test_redis_mirror import start_redis, stop_redis
+
+MODEL = "SmolLM2-135M-Instruct"  # what the scheduler mixes into its block hashes
+BLOCK_SIZE = 16
+
+
+@pytest.fixture()
+def redis_port() -> Iterator[int]:
+    port = free_port()
+    proc = start_redis(port)
+    try:
+        yield port
+    finally:
+        if proc.poll() is None:
+            stop_redis(proc)
+
+
+def register(url: str, replica_id: str, address: str, num_running: int = 0) -> RedisMirror:
+    """What a scheduler writes: its registration with load and heartbeat."""
+    mirror = RedisMirror(url, replica_id)
+    mirror.update_replica({
+        "heartbeat_at": time.time(), "gateway_address": address, "model": MODEL, "block_size": BLOCK_SIZE,
+        "num_running": num_running, "num_waiting": 0, "num_executors_alive": 1, "num_blocks": 64, "num_free_blocks": 64,
+    })
+    assert mirror.wait_written(5)
+    return mirror
+
+
+def scrape_routing(client: httpx.Client) -> dict[tuple[str, str], float]:
+    decisions = {}
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith("pagedserve_routing_decisions_total{"):
+            labels = dict(part.split("=", 1) for part in line[line.index("{") + 1 : line.index("}")].split(","))
+            decisions[(labels["replica"].strip('"'), labels["reason"].strip('"'))] = float(line.rsplit(" ", 1)[1])
+    return decisions
+
+
+def test_routes_by_cached_prefix_then_by_last_loads_when_redis_is_down(redis_port: int, tokenizer: PreTrainedTokenizerBase) -> None:
+    url = f"redis://127.0.0.1:{redis_port}/0"
+    replicas = [FakeScheduler(), FakeScheduler()]
+    mirrors = [register(url, f"replica-{i}", fake.address) for i, fake in enumerate(replicas)]
+    tokens = tokenizer("routed").input_ids
+    for fake in replicas:
+        fake.script = one_token_per_step(tokens)
+    config = GatewayConfig(scheduler_address=",".join(f.address for f in replicas), redis_url=url, stall_timeout_s=2.0)
+    try:
+        with running_gateway(config, tokenizer) as base_url, httpx.Client(base_url=base_url, timeout=20) as client:
+            prompts = [list(range(1000 + 100 * tenant, 1000 + 100 * tenant + 70)) for tenant in range(6)]  # 4 full blocks each
+            # Replica 1 holds tenants 0-2's blocks, replica 0 tenants 3-5's.
+            for tenant, prompt in enumerate(prompts):
+                events = [PrefixCacheEvent(h, stored=True) for h in prompt_block_hashes(prompt, BLOCK_SIZE, MODEL)]
+                mirror = mirrors[1] if tenant < 3 else mirrors[0]
+                mirror.update_prefix_cache(events)
+            assert all(m.wait_written(5) for m in mirrors)
+            for tenant, prompt in enumerate(prompts):
+                before = [len(f.submits) for f in replicas]
+                response = client.post("/v1/completions", json={"prompt": prompt + [7, 7], "max_tokens": 3})
+                assert response.status_code == 200, response.text
+                expected = 1 if tenant < 3 else 0
+                assert len(replicas[expected].submits) == before[expected] + 1, f"tenant {tenant} not on replica {expected}"
+            decisions = scrape_routing(client)
+            assert decisions[("replica-1", "prefix")] == 3 and decisions[("replica-0", "prefix")] == 3
+            health = client.get("/health").json()
+            assert health["status"] == "ok" and [r["replica_id"] for r in health["replicas"]] == ["replica-0", "replica-1"]
+
+            # Replica 0 reports 10 running: a new tenant goes to replica 1 ...
+            mirrors[0].update_replica({"num_running": 10, "heartbeat_at": time.time()})
+            assert mirrors[0].wait_written(5)
+            fresh = list(range(9000, 9040))
+            before = len(replicas[1].submits)
+            assert client.post("/v1/completions", json={"prompt": fresh, "max_tokens": 2}).status_code == 200
+            assert len(replicas[1].submits) == before + 1
+            # ... and still does from the last known loads once Redis is gone.
+            for mirror in mirrors:
+                mirror.close()
+            mirrors = []
+            redis.Redis.from_url(url).shutdown(nosave=True)
+            for i in range(3):
+                before = len(replicas[1].submits)
+                response = client.post("/v1/completions", json={"prompt": list(range(5000 + 50 * i, 5030 + 50 * i)), "max_tokens": 2})
+                assert response.status_code == 200, response.text
+                assert len(replicas[1].submits) == before + 1
+            degraded = client.get("/health")
+            assert degraded.status_code == 200 and degraded.json()["status"] == "degraded" and degraded.json()["redis"] == "degraded"
+    finally:
+        for mirror in mirrors:
+            mirror.close()
+        for fake in replicas:
+            fake.close()
+
+
+def continue_from(prompt: list[int], tokens: list[int]) -> Script:
+    """Emit what is left of `tokens` after those already in the submitted prompt (as a
+    replica computing prompt + streamed tokens would), one per step."""
+
+    def script(submit):  # type: ignore[no-untyped-def]
+        done = len(submit.prompt_token_ids) - len(prompt)
+        assert submit.prompt_token_ids == prompt + tokens[:done]
+        return one_token_per_step(tokens[done:])(submit)
+
+    return script
+
+
+def test_a_replica_lost_mid_stream_is_continued_on_the_other_without_repeating_or_losing_tokens(tokenizer: PreTrainedTokenizerBase) -> None:
+    first, second = FakeScheduler(step_interval_s=0.05), FakeScheduler()
+    prompt = list(range(2000, 2040))
+    tokens = tokenizer(" one two three four five six seven eight nine ten eleven twelve").input_ids
+    first.script = second.script = continue_from(prompt, tokens)
+    config = GatewayConfig(scheduler_address=f"{first.address},{second.address}", stall_timeout_s=5.0)
+    closed = False
+    try:
+        with running_gateway(config, tokenizer) as base_url:
+            for fake in (first, second):  # both connected before routing decides
+                fake.wait_for(lambda: True)
+            body = {"prompt": prompt, "max_tokens": len(tokens), "stream": True, "stream_options": {"include_usage": True}}
+            text, usage, errors = "", None, []
+            with httpx.stream("POST", f"{base_url}/v1/completions", json=body, timeout=30) as response:
+                assert response.status_code == 200
+                for line in response.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        errors.append(event["error"])
+                        continue
+                    usage = event.get("usage") or usage
+                    for choice in event["choices"]:
+                        text += choice["text"]
+                    if not closed and text:
+                        # Lose whichever replica took it, three tokens in.
+                        serving = first if first.submits else second
+                        serving.wait_for(lambda: all(a.num_sent >= 3 for a in serving._active.values()), what="3 tokens")
+                        serving.close()
+                        closed = True
+                        survivor = second if serving is first else first
+            assert not errors
+            assert text == tokenizer.decode(tokens)
+            assert usage["completion_tokens"] == len(tokens) and usage["prompt_tokens"] == len(prompt)
+            resubmitted = survivor.submits[-1]
+            num_streamed = len(resubmitted.prompt_token_ids) - len(prompt)
+            assert 3 <= num_streamed < len(tokens)
+            assert resubmitted.sampling_params.max_tokens == len(tokens) - num_streamed
+    finally:
+        for fake in (first, second):
+            if not (closed and fake is serving):
+                fake.close()
+
+
+def test_every_replica_down_is_a_503_at_once(tokenizer: PreTrainedTokenizerBase) -> None:
+    fake = FakeScheduler()
+    config = GatewayConfig(scheduler_address=fake.address, submit_timeout_s=5.0, status_timeout_s=1.0)
+    with running_gateway(config, tokenizer) as base_url, httpx.Client(base_url=base_url, timeout=20) as client:
+        fake.script = one_token_per_step([5, 6])
+        assert client.post("/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 2}).status_code == 200
+        fake.close()
+        wait_until(lambda: client.get("/health").status_code == 503, 5, "the gateway to see the scheduler gone")
+        started = time.monotonic()
+        response = client.post("/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 2})
+        assert response.status_code == 503 and response.json()["error"]["code"] == "service_unavailable"
+        assert response.headers.get("retry-after")
+        assert time.monotonic() - started < 1.0  # not the 5 s submit timeout
