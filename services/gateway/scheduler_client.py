@@ -315,13 +315,14 @@ class SchedulerClient:
                     await asyncio.wait_for(self._connected_event.wait(), remaining_s)
 
     async def _beat(self) -> None:
-        """Heartbeats while connected; one the queue has no room for is skipped (the next
-        follows in a second, well inside the scheduler's timeout)."""
+        """A heartbeat every second; one the queue has no room for is skipped (the next
+        follows in a second, well inside the scheduler's timeout). Sent whether or not the
+        connection monitor has reported the link up: a missed connect event must not leave
+        the scheduler unable to tell that this gateway died."""
         assert self._socket is not None
         while True:
-            if self.connected:
-                with contextlib.suppress(zmq.Again):
-                    await self._socket.send_multipart(encode(GatewayHeartbeat(self.gateway_id, time.time())), flags=zmq.NOBLOCK)
+            with contextlib.suppress(zmq.Again):
+                await self._socket.send_multipart(encode(GatewayHeartbeat(self.gateway_id, time.time())), flags=zmq.NOBLOCK)
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)  # the beat's period, not a synchronisation
 
     async def _receive_loop(self) -> None:
