@@ -13,8 +13,13 @@ The DEALER is IMMEDIATE: messages are queued only to a connected scheduler, so w
 scheduler a submit fails fast (503) instead of waiting in a buffer and starting
 generation long after the client gave up.
 
-A heartbeat goes out every second while connected: the scheduler aborts the requests of
-a gateway it stops hearing (this one died), so their blocks do not wait for a timeout.
+A heartbeat goes out every second, and one right before every submit: the scheduler
+aborts the requests of a gateway it stops hearing (this one died), so their blocks do not
+wait for a timeout. The beat before a submit matters: the scheduler times out only
+gateways it has heard beat, and the periodic beat can miss a young connection (IMMEDIATE
+drops a message sent before the handshake), so a gateway killed within its first second
+would otherwise leave its requests running forever. One DEALER connection keeps order,
+so the scheduler always hears the beat before the request it covers.
 
 A lost connection (the scheduler stopped or restarted) ends every request in flight at
 once with a 503 RequestError: a scheduler that comes back knows nothing of them. ZeroMQ
@@ -206,6 +211,7 @@ class SchedulerClient:
             self._queues.pop(request_id, None)
 
     async def submit(self, requests: list[SubmitRequest]) -> None:
+        await self._send(GatewayHeartbeat(self.gateway_id, time.time()), self._submit_timeout_s)  # see the module doc
         for request in requests:
             await self._send(request, self._submit_timeout_s)
 
