@@ -2,7 +2,8 @@
 one definition for both ends.
 
 - `replicas`: a set of every replica id that ever registered (gateways discover replicas
-  here; a replica whose heartbeat is stale is skipped, not removed: it may come back).
+  here; a replica whose heartbeat is stale is skipped, and forgotten by gateways once
+  long dead, but its id stays: it may come back).
 - `replica:{id}`: a hash, the replica's registration and load (`ReplicaRecord`), rewritten
   by its scheduler about once a second (`heartbeat_at` says when).
 - `prefix:{id}`: a sorted set, one member per full KV block the replica has cached (the

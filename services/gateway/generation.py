@@ -29,8 +29,9 @@ scheduler) and penalties that count generated tokens (there the resumed part cou
 earlier output as prompt); seeded sampling continues, from a fresh draw.
 
 Never stuck: when a request has produced nothing for `stall_timeout_s` the scheduler is
-asked (a small info query naming the request) whether it still holds it; no answer, or an answer without it (scheduler
-restarted, message lost), ends it with a 503. A deadline bounds the whole (the request's
+asked (a small info query naming the request) whether it still holds it; no answer, or an
+answer without it (scheduler restarted, message lost), fails it over to another replica as
+above, or, where it cannot be continued, ends it with a 503. A deadline bounds the whole (the request's
 `timeout`, else the server's `request_timeout_s`): when it passes, every unfinished choice
 is aborted at the scheduler (as for a client that went away) and finishes with
 "abort", keeping what it generated; `timed_out` then tells the response to say so.
@@ -310,7 +311,8 @@ class Generation:
         if finish_reason is not None:
             self._finish(choice, finish_reason)
         if len(delta.prompt_logprobs) > len(self.prompt_logprobs.get(choice.prompt_index, ())):
-            self.prompt_logprobs[choice.prompt_index] = delta.prompt_logprobs
+            # Cut to the client's prompt: after a failover the prompt there is longer.
+            self.prompt_logprobs[choice.prompt_index] = delta.prompt_logprobs[: len(self._prompts[choice.prompt_index])]
         return ChoiceDelta(choice.index, text, token_ids, delta.logprobs, finish_reason)
 
     def _finish(self, choice: _Choice, finish_reason: str) -> None:
@@ -360,23 +362,24 @@ class Generation:
         config = self._context.config
         unfinished = [request_id for request_id, samples in self._samples_of.items() if any(c.finish_reason is None for c in samples)]
         # Asked afresh, after our submit: the answer reflects it.
-        lost: list[str] = []
+        lost: dict[str, str] = {}  # request id -> why
         for replica in {id(self._replica_of[r]): self._replica_of[r] for r in unfinished}.values():
             held_here = [r for r in unfinished if self._replica_of[r] is replica]
             info = await replica.client.info(config.status_timeout_s, request_ids=held_here)
             if not self._queue.empty():
                 return  # deltas arrived while asking (they precede the answer on the socket)
             if info is None:
-                raise self._fail(
-                    503, f"the scheduler at {replica.address} stopped answering (no token for {config.stall_timeout_s:g} s, "
-                    f"no status reply within {config.status_timeout_s:g} s)", code="service_unavailable",
+                why = (
+                    f"the scheduler at {replica.address} stopped answering (no token for {config.stall_timeout_s:g} s, "
+                    f"no status reply within {config.status_timeout_s:g} s)"
                 )
-            lost += [request_id for request_id in held_here if request_id not in info.held_request_ids]
-        if lost:
-            raise self._fail(
-                503, f"the scheduler no longer holds request(s) {', '.join(lost)} (restarted?); please retry",
-                code="service_unavailable",
-            )
+                lost.update(dict.fromkeys(held_here, why))
+            else:
+                why = f"the scheduler at {replica.address} no longer holds request(s) %s (restarted?); please retry"
+                lost.update({r: why % r for r in held_here if r not in info.held_request_ids})
+        for request_id, why in lost.items():
+            if not await self._fail_over(request_id, why):
+                raise self._fail(503, why, code="service_unavailable")
 
     # -- the end -----------------------------------------------------------------------
 
@@ -450,6 +453,8 @@ class Generation:
             if remaining <= 0:
                 return False  # cannot happen: the scheduler ends a choice at max_tokens itself
             params = msgspec.structs.replace(params, max_tokens=remaining)
+            if choice.prompt_index in self.prompt_logprobs:  # already received: not again, for a longer prompt
+                params = msgspec.structs.replace(params, prompt_logprobs=None)
             choice.request_id = new_id
             choice.sample_index = 0
             self._samples_of[new_id] = [choice]

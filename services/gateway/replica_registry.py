@@ -51,8 +51,13 @@ log = logging.getLogger(__name__)
 _REDIS_TIMEOUT_S = 0.5
 _SKIP_REDIS_AFTER_FAILURE_S = 1.0
 # A registered replica whose heartbeat (once a second) is older than this is not
-# discovered (it may be gone for good); one already connected is kept while connected.
+# discovered (it may be gone for good), and is looked at again only this often, so a dead
+# registration costs routing no extra Redis round trip per request.
 _STALE_HEARTBEAT_S = 10.0
+# A replica found in Redis (not named by --scheduler-address) that has been disconnected,
+# with a heartbeat this old and nothing of ours in flight, is forgotten: its socket closed,
+# gone from /health and the admin page. It is discovered again if it ever beats again.
+_FORGET_AFTER_S = 60.0
 
 
 @dataclass
@@ -124,6 +129,8 @@ class ReplicaRegistry:
         self.replicas: dict[str, Replica] = {}
         self._recent = RecentRoutes()
         self._started = False
+        self._configured = frozenset(addresses)  # named by flags: never forgotten
+        self._stale_ids: dict[str, float] = {}  # replica id -> monotonic time to look again
         for address in addresses:
             self._add(address)
 
@@ -253,9 +260,11 @@ class ReplicaRegistry:
                     position += 1
                 self._clear_failure(replica)
             known_ids = {r.record.replica_id for r in known if r.record is not None}
-            new_ids = sorted(replica_ids - known_ids)
+            now = time.monotonic()
+            new_ids = sorted(i for i in replica_ids - known_ids if self._stale_ids.get(i, 0.0) <= now)
             if new_ids:
                 await self._discover(new_ids)
+            await self._forget_dead(known)
         except (RedisError, OSError, asyncio.TimeoutError) as error:
             self._redis_skip_until = time.monotonic() + _SKIP_REDIS_AFTER_FAILURE_S
             if self.redis_healthy:
@@ -275,20 +284,42 @@ class ReplicaRegistry:
         for replica_id in replica_ids:
             pipe.hgetall(replica_key(replica_id))
         for replica_id, fields in zip(replica_ids, await asyncio.wait_for(pipe.execute(), _REDIS_TIMEOUT_S)):
-            if not fields:
-                continue
-            record = ReplicaRecord.from_hash(replica_id, fields)
-            if not record.gateway_address:
+            record = ReplicaRecord.from_hash(replica_id, fields) if fields else None
+            if record is None or not record.gateway_address:
+                self._stale_ids[replica_id] = time.monotonic() + _STALE_HEARTBEAT_S
                 continue
             replica = self.replicas.get(record.gateway_address)
             if replica is None:
                 if time.time() - record.heartbeat_at > _STALE_HEARTBEAT_S:
+                    self._stale_ids[replica_id] = time.monotonic() + _STALE_HEARTBEAT_S
                     continue
+                self._stale_ids.pop(replica_id, None)
                 replica = self._add(record.gateway_address)
                 if self._started:
                     await replica.client.start()
                 log.info("discovered replica %s at %s in redis", replica_id, record.gateway_address)
             replica.record = record
+
+    async def _forget_dead(self, known: list[Replica]) -> None:
+        """Drop replicas discovered in Redis that are long dead (`_FORGET_AFTER_S`):
+        without this, every replica that ever registered would stay listed, with a socket
+        reconnecting to it, for the gateway's lifetime."""
+        now = time.time()
+        for replica in known:
+            record = replica.record
+            if (
+                record is None or self.replicas.get(replica.address) is not replica or replica.address in self._configured or replica.client.connected
+                or replica.num_in_flight > 0 or now - record.heartbeat_at <= _FORGET_AFTER_S
+            ):
+                continue
+            del self.replicas[replica.address]
+            self._recent.forget(replica.address)
+            self._stale_ids[record.replica_id] = time.monotonic() + _STALE_HEARTBEAT_S
+            await replica.client.close()
+            log.warning(
+                "forgot replica %s at %s: disconnected, no heartbeat for %.0f s", record.replica_id, replica.address,
+                now - record.heartbeat_at,
+            )
 
     def _clear_failure(self, replica: Replica) -> None:
         record = replica.record

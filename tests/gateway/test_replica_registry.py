@@ -6,14 +6,19 @@ real ZeroMQ to two scripted schedulers, a real gateway on uvicorn.
   blocks gets it; with Redis down, the last known loads decide and /health is degraded;
 - a replica lost mid-stream: the gateway resubmits prompt + the tokens already streamed
   to the other, which continues: the client sees every token once;
-- every replica down: a new request gets its 503 at once, not after the submit timeout.
+- every replica down: a new request gets its 503 at once, not after the submit timeout;
+- a replica that stops holding a request (restarted, message lost) stalls it: the stall
+  check fails it over to the other, exactly;
+- a replica found in Redis and long dead is forgotten; one named by flags is kept.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import msgspec
@@ -120,6 +125,15 @@ def test_routes_by_cached_prefix_then_by_last_loads_when_redis_is_down(redis_por
             fake.close()
 
 
+def stream_events(base_url: str, body: dict[str, object]) -> Iterator[dict[str, Any]]:
+    """The SSE events of a streamed completion, parsed, [DONE] left out."""
+    with httpx.stream("POST", f"{base_url}/v1/completions", json=body, timeout=30) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                yield json.loads(line[6:])
+
+
 def continue_from(prompt: list[int], tokens: list[int]) -> Script:
     """Emit what is left of `tokens` after those already in the submitted prompt (as a
     replica computing prompt + streamed tokens would), one per step."""
@@ -145,25 +159,20 @@ def test_a_replica_lost_mid_stream_is_continued_on_the_other_without_repeating_o
                 fake.wait_for(lambda: True)
             body = {"prompt": prompt, "max_tokens": len(tokens), "stream": True, "stream_options": {"include_usage": True}}
             text, usage, errors = "", None, []
-            with httpx.stream("POST", f"{base_url}/v1/completions", json=body, timeout=30) as response:
-                assert response.status_code == 200
-                for line in response.iter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    event = json.loads(line[6:])
-                    if "error" in event:
-                        errors.append(event["error"])
-                        continue
-                    usage = event.get("usage") or usage
-                    for choice in event["choices"]:
-                        text += choice["text"]
-                    if not closed and text:
-                        # Lose whichever replica took it, three tokens in.
-                        serving = first if first.submits else second
-                        serving.wait_for(lambda: all(a.num_sent >= 3 for a in serving._active.values()), what="3 tokens")
-                        serving.close()
-                        closed = True
-                        survivor = second if serving is first else first
+            for event in stream_events(base_url, body):
+                if "error" in event:
+                    errors.append(event["error"])
+                    continue
+                usage = event.get("usage") or usage
+                for choice in event["choices"]:
+                    text += choice["text"]
+                if not closed and text:
+                    # Lose whichever replica took it, three tokens in.
+                    serving = first if first.submits else second
+                    serving.wait_for(lambda: all(a.num_sent >= 3 for a in serving._active.values()), what="3 tokens")
+                    serving.close()
+                    closed = True
+                    survivor = second if serving is first else first
             assert not errors
             assert text == tokenizer.decode(tokens)
             assert usage["completion_tokens"] == len(tokens) and usage["prompt_tokens"] == len(prompt)
@@ -190,3 +199,71 @@ def test_every_replica_down_is_a_503_at_once(tokenizer: PreTrainedTokenizerBase)
         assert response.status_code == 503 and response.json()["error"]["code"] == "service_unavailable"
         assert response.headers.get("retry-after")
         assert time.monotonic() - started < 1.0  # not the 5 s submit timeout
+
+
+def test_a_request_its_replica_forgot_is_continued_on_the_other(tokenizer: PreTrainedTokenizerBase) -> None:
+    """A replica that is alive but no longer holds a request (a restarted scheduler, a lost
+    message) stalls it: the stall check finds it missing and fails it over, exactly."""
+    first, second = FakeScheduler(step_interval_s=0.05), FakeScheduler(step_interval_s=0.05)
+    prompt = list(range(3000, 3040))
+    tokens = tokenizer(" alpha beta gamma delta epsilon zeta eta theta iota kappa").input_ids
+    first.script = second.script = continue_from(prompt, tokens)
+    config = GatewayConfig(scheduler_address=f"{first.address},{second.address}", stall_timeout_s=0.5)
+    try:
+        with running_gateway(config, tokenizer) as base_url:
+            for fake in (first, second):
+                fake.wait_for(lambda: True)
+            body = {"prompt": prompt, "max_tokens": len(tokens), "stream": True}
+            text, errors, forgot = "", [], None
+            for event in stream_events(base_url, body):
+                if "error" in event:
+                    errors.append(event["error"])
+                    continue
+                text += "".join(choice["text"] for choice in event["choices"])
+                if forgot is None and text:
+                    forgot = first if first.submits else second
+                    forgot.wait_for(lambda: all(a.num_sent >= 3 for a in forgot._active.values()), what="3 tokens")
+                    forgot.forget_all()
+            assert not errors, errors
+            assert text == tokenizer.decode(tokens)
+            other = second if forgot is first else first
+            assert len(other.submits) == 1
+            num_streamed = len(other.submits[0].prompt_token_ids) - len(prompt)
+            assert 3 <= num_streamed < len(tokens)
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_long_dead_replica_found_in_redis_is_forgotten(redis_port: int, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Replicas discovered in Redis leave the gateway's list once disconnected with a
+    heartbeat past _FORGET_AFTER_S; one named by flags stays."""
+    url = f"redis://127.0.0.1:{redis_port}/0"
+    named, found = FakeScheduler(), FakeScheduler()
+    mirrors = [register(url, "replica-0", named.address), register(url, "replica-1", found.address)]
+    named.script = found.script = one_token_per_step(tokenizer("ok").input_ids)
+    config = GatewayConfig(scheduler_address=named.address, redis_url=url, stall_timeout_s=2.0)
+    try:
+        with running_gateway(config, tokenizer) as base_url, httpx.Client(base_url=base_url, timeout=20) as client:
+            def listed() -> list[str]:
+                return [r["replica_id"] for r in client.get("/health").json()["replicas"]]
+
+            wait_until(lambda: client.post("/v1/completions", json={"prompt": [1, 2], "max_tokens": 1}).status_code == 200
+                       and listed() == ["replica-0", "replica-1"], 10, "both replicas listed")
+            found.close()
+            mirrors[1].update_replica({"heartbeat_at": time.time() - 120})  # its last beat, two minutes ago
+            assert mirrors[1].wait_written(5)
+            # Routing reads Redis: the dead one is dropped once its connection is seen down.
+            wait_until(lambda: client.post("/v1/completions", json={"prompt": [1, 2], "max_tokens": 1}).status_code == 200
+                       and listed() == ["replica-0"], 10, "the dead replica forgotten")
+            # The one named by flags stays even when its registration goes stale.
+            mirrors[0].update_replica({"heartbeat_at": time.time() - 120})
+            assert mirrors[0].wait_written(5)
+            assert client.post("/v1/completions", json={"prompt": [3, 4], "max_tokens": 1}).status_code == 200
+            assert listed() == ["replica-0"]
+    finally:
+        for mirror in mirrors:
+            mirror.close()
+        named.close()
+        with contextlib.suppress(Exception):
+            found.close()
