@@ -49,8 +49,8 @@ class TokenMask(Protocol):
     """Which tokens some rows may sample (structured output's per-step grammar bitmask,
     `structured_output.py`); kept abstract so the sampler needs no grammar library."""
 
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        """A copy of logits with the forbidden tokens of the masked rows at -inf."""
+    def apply_(self, logits: torch.Tensor) -> None:
+        """Set the forbidden tokens of the masked rows to -inf, in place."""
         ...
 
 
@@ -232,9 +232,11 @@ class Sampler:
     def __call__(
         self, logits: torch.Tensor, requests: Sequence[SamplingRequest], token_mask: TokenMask | None = None
     ) -> list[SampledToken]:
-        """logits: [len(requests), vocab_size], row i belonging to requests[i]. Not
-        modified. `token_mask`: structured output's allowed tokens for the constrained
-        rows (None when the batch has none)."""
+        """logits: [len(requests), vocab_size], row i belonging to requests[i].
+        `token_mask`: structured output's allowed tokens for the constrained rows (None
+        when the batch has none). Without a mask the logits are not modified; with one,
+        the masked rows' forbidden tokens are set to -inf in place (the runner's logits
+        are its own scratch, and a copy of the batch's logits per step was measurable)."""
         if logits.dim() != 2 or logits.shape != (len(requests), self.vocab_size):
             raise ValueError(
                 f"logits have shape {tuple(logits.shape)} but {len(requests):,} requests "
@@ -246,13 +248,15 @@ class Sampler:
         if logits.dtype not in (torch.float32, torch.float64):
             # softmax, cumsum and log_softmax in half precision lose too much.
             logits = logits.float()
-        raw_logits = logits
+        # Logprobs are those of the raw logits (module doc): taken before the mask.
+        wants_logprobs = any(request.sampling_params.logprobs is not None for request in requests)
+        raw_logprobs = logits.log_softmax(dim=-1) if wants_logprobs else None
         if token_mask is not None:
             # Before every other stage, so no bias or filter can revive a token the
-            # grammar forbids; logprobs stay those of the raw logits (module doc).
-            logits = token_mask.apply(logits)
+            # grammar forbids.
+            token_mask.apply_(logits)
         token_ids = self._sample(logits, requests)
-        return _sampled_tokens(raw_logits, token_ids, requests)
+        return _sampled_tokens(raw_logprobs, token_ids, requests)
 
     def _sample(
         self, logits: torch.Tensor, requests: Sequence[SamplingRequest]
@@ -380,18 +384,18 @@ def _has_penalties(params: SamplingParams) -> bool:
 
 
 def _sampled_tokens(
-    raw_logits: torch.Tensor, token_ids: torch.Tensor, requests: Sequence[SamplingRequest]
+    logprobs: torch.Tensor | None, token_ids: torch.Tensor, requests: Sequence[SamplingRequest]
 ) -> list[SampledToken]:
-    """The messages for a step, with logprobs of the raw logits where asked for. Every
-    device -> host transfer happens here, once per tensor."""
+    """The messages for a step, with logprobs (the raw logits' log-softmax, None when no
+    request asks for them) where asked for. Every device -> host transfer happens here,
+    once per tensor."""
     num_logprobs = [request.sampling_params.logprobs for request in requests]
     token_id_list: list[int] = token_ids.tolist()
-    if all(n is None for n in num_logprobs):
+    if logprobs is None:
         return [
             SampledToken(sequence_id=request.request_id, token_id=token_id)
             for request, token_id in zip(requests, token_id_list)
         ]
-    logprobs = raw_logits.log_softmax(dim=-1)
     sampled_logprobs: list[float] = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1).tolist()
     max_top = max(n or 0 for n in num_logprobs)
     top_logprobs: list[list[float]] = [[] for _ in requests]

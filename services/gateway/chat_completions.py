@@ -27,8 +27,10 @@ from services.gateway.openai_protocol import (
     ChatDelta,
     ChatLogprobs,
     ChatMessage,
+    PromptLogprob,
     Usage,
 )
+from services.gateway.prompt_logprobs import vllm_prompt_logprobs
 from services.gateway.request_body import read_json_body
 from services.gateway.response_format import structured_output
 from services.gateway.sampling import build_sampling_params, check_fits_context, check_num_choices, request_timeout_s, stop_strings
@@ -46,16 +48,11 @@ def _template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     if not messages:
         raise invalid_request("messages must hold at least one message", "messages")
     plain = []
-    for i, message in enumerate(messages):
+    for message in messages:
         if message.content is None or isinstance(message.content, str):
             content = message.content or ""
         else:
-            parts = []
-            for j, part in enumerate(message.content):
-                if part.type != "text" or part.text is None:
-                    raise invalid_request(f"content part of type '{part.type}' is not supported (text only)", f"messages[{i}].content[{j}]")
-                parts.append(part.text)
-            content = "".join(parts)
+            content = "".join(part.text for part in message.content)  # text parts only (the type says so)
         role = "system" if message.role == "developer" else message.role
         entry: dict[str, Any] = {"role": role, "content": content}
         if message.tool_calls:
@@ -83,8 +80,15 @@ async def _tokenize_messages(context: GatewayContext, messages: list[ChatMessage
 
 class ChatFormat:
     def __init__(
-        self, context: GatewayContext, completion_id: str, num_choices: int, logprobs: bool, tool_plan: ToolPlan | None = None
+        self,
+        context: GatewayContext,
+        completion_id: str,
+        generation: Generation,
+        logprobs: bool,
+        tool_plan: ToolPlan | None = None,
+        prompt_logprobs: int | None = None,
     ) -> None:
+        num_choices = generation.num_choices
         # Tool calls are parsed out of each choice's text (tool_calls.py); "none" parses nothing.
         self._tool_plan = tool_plan if tool_plan is not None and tool_plan.mode != "none" else None
         self._tool_streams = [ToolCallStream(self._tool_plan) for _ in range(num_choices)] if self._tool_plan else []
@@ -93,9 +97,23 @@ class ChatFormat:
         self._created = int(time.time())
         self._num_choices = num_choices
         self._logprobs = logprobs
+        self._generation = generation
+        # vLLM's prompt_logprobs: response-level (one conversation), sent once.
+        self._prompt_logprobs = prompt_logprobs
+        self._prompt_logprobs_sent = prompt_logprobs is None
+
+    def _prompt_logprobs_entries(self) -> list[dict[str, PromptLogprob] | None] | None:
+        """The prompt's entries, once: they come with the first token (`generation.py`)."""
+        if self._prompt_logprobs_sent or 0 not in self._generation.prompt_logprobs:
+            return None
+        self._prompt_logprobs_sent = True
+        entries = self._generation.prompt_logprobs[0]
+        return vllm_prompt_logprobs(self._context.token_texts, self._generation.prompts[0], entries, self._prompt_logprobs or 0)
 
     def _chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> bytes:
         chunk = ChatCompletionChunk(self._id, "chat.completion.chunk", self._created, self._context.model_name, choices, usage)
+        if choices:
+            chunk.prompt_logprobs = self._prompt_logprobs_entries()
         return sse_event(_encoder.encode(chunk))
 
     def _logprobs_of(self, token_ids: list[int], logprobs: list) -> ChatLogprobs | None:
@@ -144,7 +162,9 @@ class ChatFormat:
         for r in results:
             message, finish_reason = self._message(r)
             choices.append(ChatChoice(r.index, message, self._logprobs_of(r.token_ids, r.logprobs), finish_reason))
-        return _encoder.encode(ChatCompletion(self._id, "chat.completion", self._created, self._context.model_name, choices, usage))
+        completion = ChatCompletion(self._id, "chat.completion", self._created, self._context.model_name, choices, usage)
+        completion.prompt_logprobs = self._prompt_logprobs_entries()
+        return _encoder.encode(completion)
 
 
 async def create_chat_completion(request: Request) -> Response:
@@ -172,16 +192,11 @@ async def create_chat_completion(request: Request) -> Response:
         max_tokens, param = body.max_tokens, "max_tokens"
     else:
         # OpenAI's chat default: whatever room the context leaves.
-        max_tokens, param = max_model_len - len(prompt), "messages"
-        if max_tokens < 1:
-            raise invalid_request(
-                f"This model's maximum context length is {max_model_len} tokens, but the messages take {len(prompt)}, "
-                "leaving no room for a reply", "messages", code="context_length_exceeded",
-            )
+        max_tokens, param = max(max_model_len - len(prompt), 1), "max_tokens"
     if max_tokens < 1:
         raise invalid_request(f"{param} must be at least 1, got {max_tokens}", param)
-    params = build_sampling_params(context, body, max_tokens=max_tokens, logprobs=logprobs)
-    check_fits_context(len(prompt), max_tokens, max_model_len, param)
+    check_fits_context(len(prompt), max_model_len, "messages")
+    params = build_sampling_params(context, body, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=body.prompt_logprobs)
     # "required" and a named function are forced by a grammar, so the call always parses.
     forced = forced_grammar(plan) if plan is not None else None
     grammar = await structured_output(context.grammar_validator, body, (forced, "tool_choice") if forced else None)
@@ -190,6 +205,6 @@ async def create_chat_completion(request: Request) -> Response:
 
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     generation = Generation(context, completion_id, [prompt], params, body.n, stop, body.priority, timeout_s)
-    response_format = ChatFormat(context, completion_id, generation.num_choices, logprobs is not None, plan)
+    response_format = ChatFormat(context, completion_id, generation, logprobs is not None, plan, body.prompt_logprobs)
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     return await respond(request, generation, response_format, stream=body.stream, include_usage=include_usage)

@@ -175,7 +175,7 @@ async def create_completion(request: Request) -> Response:
     prompts = await _tokenize_prompts(context, body.prompt)
     max_model_len = await context.max_model_len()
     for token_ids in prompts:
-        check_fits_context(len(token_ids), max_tokens, max_model_len, "max_tokens")
+        check_fits_context(len(token_ids), max_model_len, "prompt")
 
     completion_id = f"cmpl-{uuid.uuid4().hex}"
     generation = Generation(context, completion_id, prompts, params, body.n, stop, body.priority, timeout_s)

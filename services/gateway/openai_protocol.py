@@ -111,8 +111,10 @@ class CompletionRequest(SamplingFields, kw_only=True):
 
 
 class ContentPart(msgspec.Struct, forbid_unknown_fields=True):
-    type: str
-    text: str | None = None
+    """Text only: this server runs text-only models (an image part is a 400)."""
+
+    type: Literal["text"]
+    text: str
 
 
 class FunctionCall(msgspec.Struct, forbid_unknown_fields=True):
@@ -132,6 +134,13 @@ class ChatMessage(msgspec.Struct, forbid_unknown_fields=True):
     name: str | None = None
     tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
     tool_call_id: str | None = None  # a tool's result: which call it answers
+    # What the SDK's `message.model_dump()` of a returned assistant message also carries,
+    # so it can go straight back into `messages`: accepted, not rendered. `audio` and the
+    # legacy `function_call` only as null (this server returns neither).
+    refusal: str | None = None
+    annotations: list[dict[str, Any]] | None = None
+    audio: None = None
+    function_call: None = None
 
 
 class FunctionDefinition(msgspec.Struct, forbid_unknown_fields=True):
@@ -160,6 +169,10 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     max_completion_tokens: Count | None = None  # OpenAI's newer name; wins over max_tokens
     logprobs: bool = False
     top_logprobs: Count | None = None
+    # vLLM's extension: the logprob of every token of the templated prompt with its top-k
+    # alternatives, in the response's top-level `prompt_logprobs` (the first chunk's when
+    # streaming).
+    prompt_logprobs: Count | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None  # None: True, as OpenAI
@@ -279,6 +292,8 @@ class ChatCompletion(msgspec.Struct):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    # vLLM's: one entry per prompt token, the first null; null unless asked for.
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
 
 
 class ChatDelta(msgspec.Struct, omit_defaults=True):
@@ -301,6 +316,7 @@ class ChatCompletionChunk(msgspec.Struct, omit_defaults=True):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None  # on the first content chunk only
 
 
 class ModelCard(msgspec.Struct):

@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from services.gateway.config import GatewayConfig
+from services.gateway.context import gateway_context
 from services.gateway.errors import ErrorBody
 from services.gateway.openai_protocol import (
     ChatCompletion,
@@ -114,10 +115,10 @@ def _state_server_bounds(schemas: dict[str, Any], config: GatewayConfig) -> None
         _bound(schema, "frequency_penalty", minimum=-2, maximum=2)
         _bound(schema, "repetition_penalty", exclusiveMinimum=0)
         _bound(schema, "length_penalty", minimum=-10, maximum=10)
-        _bound(schema, "beam_width", f"beam search over this many beams (at most {max_beam_width})", minimum=1, maximum=max_beam_width)
+        _bound(schema, "beam_width", f"beam search over this many beams (at most {max_beam_width}); n at most beam_width", minimum=1, maximum=max_beam_width)
         _bound(schema, "stop", maxItems=config.max_stop_strings)
         _bound(schema, "timeout", f"seconds, at most {config.request_timeout_s:g} (the server's limit)", maximum=config.request_timeout_s)
-        _bound(schema, "min_tokens", "EOS and stop_token_ids are held back until this many tokens; at most max_tokens")
+        _bound(schema, "min_tokens", "EOS and stop_token_ids are held back until this many tokens (max_tokens still ends the completion)")
         _bound(
             schema, "logit_bias",
             "token id (a string of digits, below the vocabulary size) -> bias in [-100, 100], added to its logit",
@@ -151,7 +152,18 @@ def _state_server_bounds(schemas: dict[str, Any], config: GatewayConfig) -> None
         {"if": _present("max_tokens", {"const": 0}), "then": _required("echo", {"const": True})},
         {"if": _present("beam_width", {"type": "integer", "minimum": 2}), "then": {"properties": {"logprobs": {"type": "null"}}}},
     ]
+    _bound(chat, "prompt_logprobs", f"at most {config.max_logprobs}; not with beam search", **logprobs_bound)
+    function = schemas["FunctionDefinition"]["properties"]
+    function["parameters"] = {
+        "anyOf": [{"type": "null"}, {"type": "object", "properties": {"type": {"const": "object"}}}],
+        "description": "a JSON schema of the arguments, of type object",
+    }
+    chat["properties"]["tool_choice"]["description"] = "only with tools; a named function must be one of them, declared once"
     chat["allOf"] += [
+        {
+            "if": _present("tool_choice", {"not": {"anyOf": [{"type": "null"}, {"const": "none"}]}}),
+            "then": _required("tools", {"type": "array", "minItems": 1}),
+        },
         {"if": _present("top_logprobs", {"type": "integer"}), "then": _required("logprobs", {"const": True})},
         {"if": _present("beam_width", {"type": "integer", "minimum": 2}), "then": {"properties": {"logprobs": {"const": False}}}},
     ]
@@ -161,21 +173,68 @@ def _state_non_empty(schemas: dict[str, Any]) -> None:
     """Prompts and conversations must hold something (the endpoints refuse empty ones)."""
     for name in ("ChatCompletionRequest", "TokenizeRequest"):
         _bound(schemas[name], "messages", minItems=1)
-    prompt = schemas["CompletionRequest"]["properties"]["prompt"]
-    for option in prompt["anyOf"]:
-        if option.get("type") == "string":
-            option["minLength"] = 1
-        elif option.get("type") == "array":
-            option["minItems"] = 1
-            for item in option["items"].get("anyOf", [option["items"]]):
-                if item.get("type") == "string":
-                    item["minLength"] = 1
-                elif item.get("type") == "array":
-                    item["minItems"] = 1
+    # The completion prompt's shapes: `_state_model_bounds`.
     tokenize_prompt = schemas["TokenizeRequest"]["properties"]["prompt"]
     for option in tokenize_prompt.get("anyOf", [tokenize_prompt]):
         if option.get("type") == "string":
             option["minLength"] = 1
+
+
+def _integers_below(limit: int) -> str:
+    """A regex for the decimal integers 0..limit-1 without leading zeros: how a
+    `logit_bias` key (a JSON object key, so a string) names a token id."""
+    top = str(limit - 1)
+    width = len(top)
+    options = ["[0-9]"] if width > 1 else [f"[0-{top}]"]
+    if width > 2:
+        options.append(f"[1-9][0-9]{{1,{width - 2}}}")
+    if width > 1:
+        for i, digit in enumerate(top):
+            low = 1 if i == 0 else 0
+            if int(digit) > low:
+                rest = width - i - 1
+                options.append(top[:i] + f"[{low}-{int(digit) - 1}]" + (f"[0-9]{{{rest}}}" if rest else ""))
+        options.append(top)
+    return "^(?:" + "|".join(options) + ")$"
+
+
+def _state_model_bounds(schemas: dict[str, Any], config: GatewayConfig, vocab_size: int, max_model_len: int | None) -> None:
+    """What the served model bounds: token ids below its vocabulary size, a token-id
+    prompt shorter than its context (one token must fit after it), and the prompt's
+    shapes (a string, strings, token ids, lists of token ids: never a mixture). The text
+    prompts' and conversations' token counts cannot be stated; the descriptions say the
+    rule."""
+    token_id = {"type": "integer", "minimum": 0, "maximum": vocab_size - 1}
+    token_ids: dict[str, Any] = {"type": "array", "items": token_id, "minItems": 1}
+    if max_model_len is not None:
+        token_ids["maxItems"] = max_model_len - 1
+    context = f"{max_model_len:,} tokens" if max_model_len is not None else "the model's context length"
+    completion, chat = schemas["CompletionRequest"], schemas["ChatCompletionRequest"]
+    completion["properties"]["prompt"] = {
+        "anyOf": [
+            {"type": "string", "minLength": 1},
+            {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
+            token_ids,
+            {"type": "array", "items": token_ids, "minItems": 1},
+        ],
+        "description": (
+            f"a string, a list of token ids (below {vocab_size:,}), or a batch of either (not a mixture); each prompt "
+            f"must leave room in the context ({context}) for one generated token"
+        ),
+    }
+    # prompts x n <= max_n is in `n`'s description: one if/then clause per n would state it,
+    # but schemathesis's generator gives up on a schema with that many clauses.
+    chat["properties"]["messages"]["description"] = f"the conversation; once templated it must leave room in the context ({context}) for one generated token"
+    for schema in (completion, chat):
+        _bound(schema, "max_tokens", f"{schema['properties']['max_tokens'].get('description', 'at least 1')}; the completion also ends where the context ({context}) does, finish_reason length")
+        stop_ids = schema["properties"]["stop_token_ids"]
+        for option in stop_ids["anyOf"]:
+            if option.get("type") == "array":
+                option["items"] = token_id
+        for option in schema["properties"]["logit_bias"]["anyOf"]:
+            if option.get("type") == "object":
+                option["propertyNames"] = {"pattern": _integers_below(vocab_size)}
+    schemas["DetokenizeRequest"]["properties"]["tokens"]["items"] = token_id
 
 
 def _present(field: str, schema: dict[str, Any]) -> dict[str, Any]:
@@ -196,7 +255,9 @@ def _plain_operation(summary: str, request: type, response: type) -> dict[str, A
     }
 
 
-def openapi_document(config: GatewayConfig) -> dict[str, Any]:
+def openapi_document(config: GatewayConfig, vocab_size: int = 2**31, max_model_len: int | None = None) -> dict[str, Any]:
+    """The document for a model of `vocab_size` token ids and a context of `max_model_len`
+    tokens (None: not known yet, so not stated)."""
     _, schemas = msgspec.json.schema_components(
         [CompletionRequest, ChatCompletionRequest, Completion, CompletionChunk, ChatCompletion, ChatCompletionChunk, ModelList, ErrorBody,
          TokenizeRequest, TokenizeResponse, DetokenizeRequest, DetokenizeResponse],
@@ -204,6 +265,10 @@ def openapi_document(config: GatewayConfig) -> dict[str, Any]:
     )
     _state_server_bounds(schemas, config)
     _state_non_empty(schemas)
+    _state_model_bounds(schemas, config, vocab_size, max_model_len)
+    schemas["ResponseFormat"]["allOf"] = [
+        {"if": _present("type", {"const": "json_schema"}), "then": _required("json_schema", {"type": "object"})},
+    ]
     # Exactly one of a prompt and a conversation.
     schemas["TokenizeRequest"]["oneOf"] = [
         {"required": ["prompt"], "properties": {"prompt": {"type": "string"}, "messages": {"type": "null"}}},
@@ -241,10 +306,16 @@ def openapi_document(config: GatewayConfig) -> dict[str, Any]:
 
 
 def openapi_route(config: GatewayConfig) -> Any:
-    """The handler, with the document encoded once (it depends only on the config)."""
-    body = msgspec.json.encode(openapi_document(config))
+    """The handler. The document states the served model's vocabulary size and context
+    length, learned from the replicas; it is encoded once per pair."""
+    bodies: dict[tuple[int, int | None], bytes] = {}
 
     async def openapi_json(request: Request) -> Response:
-        return Response(body, media_type="application/json")
+        context = gateway_context(request)
+        info = context.replicas.first_info()
+        key = (context.vocab_size, info.max_model_len if info is not None and info.max_model_len > 0 else None)
+        if key not in bodies:
+            bodies[key] = msgspec.json.encode(openapi_document(config, *key))
+        return Response(bodies[key], media_type="application/json")
 
     return openapi_json

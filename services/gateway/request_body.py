@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 from starlette.requests import ClientDisconnect, Request
@@ -93,6 +93,31 @@ async def read_json_body(request: Request, body_type: type[T], *, max_body_bytes
     try:
         return msgspec.json.decode(body, type=body_type)
     except msgspec.ValidationError as error:
-        raise _validation_error(error) from None
+        if not _INTEGRAL_FLOAT_REFUSED.search(str(error)):
+            raise _validation_error(error) from None
+        first_error = error
     except (msgspec.DecodeError, UnicodeDecodeError) as error:
         raise invalid_request(f"request body is not valid JSON: {error}", code="invalid_json") from None
+    # An integer written as a float (`"max_tokens": 461.0`): JSON Schema calls it an
+    # integer, and OpenAI (pydantic) accepts it; msgspec does not. Only on this rare path
+    # is the body decoded twice, with every integral float made an int (a number field
+    # takes ints too, so nothing else changes).
+    try:
+        return msgspec.json.decode(msgspec.json.encode(_integral_floats_as_ints(msgspec.json.decode(body))), type=body_type)
+    except msgspec.ValidationError as error:
+        raise _validation_error(error) from None
+    except RecursionError:  # nested too deep to rewrite: the first answer stands
+        raise _validation_error(first_error) from None
+
+
+_INTEGRAL_FLOAT_REFUSED = re.compile(r"Expected `int[^`]*`, got `float`")  # `int`, `int | null`...
+
+
+def _integral_floats_as_ints(value: Any) -> Any:
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else value
+    if isinstance(value, list):
+        return [_integral_floats_as_ints(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _integral_floats_as_ints(item) for key, item in value.items()}
+    return value

@@ -43,6 +43,26 @@ def _choice_source(choices: list[str], param: str) -> str:
     return json.dumps(choices, ensure_ascii=False)
 
 
+def _named_constraints(holder: Any, attribute_prefix: str, param_prefix: str) -> list[tuple[GrammarSpec, str]]:
+    """The json / regex / choice / grammar constraints `holder` carries as the attributes
+    `{attribute_prefix}json` and so on: vLLM's `structured_outputs` object and its older
+    top-level `guided_*` fields are the same four. Errors name `{param_prefix}json`..."""
+    found: list[tuple[GrammarSpec, str]] = []
+    for name in ("json", "regex", "choice", "grammar"):
+        value = getattr(holder, attribute_prefix + name)
+        if value is None:
+            continue
+        param = param_prefix + name
+        if name == "json":
+            spec = GrammarSpec("json_schema", _schema_source(value, param))
+        elif name == "choice":
+            spec = GrammarSpec("choice", _choice_source(value, param))
+        else:
+            spec = GrammarSpec(name, value)
+        found.append((spec, param))
+    return found
+
+
 def requested_constraints(fields: SamplingFields) -> list[tuple[GrammarSpec, str]]:
     """Every constraint the request names, each with the field it came from."""
     found: list[tuple[GrammarSpec, str]] = []
@@ -58,24 +78,10 @@ def requested_constraints(fields: SamplingFields) -> list[tuple[GrammarSpec, str
             found.append((GrammarSpec("json_schema", json.dumps(schema)), "response_format.json_schema.schema"))
     structured = fields.structured_outputs
     if structured is not None:
-        if structured.json is not None:
-            found.append((GrammarSpec("json_schema", _schema_source(structured.json, "structured_outputs.json")), "structured_outputs.json"))
-        if structured.regex is not None:
-            found.append((GrammarSpec("regex", structured.regex), "structured_outputs.regex"))
-        if structured.choice is not None:
-            found.append((GrammarSpec("choice", _choice_source(structured.choice, "structured_outputs.choice")), "structured_outputs.choice"))
-        if structured.grammar is not None:
-            found.append((GrammarSpec("grammar", structured.grammar), "structured_outputs.grammar"))
+        found += _named_constraints(structured, "", "structured_outputs.")
         if structured.json_object:
             found.append((GrammarSpec("json_schema", JSON_OBJECT_SCHEMA), "structured_outputs.json_object"))
-    if fields.guided_json is not None:
-        found.append((GrammarSpec("json_schema", _schema_source(fields.guided_json, "guided_json")), "guided_json"))
-    if fields.guided_regex is not None:
-        found.append((GrammarSpec("regex", fields.guided_regex), "guided_regex"))
-    if fields.guided_choice is not None:
-        found.append((GrammarSpec("choice", _choice_source(fields.guided_choice, "guided_choice")), "guided_choice"))
-    if fields.guided_grammar is not None:
-        found.append((GrammarSpec("grammar", fields.guided_grammar), "guided_grammar"))
+    found += _named_constraints(fields, "guided_", "guided_")
     return found
 
 

@@ -27,13 +27,16 @@ def check_num_choices(num_prompts: int, n: int, max_n: int) -> None:
         raise invalid_request(f"{detail} asks for {num_prompts * n} choices; this server allows at most {max_n} per request", "n")
 
 
-def check_fits_context(num_prompt_tokens: int, max_tokens: int, max_model_len: int, max_tokens_param: str) -> None:
-    if num_prompt_tokens + max_tokens > max_model_len:
+def check_fits_context(num_prompt_tokens: int, max_model_len: int, prompt_param: str) -> None:
+    """The prompt must leave room for one generated token. `max_tokens` beyond the room
+    left is not refused: the completion ends at the context, finish_reason "length" (the
+    scheduler stops every sequence there), as llama-server does; vLLM refuses it with a
+    400, which no JSON schema can state, so a client could not know the bound beforehand."""
+    if num_prompt_tokens >= max_model_len:
         raise invalid_request(
-            f"This model's maximum context length is {max_model_len} tokens, but {num_prompt_tokens + max_tokens} were "
-            f"requested ({num_prompt_tokens} in the prompt + {max_tokens} for {max_tokens_param}); shorten the prompt "
-            f"or lower {max_tokens_param}",
-            max_tokens_param,
+            f"This model's maximum context length is {max_model_len} tokens, but `{prompt_param}` is {num_prompt_tokens} "
+            f"tokens long, leaving no room for a completion; shorten `{prompt_param}`",
+            prompt_param,
             code="context_length_exceeded",
         )
 
@@ -84,7 +87,9 @@ def build_sampling_params(
         length_penalty=defaults.length_penalty if fields.length_penalty is None else fields.length_penalty,
         early_stopping=defaults.early_stopping if fields.early_stopping is None else fields.early_stopping,
         logit_bias=dict(fields.logit_bias or {}),
-        min_tokens=fields.min_tokens or 0,
+        # Above max_tokens, max_tokens wins (the completion ends there): a rule across two
+        # fields that a JSON schema cannot state is better not refused.
+        min_tokens=min(fields.min_tokens or 0, max_tokens),
         prompt_logprobs=prompt_logprobs,
     )
     if params.beam_width > context.config.max_n:

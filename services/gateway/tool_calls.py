@@ -5,7 +5,7 @@ Three output shapes, one per mode (vLLM's choices, so clients see the same behav
 - `auto`: free text in the chat template's tool syntax (Hermes: `<tool_call>{"name":
   ..., "arguments": {...}}</tool_call>`, see `chat_template.py`); the text before the
   first call is the message content. Nothing forces a call; one that does not parse
-  stays content.
+  stays content. With `parallel_tool_calls` false only the first call is returned.
 - `required`: the structured-output mask forces a JSON array of `{"name", "arguments"}`
   objects, each naming a declared function with arguments valid for its schema (at
   most one when `parallel_tool_calls` is false).
@@ -219,7 +219,8 @@ def _view(plan: ToolPlan, text: str, final: bool) -> tuple[str, list[_CallView]]
         position = text.find(CALL_OPEN, block_end)
     if final and not calls:
         return text, []  # the model wrote the tag but no call we can read: plain content
-    return text[:first], calls
+    # parallel_tool_calls false: at most one call, as OpenAI promises (the rest dropped).
+    return text[:first], calls if plan.parallel else calls[:1]
 
 
 def new_call_id() -> str:

@@ -45,6 +45,7 @@ def body(value: object) -> bytes:
 
 
 USER = [{"role": "user", "content": "hi"}]
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
 CASES = [
     BadInput("malformed JSON", COMPLETIONS, b'{"prompt": "p",', 400, "invalid_json"),
     BadInput("`NaN` / `Infinity` literals", COMPLETIONS, b'{"prompt": "p", "temperature": NaN}', 400, "invalid_json"),
@@ -62,7 +63,7 @@ CASES = [
     BadInput("negative `max_tokens`", COMPLETIONS, body({"prompt": "p", "max_tokens": -1}), 400, "invalid_value", "max_tokens"),
     BadInput("`max_tokens` beyond 32 bits", COMPLETIONS, body({"prompt": "p", "max_tokens": 10**30}), 400, "invalid_value", "max_tokens"),
     BadInput("`max_tokens` = 0", CHAT, body({"messages": USER, "max_tokens": 0}), 400, "invalid_value", "max_tokens"),
-    BadInput("prompt + `max_tokens` beyond the context", COMPLETIONS, body({"prompt": "p", "max_tokens": 2**31 - 1}), 400, "context_length_exceeded", "max_tokens"),
+    BadInput("prompt as long as the context", COMPLETIONS, body({"prompt": [5] * 256, "max_tokens": 1}), 400, "context_length_exceeded", "prompt"),
     BadInput("conversation longer than the context", CHAT, body({"messages": [{"role": "user", "content": "word " * 400}]}), 400, "context_length_exceeded", "messages"),
     BadInput("`n` above `--max-n`", COMPLETIONS, body({"prompt": "p", "n": 17}), 400, "invalid_value", "n"),
     BadInput("prompts x `n` above `--max-n`", COMPLETIONS, body({"prompt": ["a"] * 100_000, "n": 1}), 400, "invalid_value", "n"),
@@ -74,7 +75,6 @@ CASES = [
     BadInput("`logit_bias` id outside the vocabulary", COMPLETIONS, body({"prompt": "p", "logit_bias": {"49152": 1}}), 400, "invalid_value", "logit_bias"),
     BadInput("`logit_bias` value outside [-100, 100]", COMPLETIONS, body({"prompt": "p", "logit_bias": {"5": -101}}), 400, "invalid_value", "logit_bias"),
     BadInput("`logit_bias` key not a token id", COMPLETIONS, body({"prompt": "p", "logit_bias": {"x": 1}}), 400, "invalid_type", "logit_bias"),
-    BadInput("`min_tokens` above `max_tokens`", COMPLETIONS, body({"prompt": "p", "max_tokens": 2, "min_tokens": 3}), 400, "invalid_value", "min_tokens"),
     BadInput("`logprobs` / `top_logprobs` / `prompt_logprobs` above `--max-logprobs`", COMPLETIONS, body({"prompt": "p", "prompt_logprobs": 21}), 400, "invalid_value", "prompt_logprobs"),
     BadInput("`top_logprobs` without `logprobs: true`", CHAT, body({"messages": USER, "top_logprobs": 2}), 400, "invalid_value", "top_logprobs"),
     BadInput("`prompt_logprobs`, `logit_bias` or `min_tokens` with beam search", COMPLETIONS, body({"prompt": "p", "beam_width": 2, "prompt_logprobs": 1}), 400, "invalid_value", "prompt_logprobs"),
@@ -83,6 +83,16 @@ CASES = [
     BadInput("`beam_width` above `--max-n`", COMPLETIONS, body({"prompt": "p", "beam_width": 10**4}), 400, "invalid_value", "beam_width"),
     BadInput("`n` above `beam_width`", COMPLETIONS, body({"prompt": "p", "beam_width": 2, "n": 3}), 400, "invalid_value", "n"),
     BadInput("`timeout` above `--request-timeout`", COMPLETIONS, body({"prompt": "p", "timeout": 10**6}), 400, "invalid_value", "timeout"),
+    BadInput("content part other than text", CHAT, body({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}), 400, "invalid_value", "messages[0].content[0].type"),
+    BadInput("invalid JSON schema in `response_format`", CHAT, body({"messages": USER, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frobnicate"}}}}), 400, "invalid_grammar", "response_format.json_schema.schema"),
+    BadInput("`response_format` of type `json_schema` without `json_schema`", CHAT, body({"messages": USER, "response_format": {"type": "json_schema"}}), 400, "invalid_value", "response_format.json_schema"),
+    BadInput("invalid regex, choice list or grammar in `structured_outputs` / `guided_*`", COMPLETIONS, body({"prompt": "p", "structured_outputs": {"regex": "(unclosed"}}), 400, "invalid_grammar", "structured_outputs.regex"),
+    BadInput("two output constraints", COMPLETIONS, body({"prompt": "p", "response_format": {"type": "json_object"}, "guided_regex": "a+"}), 400, "invalid_value", "guided_regex"),
+    BadInput("an output constraint with beam search or `ignore_eos`", COMPLETIONS, body({"prompt": "p", "guided_choice": ["a"], "ignore_eos": True}), 400, "invalid_value", "ignore_eos"),
+    BadInput("`tool_choice` without `tools`", CHAT, body({"messages": USER, "tool_choice": "required"}), 400, "invalid_value", "tool_choice"),
+    BadInput("`tool_choice` naming an undeclared function", CHAT, body({"messages": USER, "tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "nope"}}}), 400, "invalid_value", "tool_choice"),
+    BadInput("`tools` declaring a function twice", CHAT, body({"messages": USER, "tools": [TOOL, TOOL]}), 400, "invalid_value", "tools"),
+    BadInput("function `parameters` not an object schema", CHAT, body({"messages": USER, "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]}), 400, "invalid_value", "tools[0].function.parameters"),
     BadInput("unknown model", COMPLETIONS, body({"prompt": "p", "model": "gpt-9"}), 404, "model_not_found", "model"),
     BadInput("body over `--max-body-bytes`", COMPLETIONS, b'{"prompt": "' + b"a" * (1 << 20) + b'"}', 413, "request_too_large"),
     BadInput("Content-Type not JSON", COMPLETIONS, body({"prompt": "p"}), 415, "unsupported_media_type", content_type="text/plain"),

@@ -83,7 +83,7 @@ def test_health_metrics_and_errors(cluster: Cluster) -> None:
     metrics = httpx.get(f"{cluster.base_url}/metrics", timeout=5).text
     assert "pagedserve_kv_blocks_free" in metrics and "pagedserve_time_to_first_token_seconds_bucket" in metrics
     too_long = httpx.post(
-        f"{cluster.base_url}/v1/completions", json={"prompt": "hi", "max_tokens": 10**6},
+        f"{cluster.base_url}/v1/completions", json={"prompt": [5] * 10**4, "max_tokens": 1},
         headers={"Authorization": "Bearer e2e-key"}, timeout=10,
     )
     assert too_long.status_code == 400 and "maximum context length" in too_long.json()["error"]["message"]

@@ -3,21 +3,30 @@ against a real gateway (uvicorn, real tokenizer) in front of the fake scheduler,
 tests/gateway/test_fuzz.py runs hypothesis: every check passes: no 5xx, every response
 matches the document, every request the document calls invalid is refused.
 
-`positive_data_acceptance` is left out of the bounded run: the document states every
-bound and cross-field rule JSON Schema can say (logprobs <= max_logprobs, top_logprobs
-only with logprobs, max_tokens 0 only with echo, beam search's exclusions, non-empty
-prompts), but three rules it cannot, and schemathesis finds them within seconds: a
-prompt's tokens plus max_tokens within the context length, token ids below the
-vocabulary size, and integers written as floats (461.0 is a JSON-Schema integer, msgspec
-refuses it). `test_document_states_the_bounds_found_before` pins the two it once found.
+The document a running server serves states what the served model bounds (token ids
+below its vocabulary size, a token-id prompt shorter than its context), the prompt's
+shapes, and every rule across fields that JSON Schema can say as an if/then clause.
+Integral floats (`461.0`) are accepted for integer fields, as OpenAI (pydantic) accepts
+them, and a `max_tokens` beyond the context's room is not refused (the completion ends
+at the context), so those rules no longer reject schema-valid requests.
+
+`positive_data_acceptance` is still left out of the bounded run: a few rules cannot be
+written in JSON Schema and schemathesis finds them within seconds: a grammar (regex,
+EBNF, JSON schema) must compile; at most one output constraint per request; prompts x n
+within --max-n; n at most beam_width; a named tool_choice among the declared tools; a
+text prompt's tokens within the context. Each is stated in its field's description
+(and one if/then clause per value would make schemathesis's generator give up on the
+schema). `test_document_states_the_bounds_found_before` pins what it found before.
 """
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 from transformers import PreTrainedTokenizerBase
 
 from tests.gateway.conftest import gateway_config, running_gateway
@@ -45,11 +54,29 @@ def test_schemathesis_finds_nothing(fake_scheduler: FakeScheduler, tokenizer: Pr
     assert "No issues found" in run.stdout or "passed" in run.stdout, run.stdout[-3000:]
 
 
-def test_document_states_the_bounds_found_before() -> None:
-    """schemathesis once found `logprobs` above 20 and `top_logprobs` without
-    `logprobs: true` refused though the document allowed them: it now says both."""
+def test_document_states_the_bounds_found_before(client: httpx.Client, scheduler: FakeScheduler) -> None:
+    """schemathesis once found these refused though the document allowed them: `logprobs`
+    above 20, `top_logprobs` without `logprobs: true`, token ids beyond the vocabulary,
+    integers written as floats, a prompt mixing strings and token ids, non-text content
+    parts, `tool_choice` without tools. The document now says each, or the server takes it."""
     from services.gateway.config import GatewayConfig
     from services.gateway.openapi import openapi_document
+
+    served = client.get("/openapi.json").json()["components"]["schemas"]
+    detokenize = served["DetokenizeRequest"]["properties"]["tokens"]["items"]
+    assert detokenize["maximum"] == 49151  # the served model's vocabulary, learned at start
+    prompt_options = served["CompletionRequest"]["properties"]["prompt"]["anyOf"]
+    assert [option.get("items", {}).get("type") for option in prompt_options] == [None, "string", "integer", "array"]
+    assert prompt_options[2]["maxItems"] == scheduler.max_model_len - 1
+    logit_bias = next(o for o in served["CompletionRequest"]["properties"]["logit_bias"]["anyOf"] if o.get("type") == "object")
+    assert re.fullmatch(logit_bias["propertyNames"]["pattern"][1:-1], "49151") and not re.fullmatch(logit_bias["propertyNames"]["pattern"][1:-1], "49152")
+    assert served["ContentPart"]["properties"]["type"] == {"enum": ["text"]}
+    # 461.0 is an integer to JSON Schema, and to OpenAI; 461.5 is not.
+    taken = client.post("/v1/completions", json={"prompt": "p", "max_tokens": 3.0, "n": 1.0, "logit_bias": {"5": 2}})
+    assert taken.status_code == 200, taken.text
+    assert scheduler.submits[-1].sampling_params.max_tokens == 3
+    refused = client.post("/v1/completions", json={"prompt": "p", "max_tokens": 3.5})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_tokens"
 
     schemas = openapi_document(GatewayConfig(max_logprobs=7))["components"]["schemas"]
     logprobs = schemas["CompletionRequest"]["properties"]["logprobs"]["anyOf"][0]

@@ -31,7 +31,7 @@ from tests.cluster import Cluster
 pytestmark = pytest.mark.slow
 
 MODEL = "SmolLM2-135M-Instruct"
-Short = Annotated[str, Field(max_length=12)]
+Short = Annotated[str, Field(max_length=6)]  # short, so 50 samples generate quickly
 
 
 class Address(BaseModel):
@@ -143,7 +143,7 @@ def test_regex_and_choice_extensions_on_completions(sdk: openai.OpenAI) -> None:
         )
         assert all(c.text in choices and c.finish_reason == "stop" for c in answer.choices), [c.text for c in answer.choices]
     json_object = sdk.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "A JSON object, please."}], max_tokens=120, temperature=0,
+        model=MODEL, messages=[{"role": "user", "content": "A JSON object, please."}], max_tokens=40, temperature=0,
         response_format={"type": "json_object"},
     )
     if json_object.choices[0].finish_reason == "stop":
@@ -189,8 +189,9 @@ def test_forced_tool_calls_round_trip_streamed_and_not(sdk: openai.OpenAI) -> No
     arguments = json.loads(call.function.arguments)
     assert set(arguments) == {"city", "unit"} and arguments["unit"] in ("celsius", "fahrenheit")
 
-    # The SDK's own assistant message (content None + tool_calls) goes back, then the result.
-    messages += [choice.message.model_dump(exclude_none=True),
+    # The SDK's own assistant message goes back as model_dump() makes it (content None,
+    # tool_calls, and refusal / annotations / audio / function_call as null), then the result.
+    messages += [choice.message.model_dump(),
                  {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature": 21, "sky": "sunny"})}]
     final = sdk.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER_TOOL], max_tokens=40, temperature=0)
     assert final.choices[0].message.content and final.choices[0].finish_reason in ("stop", "length")
@@ -226,3 +227,85 @@ def test_forced_tool_calls_round_trip_streamed_and_not(sdk: openai.OpenAI) -> No
         if chunk.choices
     )
     assert answer.strip()
+
+
+# Two calls in the Hermes syntax `auto` reads, forced by a regex so the model's choice to
+# call (or not) does not decide what the test sees: the server's real output path
+# (grammar mask in the executor, the gateway's parser, its streaming) is what is tested.
+_WEATHER_CALL = r'<tool_call>\{"name": "get_weather", "arguments": \{"city": "[A-Z][a-z]{2,8}", "unit": "(celsius|fahrenheit)"\}\}</tool_call>'
+_TIME_CALL = r'<tool_call>\{"name": "get_time", "arguments": \{"zone": "[A-Z]{3}"\}\}</tool_call>'
+
+
+def test_auto_tool_calls_parallel_and_not_streamed_and_not(sdk: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": "What are the weather and the time in Paris?"}]
+    two_calls = {"structured_outputs": {"regex": _WEATHER_CALL + "\n" + _TIME_CALL}}
+
+    def create(kwargs: dict):  # auto is the default with tools; said here for the reader
+        request = dict(model=MODEL, messages=messages, tools=[WEATHER_TOOL, TIME_TOOL], tool_choice="auto", max_tokens=100,
+                       temperature=1.0, seed=5)
+        response = sdk.chat.completions.create(**{**request, **kwargs})
+        return list(response) if kwargs.get("stream") else response.choices[0]
+
+    # Five requests at once (the server batches them): two calls whole and streamed, with
+    # parallel_tool_calls false, no call written, and unconstrained.
+    with ThreadPoolExecutor(5) as pool:
+        whole, streamed, single, plain, free = pool.map(create, [
+            {"extra_body": two_calls}, {"extra_body": two_calls, "stream": True},
+            {"extra_body": two_calls, "parallel_tool_calls": False},
+            {"extra_body": {"structured_outputs": {"regex": "It is sunny in Paris\\."}}}, {"max_tokens": 60},
+        ])
+    assert whole.finish_reason == "tool_calls" and whole.message.content is None
+    assert [call.function.name for call in whole.message.tool_calls] == ["get_weather", "get_time"]
+    weather, time = (json.loads(call.function.arguments) for call in whole.message.tool_calls)
+    assert set(weather) == {"city", "unit"} and set(time) == {"zone"}
+    assert len({call.id for call in whole.message.tool_calls}) == 2
+
+    # Streamed (same seed, same text): each call's id and name first, then its argument
+    # fragments, which join into exactly the non-streamed arguments.
+    calls: dict[int, dict] = {}
+    finish_reasons = []
+    for chunk in streamed:
+        for c in chunk.choices:
+            finish_reasons.append(c.finish_reason)
+            for delta in c.delta.tool_calls or []:
+                if delta.index not in calls:
+                    assert delta.id and delta.function.name
+                    calls[delta.index] = {"name": delta.function.name, "arguments": ""}
+                else:
+                    assert delta.id is None and delta.function.name is None
+                calls[delta.index]["arguments"] += delta.function.arguments or ""
+    assert finish_reasons[-1] == "tool_calls"
+    assert [calls[i] for i in sorted(calls)] == [
+        {"name": call.function.name, "arguments": call.function.arguments} for call in whole.message.tool_calls
+    ]
+
+    # parallel_tool_calls false: at most one call, whatever the model wrote.
+    assert [call.function.name for call in single.message.tool_calls] == ["get_weather"]
+
+    # No call written: plain content, finish_reason stop.
+    assert (plain.message.content, plain.message.tool_calls, plain.finish_reason) == ("It is sunny in Paris.", None, "stop")
+
+    # Unconstrained, the model may or may not call; either way the answer is consistent.
+    if free.message.tool_calls:
+        assert free.finish_reason == "tool_calls"
+        for call in free.message.tool_calls:
+            assert call.function.name in ("get_weather", "get_time")
+            assert isinstance(json.loads(call.function.arguments), dict)
+    else:
+        assert free.message.content and free.finish_reason in ("stop", "length")
+
+
+def test_prompt_logprobs_on_chat_completions(sdk: openai.OpenAI) -> None:
+    """vLLM's `prompt_logprobs` on chat: response-level, one entry per templated prompt
+    token (the first null), the token itself among each entry; in the first chunk when
+    streamed. (Their values equal HF's: tests/engine/test_prompt_logprobs.py.)"""
+    messages = [{"role": "user", "content": "Hi!"}]
+    whole = sdk.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, temperature=0, extra_body={"prompt_logprobs": 2})
+    entries = whole.model_extra["prompt_logprobs"]
+    assert len(entries) == whole.usage.prompt_tokens and entries[0] is None
+    assert all(1 <= len(entry) <= 3 and all(v["logprob"] <= 0 for v in entry.values()) for entry in entries[1:])
+    chunks = list(sdk.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=2, temperature=0, stream=True, extra_body={"prompt_logprobs": 2},
+    ))
+    carrying = [chunk.model_extra.get("prompt_logprobs") for chunk in chunks if chunk.model_extra.get("prompt_logprobs")]
+    assert carrying == [entries]

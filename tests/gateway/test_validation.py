@@ -56,7 +56,7 @@ JSON_CASES = [
     (CHAT, {"messages": []}, "messages"),
     (CHAT, {"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
     (CHAT, {"messages": [{"role": "user", "content": "hi", "extra": 1}]}, "messages[0].extra"),
-    (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content[0]"),
+    (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content[0].type"),
     (CHAT, {"messages": USER, "top_logprobs": 2}, "top_logprobs"),
     (CHAT, {"messages": USER, "logprobs": True, "top_logprobs": 50}, "top_logprobs"),
     (CHAT, {"messages": USER, "max_completion_tokens": 0}, "max_completion_tokens"),
@@ -102,11 +102,16 @@ def test_json_with_charset_is_accepted(client: httpx.Client, scheduler: FakeSche
 
 def test_prompt_too_long_for_the_context_names_the_numbers(client: httpx.Client, scheduler: FakeScheduler) -> None:
     max_model_len = scheduler.max_model_len
-    error = assert_openai_error(client.post(COMPLETIONS, json={"prompt": list(range(100, 200)), "max_tokens": max_model_len}), 400, "max_tokens")
-    assert str(max_model_len) in error["message"] and f"{100 + max_model_len}" in error["message"] and "100 in the prompt" in error["message"]
+    too_long = list(range(100, 100 + max_model_len))
+    error = assert_openai_error(client.post(COMPLETIONS, json={"prompt": too_long, "max_tokens": 1}), 400, "prompt")
+    assert str(max_model_len) in error["message"] and f"is {max_model_len} tokens long" in error["message"]
     error = assert_openai_error(client.post(CHAT, json={"messages": [{"role": "user", "content": "word " * 400}]}), 400, "messages")
     assert str(max_model_len) in error["message"]
     assert scheduler.submits == []
+    # max_tokens beyond the room left is not refused: the completion ends at the context.
+    fits = client.post(COMPLETIONS, json={"prompt": too_long[1:], "max_tokens": max_model_len})
+    assert fits.status_code == 200, fits.text
+    assert [submit.sampling_params.max_tokens for submit in scheduler.submits] == [max_model_len]
 
 
 def test_unknown_model_is_404(client: httpx.Client, scheduler: FakeScheduler) -> None:

@@ -132,7 +132,6 @@ def test_logit_bias_and_min_tokens_reach_the_sampler(http: httpx.Client) -> None
         ({"logit_bias": {str(vocab_size): 1}}, "logit_bias"),
         ({"logit_bias": {"5": 101}}, "logit_bias"),
         ({"logit_bias": {"five": 1}}, "logit_bias"),
-        ({"min_tokens": 9, "max_tokens": 8}, "min_tokens"),
         ({"prompt_logprobs": 21}, "prompt_logprobs"),
         ({"echo": True, "max_tokens": 0, "beam_width": 2, "prompt_logprobs": 1}, "prompt_logprobs"),
     ]:
