@@ -69,12 +69,15 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--hf-batch", type=int, nargs="*", default=[32], help="HF static batch sizes to time")
     parser.add_argument("--no-hf", action="store_true", help="time the engine only")
+    parser.add_argument("--dtype", default="auto", help="the engine's (auto: bf16 where the CPU has AMX or AVX512-BF16)")
+    parser.add_argument("--weight-format", default="auto", choices=["auto", "quantized", "dequantized"])
     args = parser.parse_args()
 
-    engine = LLMEngine(EngineConfig(max_num_seqs=args.max_num_seqs))
+    engine = LLMEngine(EngineConfig(max_num_seqs=args.max_num_seqs, dtype=args.dtype, weight_format=args.weight_format))
     requests = make_requests(engine.runner.model_config.vocab_size, args.num_requests)
     print(f"{len(requests)} requests, prompts 16-512 tokens, outputs 8-256 tokens (EOS ignored), "
-          f"torch threads={torch.get_num_threads()}, device={engine.runner.device}, dtype={engine.runner.dtype}")
+          f"torch threads={torch.get_num_threads()}, device={engine.runner.device}, dtype={engine.runner.dtype}, "
+          f"--weight-format {args.weight_format} (int4 for steps of up to {engine.runner.int4_max_rows:,} rows)")
     rows = [("pagedserve engine (continuous batching)", *bench_engine(engine, requests))]
     if not args.no_hf:
         for batch in args.hf_batch:

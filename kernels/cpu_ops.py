@@ -6,7 +6,8 @@ attention is where the CPU spends its time (the torch version gathers each seque
 blocks into a padded copy before attending; the C kernel reads the blocks in place, several
 times faster); prefill attention is compute-bound and SDPA already does it well.
 
-The C kernel takes float32 on CPU; other dtypes go to torch_ops. Where the kernel cannot be
+The C kernel takes float32 or bfloat16 on CPU (bf16 accumulated in float32, as torch_ops
+does); other dtypes (float64 for the exactness tests, float16) go to torch_ops. Where the kernel cannot be
 built (no C compiler) serving still works on torch_ops, with one warning in the log.
 """
 
@@ -31,9 +32,12 @@ logger = logging.getLogger(__name__)
 _POINTER, _INT64 = ctypes.c_void_p, ctypes.c_int64
 
 
+_NATIVE_DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}  # -> the C function's suffix
+
+
 @functools.cache
-def _decode_kernel() -> ctypes._CFuncPtr:
-    function = load_library("paged_attention_cpu").pagedserve_decode_attention_f32
+def _decode_kernel(dtype: torch.dtype = torch.float32) -> ctypes._CFuncPtr:
+    function = getattr(load_library("paged_attention_cpu"), f"pagedserve_decode_attention_{_NATIVE_DTYPES[dtype]}")
     function.restype = ctypes.c_int
     function.argtypes = [_POINTER] * 5 + [_INT64, _POINTER] + [_INT64] * 5 + [ctypes.c_float]
     return function
@@ -49,7 +53,9 @@ def _decode_kernel_or_none() -> ctypes._CFuncPtr | None:
 
 
 def _native_supports(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> bool:
-    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (query, key_cache, value_cache))
+    return query.dtype in _NATIVE_DTYPES and all(
+        t.dtype == query.dtype and t.device.type == "cpu" for t in (query, key_cache, value_cache)
+    )
 
 
 def native_decode_attention(
@@ -63,7 +69,7 @@ def native_decode_attention(
     """The C kernel itself (no fallback): raises NativeBuildError where it cannot be built
     and ValueError for inputs it does not take."""
     if not _native_supports(query, key_cache, value_cache):
-        raise ValueError("the C decode kernel takes float32 CPU tensors")
+        raise ValueError("the C decode kernel takes float32 or bfloat16 CPU tensors, all of one dtype")
     num_seqs, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, cache_head_dim = key_cache.shape
     if num_heads % num_kv_heads or head_dim != cache_head_dim or value_cache.shape != key_cache.shape:
@@ -73,7 +79,7 @@ def native_decode_attention(
     block_tables = block_tables.to(torch.int32).contiguous()
     seq_lens = seq_lens.to(torch.int32).contiguous()
     out = torch.empty_like(query)
-    failed = _decode_kernel()(
+    failed = _decode_kernel(query.dtype)(
         out.data_ptr(), query.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(),
         block_tables.data_ptr(), block_tables.shape[1] if block_tables.dim() == 2 else 0, seq_lens.data_ptr(),
         num_seqs, num_heads, num_kv_heads, head_dim, block_size, scale,

@@ -87,7 +87,8 @@ def _cpu_identity() -> str:
 def library_path(source: Path, compiler: str, flags: tuple[tuple[str, ...], tuple[str, ...]]) -> Path:
     digest = hashlib.sha256()
     compile_flags, link_flags = flags
-    for part in (source.read_bytes(), compiler.encode(), _compiler_identity(compiler).encode(),
+    headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))  # what sources #include
+    for part in (source.read_bytes(), headers, compiler.encode(), _compiler_identity(compiler).encode(),
                  " ".join(compile_flags).encode(), " ".join(link_flags).encode(),
                  platform.machine().encode(), _cpu_identity().encode()):
         digest.update(part)

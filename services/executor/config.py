@@ -27,6 +27,11 @@ if TYPE_CHECKING:
 # torch's own names for the dtypes a model and its KV cache may use; "auto" picks one.
 DType = Literal["auto", "float32", "float16", "bfloat16", "float64"]
 DTYPES: tuple[DType, ...] = get_args(DType)
+# GGUF weights: "quantized" keeps 4-bit tensors packed for torch's weight-only int4 matmul
+# (`quantized_linear.py`), "dequantized" expands them to the model dtype at load, "auto"
+# takes whichever serves faster (see `resolve_weight_format`).
+WeightFormat = Literal["auto", "quantized", "dequantized"]
+WEIGHT_FORMATS: tuple[WeightFormat, ...] = get_args(WeightFormat)
 
 
 class EngineConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -34,7 +39,8 @@ class EngineConfig(msgspec.Struct, forbid_unknown_fields=True):
 
     model: str | None = None  # None: the embedded SmolLM2-135M-Instruct
     device: str = "auto"  # auto: cuda when available, else cpu
-    dtype: DType = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    dtype: DType = "auto"  # auto: bfloat16 on CUDA and on CPUs with AMX or AVX512-BF16, else float32
+    weight_format: WeightFormat = "auto"  # GGUF only: keep 4-bit weights quantized or expand them
     block_size: int = 16
     kv_cache_memory_bytes: int = 1 << 30  # CPU budget for the KV cache
     gpu_memory_utilization: float = 0.9  # CUDA: fraction of free memory for the KV cache
@@ -63,14 +69,23 @@ class EngineConfig(msgspec.Struct, forbid_unknown_fields=True):
         return torch.device(self.device)
 
     def torch_dtype(self) -> torch.dtype:
+        return self.dtype_choice()[0]
+
+    def dtype_choice(self) -> tuple[torch.dtype, str]:
+        """The model and KV cache dtype, and why (the runner logs it once at start)."""
         import torch  # here, not at the top: see the module docstring
 
         if self.dtype == "auto":
-            return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
+            if self.torch_device().type == "cuda":
+                return torch.bfloat16, "dtype auto on CUDA"
+            from services.executor.cpu_features import auto_cpu_dtype
+
+            dtype, reason = auto_cpu_dtype()
+            return dtype, f"dtype auto: {reason}"
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype '{self.dtype}' (choose from {', '.join(DTYPES)})")
         dtype: torch.dtype = getattr(torch, self.dtype)
-        return dtype
+        return dtype, f"dtype {self.dtype} as configured"
 
 
 class ExecutorConfig(msgspec.Struct, forbid_unknown_fields=True):

@@ -12,6 +12,7 @@ partial sums that `TensorParallelGroup.all_reduce` completes (a no-op for one ra
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 
 import torch
@@ -19,22 +20,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import PagedAttentionOps
+from kernels.rms_norm import add_rms_norm
 from services.executor.attention_metadata import AttentionMetadata
 from services.executor.distributed import TensorParallelGroup
 from services.executor.model_config import ModelConfig
+from services.executor.quantized_linear import Int4Linear, Int4Weight
 
 
 class RMSNorm(nn.Module):
+    """RMSNorm of the residual stream, fused with the add that precedes it (vLLM's shape):
+    `forward(residual, x)` adds x into residual in place, then normalises. Statistics in
+    float32 whatever the model dtype, as HF does (`kernels/rms_norm.py`)."""
+
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # float32 whatever the model dtype, as HF does (even for float64 models).
-        x32 = x.to(torch.float32)
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+    def forward(self, residual: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        return add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -165,6 +169,7 @@ class DecoderLayer(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     rotary: RotaryEmbedding  # set by `build`: its tables are computed, not loaded
+    int4_max_rows: int = sys.maxsize  # set by `build`: see Int4Linear
 
     def __init__(self, config: ModelConfig, group: TensorParallelGroup | None = None) -> None:
         super().__init__()
@@ -180,18 +185,24 @@ class LlamaForCausalLM(nn.Module):
     def build(
         cls,
         config: ModelConfig,
-        weights: Iterable[tuple[str, torch.Tensor]],
+        weights: Iterable[tuple[str, torch.Tensor | Int4Weight]],
         dtype: torch.dtype,
         device: torch.device,
         group: TensorParallelGroup | None = None,
+        int4_max_rows: int = sys.maxsize,
     ) -> "LlamaForCausalLM":
         """Construct without random initialisation (parameters on the meta device first),
         then load the checkpoint and compute the RoPE tables for real. With a group,
-        `config` and `weights` are this rank's shard (`tensor_parallel.py`)."""
+        `config` and `weights` are this rank's shard (`tensor_parallel.py`). An `Int4Weight`
+        replaces its linear layer by an `Int4Linear` (`quantized_linear.py`), which keeps a
+        dense copy too for steps of more than `int4_max_rows` rows unless that is sys.maxsize."""
         with torch.device("meta"):
             model = cls(config, group)
         model = model.to_empty(device=device).to(dtype)
-        model.load_weights((name, tensor.to(dtype)) for name, tensor in weights)
+        model.int4_max_rows = int4_max_rows
+        model.load_weights(
+            (name, tensor if isinstance(tensor, Int4Weight) else tensor.to(dtype)) for name, tensor in weights
+        )
         model.rotary = RotaryEmbedding(config, dtype).to(device)
         return model.eval()
 
@@ -204,22 +215,26 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
         kernels: PagedAttentionOps,
     ) -> torch.Tensor:
-        """[num_tokens] ids -> [num_tokens, hidden] final hidden states (normed)."""
-        hidden = self.embed_tokens(input_ids)
+        """[num_tokens] ids -> [num_tokens, hidden] final hidden states (normed).
+
+        `residual` is the residual stream, updated in place: each norm first adds the
+        previous sublayer's output into it (HF's `residual + hidden`, same values)."""
+        residual = self.embed_tokens(input_ids)  # a fresh tensor: ours to update in place
+        hidden: torch.Tensor | None = None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            residual = hidden
-            hidden = layer.self_attn(layer.input_layernorm(hidden), positions, self.rotary, kv_cache, meta, kernels)
-            hidden = residual + hidden
-            residual = hidden
-            hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
-        return self.norm(hidden)
+            normed = layer.input_layernorm(residual, hidden)
+            hidden = layer.self_attn(normed, positions, self.rotary, kv_cache, meta, kernels)
+            hidden = layer.mlp(layer.post_attention_layernorm(residual, hidden))
+        return self.norm(residual, hidden)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load HF-named tensors, fusing q/k/v and gate/up; every parameter must be set."""
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | Int4Weight]]) -> None:
+        """Load HF-named tensors, fusing q/k/v and gate/up; every parameter must be set.
+        Int4 weights are fused the same way (by rows) and replace their linear layer; a
+        fused projection whose parts are not all int4 is dequantized whole."""
         params = dict(self.named_parameters())
         fused = {
             "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
@@ -238,11 +253,19 @@ class LlamaForCausalLM(nn.Module):
                 pending.setdefault(full, {})[index] = tensor
                 expected = 3 if target == "qkv_proj" else 2
                 if len(pending[full]) == expected:
-                    shards = pending.pop(full)
-                    self._copy_param(params, full, torch.cat([shards[i] for i in range(expected)], dim=0))
+                    parts_by_index = pending.pop(full)
+                    shards = [parts_by_index[i] for i in range(expected)]
+                    if all(isinstance(shard, Int4Weight) for shard in shards):
+                        self._install_int4(params, full, Int4Weight.cat(shards))
+                    else:
+                        dense = [s.dequantize().to(params[full].dtype) if isinstance(s, Int4Weight) else s for s in shards]
+                        self._copy_param(params, full, torch.cat(dense, dim=0))
                     loaded.add(full)
                 continue
-            self._copy_param(params, name, tensor)
+            if isinstance(tensor, Int4Weight):
+                self._install_int4(params, name, tensor)
+            else:
+                self._copy_param(params, name, tensor)
             loaded.add(name)
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -250,6 +273,19 @@ class LlamaForCausalLM(nn.Module):
         missing = sorted(set(params) - loaded)
         if missing or pending:
             raise ValueError(f"checkpoint is missing weights: {missing[:5] + sorted(pending)[:5]}")
+
+    def _install_int4(self, params: dict[str, nn.Parameter], name: str, weight: Int4Weight) -> None:
+        """Replace the linear layer owning `name` (a `.weight`) by an Int4Linear; its bias,
+        loaded before or after, stays the same parameter."""
+        if name not in params:
+            raise ValueError(f"unexpected weight '{name}' in checkpoint")
+        if tuple(params[name].shape) != weight.shape:
+            raise ValueError(f"weight '{name}' has shape {weight.shape}, model expects {tuple(params[name].shape)}")
+        path, attribute = name.removesuffix(".weight").rpartition(".")[::2]
+        parent = self.get_submodule(path)
+        linear = getattr(parent, attribute)
+        dense = weight.dequantize().to(params[name].dtype) if self.int4_max_rows < sys.maxsize else None
+        setattr(parent, attribute, Int4Linear(weight, linear.bias, dense, self.int4_max_rows).to(params[name].device))
 
     @staticmethod
     def _copy_param(params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor) -> None:

@@ -9,6 +9,8 @@ end of their known tokens, by the rule the scheduler applies too (`shared/step_r
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from kernels import kernel_module
@@ -19,6 +21,7 @@ from services.executor.kv_cache import allocate_kv_cache, copy_blocks, num_block
 from services.executor.llama import LlamaForCausalLM
 from services.executor.model_config import ModelConfig, load_model_config
 from services.executor.prompt_logprobs import collect_prompt_logprobs, wants_prompt_logprobs
+from services.executor.quantized_linear import int4_max_rows
 from services.executor.request_state import RequestState, ScheduledRequest
 from services.executor.sampler import Sampler, beam_candidates
 from services.executor.structured_output import StructuredOutput
@@ -27,11 +30,18 @@ from services.executor.weight_loader import iter_weights
 from shared.messages import ExecuteStep, SampledToken, StepResult
 from shared.model_source import ModelSource
 
+logger = logging.getLogger(__name__)
+
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, source: ModelSource, group: TensorParallelGroup | None = None) -> None:
         self.device = config.torch_device()
-        self.dtype = config.torch_dtype()
+        self.dtype, dtype_reason = config.dtype_choice()
+        # 4-bit GGUF weights: packed for steps of up to this many rows (0: none packed).
+        self.int4_max_rows, weights_reason = int4_max_rows(
+            config.weight_format, self.dtype, self.device, source.gguf_file is not None
+        )
+        logger.info("serving in %s (%s); %s", str(self.dtype).removeprefix("torch."), dtype_reason, weights_reason)
         self.block_size = config.block_size
         # Tensor parallel (`tensor_parallel.py`): this rank's shard of the model and of the
         # KV cache; rank 0 alone samples and broadcasts the tokens (`distributed.py`).
@@ -40,7 +50,8 @@ class ModelRunner:
         self.shard_plan = ShardPlan.for_model(whole_model, self.group.rank, self.group.world_size)
         self.model_config: ModelConfig = self.shard_plan.local_config(whole_model)
         self.model = LlamaForCausalLM.build(
-            self.model_config, iter_weights(source, whole_model, self.shard_plan), self.dtype, self.device, self.group
+            self.model_config, iter_weights(source, whole_model, self.shard_plan, self.int4_max_rows > 0),
+            self.dtype, self.device, self.group, self.int4_max_rows,
         )
         mc = self.model_config
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)

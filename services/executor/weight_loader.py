@@ -1,9 +1,13 @@
 """Weights into HF's naming (`model.layers.N.self_attn.q_proj.weight`, ...) from a GGUF
-file (dequantized with the `gguf` package) or an HF folder of safetensors.
+file or an HF folder of safetensors.
+
+GGUF tensors are dequantized with the `gguf` package, except, when asked, the 4-bit
+(Q4_0, Q4_1) weights of linear layers: those come as `Int4Weight` codes and scales, to be
+packed for the int4 matmul (`quantized_linear.py`).
 
 A tensor-parallel rank gets only its slice of each sharded weight (`ShardPlan.slice_of`):
-from safetensors it reads only that slice from disk; from a GGUF it dequantizes one
-tensor at a time and keeps the slice (the file's row blocks are quantized whole)."""
+from safetensors it reads only that slice from disk; from a GGUF it decodes one tensor at
+a time and keeps the slice (a 4-bit weight's column slice must hold whole groups of 32)."""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import numpy as np
 import torch
 
 from services.executor.model_config import ModelConfig
+from services.executor.quantized_linear import Int4Weight
 from services.executor.tensor_parallel import ShardPlan
 from shared.model_source import ModelSource
 
@@ -56,7 +61,28 @@ def gguf_name_to_hf(name: str) -> str | None:
     return f"model.layers.{layer}.{_GGUF_LAYER_NAMES[part]}.{kind}"
 
 
-def iter_gguf_weights(path: str, config: ModelConfig, plan: ShardPlan | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+# Weights read by a matmul (not the embedding table, which is indexed by row).
+_LINEAR_WEIGHT_RE = re.compile(r"(_proj|lm_head)\.weight$")
+
+
+def _rotary_row_order(rows: int, num_heads: int) -> np.ndarray:
+    """The row permutation `_unpermute_rotary` applies, as indices (for quantized rows)."""
+    return _unpermute_rotary(np.arange(rows).reshape(rows, 1), num_heads)[:, 0]
+
+
+def _decode_int4(tensor: object, gguf: object) -> Int4Weight | None:
+    """A Q4_0 / Q4_1 tensor as codes and scales; None for any other type."""
+    kinds = {gguf.GGMLQuantizationType.Q4_1: Int4Weight.from_q4_1, gguf.GGMLQuantizationType.Q4_0: Int4Weight.from_q4_0}
+    decode = kinds.get(tensor.tensor_type)
+    if decode is None or len(tensor.shape) != 2:
+        return None
+    cols, rows = (int(n) for n in tensor.shape)  # GGUF lists the fastest-varying dimension first
+    return decode(tensor.data, rows, cols)
+
+
+def iter_gguf_weights(
+    path: str, config: ModelConfig, plan: ShardPlan | None = None, keep_int4: bool = False
+) -> Iterator[tuple[str, torch.Tensor | Int4Weight]]:
     import gguf
 
     reader = gguf.GGUFReader(path)
@@ -64,12 +90,21 @@ def iter_gguf_weights(path: str, config: ModelConfig, plan: ShardPlan | None = N
         hf_name = gguf_name_to_hf(tensor.name)
         if hf_name is None:
             continue
-        array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-        if hf_name.endswith("q_proj.weight"):
-            array = _unpermute_rotary(array, config.num_heads)
-        elif hf_name.endswith("k_proj.weight"):
-            array = _unpermute_rotary(array, config.num_kv_heads)
+        quantized = _decode_int4(tensor, gguf) if keep_int4 and _LINEAR_WEIGHT_RE.search(hf_name) else None
+        heads = {"q_proj.weight": config.num_heads, "k_proj.weight": config.num_kv_heads}
+        num_heads = next((n for suffix, n in heads.items() if hf_name.endswith(suffix)), None)
         shard = plan.slice_of(hf_name) if plan is not None else None
+        if quantized is not None:
+            if num_heads is not None:
+                quantized = quantized.take_rows(_rotary_row_order(quantized.shape[0], num_heads))
+            if shard is not None:
+                dim, start, length = shard
+                quantized = quantized.take_rows(slice(start, start + length)) if dim == 0 else quantized.take_cols(start, length)
+            yield hf_name, quantized
+            continue
+        array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        if num_heads is not None:
+            array = _unpermute_rotary(array, num_heads)
         if shard is not None:
             dim, start, length = shard
             array = array[start : start + length] if dim == 0 else array[:, start : start + length]
@@ -95,10 +130,11 @@ def iter_safetensors_weights(directory: str, plan: ShardPlan | None = None) -> I
 
 
 def iter_weights(
-    source: ModelSource, config: ModelConfig, plan: ShardPlan | None = None
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) pairs in the checkpoint's own dtype (float32 for GGUF); with a
-    plan, this rank's slice of each sharded tensor. `config` is the whole model's."""
+    source: ModelSource, config: ModelConfig, plan: ShardPlan | None = None, keep_int4: bool = False
+) -> Iterator[tuple[str, torch.Tensor | Int4Weight]]:
+    """(HF name, tensor) pairs in the checkpoint's own dtype (float32 for GGUF), with
+    `keep_int4` the GGUF's 4-bit linear weights as `Int4Weight`; with a plan, this rank's
+    slice of each sharded tensor. `config` is the whole model's."""
     if source.gguf_file is not None:
-        return iter_gguf_weights(os.path.join(source.directory, source.gguf_file), config, plan)
+        return iter_gguf_weights(os.path.join(source.directory, source.gguf_file), config, plan, keep_int4)
     return iter_safetensors_weights(source.directory, plan)

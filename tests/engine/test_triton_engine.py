@@ -20,7 +20,10 @@ def test_triton_engine_matches_torch_engine(random_llama_dir: Path) -> None:
     outputs = {}
     for use_triton in (False, True):
         engine = LLMEngine(
-            EngineConfig(model=str(random_llama_dir), use_triton=use_triton, num_kv_blocks=32, max_num_batched_tokens=24)
+            EngineConfig(
+                model=str(random_llama_dir), dtype="float32", use_triton=use_triton, num_kv_blocks=32,
+                max_num_batched_tokens=24,
+            )
         )
         assert engine.runner.kernels.__name__.endswith("triton_ops" if use_triton else "cpu_ops")
         outputs[use_triton] = [c.token_ids for c in engine.generate(prompts, params)]

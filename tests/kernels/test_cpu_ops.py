@@ -44,6 +44,7 @@ _DECODE_CASES = [
 ]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(("seq_lens", "num_heads", "num_kv_heads", "head_dim", "block_size"), _DECODE_CASES)
 def test_native_decode_matches_torch(
     request: pytest.FixtureRequest,
@@ -52,11 +53,14 @@ def test_native_decode_matches_torch(
     num_kv_heads: int,
     head_dim: int,
     block_size: int,
+    dtype: torch.dtype,
 ) -> None:
+    """bf16: K/V widened exactly, float32 accumulation, one rounding at the end; the
+    reference does the same in another summation order, hence bf16's tolerance."""
     gen = seeded_generator(request)
-    cache = paged_cache(seq_lens, num_kv_heads, head_dim, block_size, torch.float32, gen)
+    cache = paged_cache(seq_lens, num_kv_heads, head_dim, block_size, dtype, gen)
     # The query as the model hands it over: a strided view of a larger projection output.
-    query = torch.randn(len(seq_lens), 2, num_heads, head_dim, generator=gen)[:, 1]
+    query = torch.randn(len(seq_lens), 2, num_heads, head_dim, generator=gen).to(dtype)[:, 1]
     scale = head_dim**-0.5
 
     out = cpu_ops.native_decode_attention(
@@ -67,25 +71,26 @@ def test_native_decode_matches_torch(
         scale, max(seq_lens),
     )
 
-    assert out.shape == query.shape and out.dtype == torch.float32
+    assert out.shape == query.shape and out.dtype == dtype
     assert not out.isnan().any()
-    torch.testing.assert_close(out, expected, **tolerance(torch.float32))
+    torch.testing.assert_close(out, expected, **tolerance(dtype))
 
 
-def test_native_decode_on_a_serving_sized_batch() -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_native_decode_on_a_serving_sized_batch(dtype: torch.dtype) -> None:
     """Fresh random lengths and data each run, at the embedded model's shape (9 query heads
     over 3 KV heads, head_dim 64, blocks of 16) and a batch the size the engine runs."""
     seed = random.randrange(2**31)
     gen = torch.Generator().manual_seed(seed)
     seq_lens = torch.randint(1, 700, (48,), generator=gen).tolist()
-    cache = paged_cache(seq_lens, 3, 64, 16, torch.float32, gen)
-    query = torch.randn(len(seq_lens), 9, 64, generator=gen)
+    cache = paged_cache(seq_lens, 3, 64, 16, dtype, gen)
+    query = torch.randn(len(seq_lens), 9, 64, generator=gen).to(dtype)
     out = cpu_ops.native_decode_attention(query, cache.key_cache, cache.value_cache, cache.block_tables, cache.seq_lens, 0.125)
     expected = torch_ops.paged_decode_attention(
         query, cache.reference_key_cache, cache.reference_value_cache, cache.block_tables, cache.seq_lens,
         0.125, max(seq_lens),
     )
-    torch.testing.assert_close(out, expected, **tolerance(torch.float32), msg=lambda m: f"seed {seed}: {m}")
+    torch.testing.assert_close(out, expected, **tolerance(dtype), msg=lambda m: f"seed {seed}: {m}")
 
 
 def test_native_decode_is_the_same_on_any_number_of_threads(request: pytest.FixtureRequest) -> None:
@@ -107,20 +112,22 @@ def test_native_decode_is_the_same_on_any_number_of_threads(request: pytest.Fixt
     assert torch.equal(one, three)
 
 
-def test_serving_path_uses_the_native_kernel_for_float32_and_torch_otherwise(request: pytest.FixtureRequest) -> None:
+def test_serving_path_uses_the_native_kernel_for_float32_and_bfloat16_and_torch_otherwise(
+    request: pytest.FixtureRequest,
+) -> None:
     gen = seeded_generator(request)
     seq_lens = [20, 7]
     assert kernel_module(torch.device("cpu")) is cpu_ops
-    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+    for dtype in (torch.float32, torch.bfloat16, torch.float64, torch.float16):
         cache = paged_cache(seq_lens, 1, 32, 8, dtype, gen)
         query = torch.randn(len(seq_lens), 2, 32, generator=gen).to(dtype)
         keys, values = cache.reference_key_cache, cache.reference_value_cache
         args = (cache.block_tables, cache.seq_lens, 0.2)
         out = cpu_ops.paged_decode_attention(query, keys, values, *args, max(seq_lens))
-        if dtype == torch.float32:
+        if dtype in (torch.float32, torch.bfloat16):
             assert torch.equal(out, cpu_ops.native_decode_attention(query, keys, values, *args))
         else:
-            with pytest.raises(ValueError, match="float32"):
+            with pytest.raises(ValueError, match="float32 or bfloat16"):
                 cpu_ops.native_decode_attention(query, keys, values, *args)
             assert torch.equal(out, torch_ops.paged_decode_attention(query, keys, values, *args, max(seq_lens)))
 
