@@ -20,7 +20,7 @@ demo: setup
 	$(BIN)/pagedserve generate --chat --max-tokens 48 "What is the capital of France?" "Write a haiku about paging."
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 bench: setup
 	$(BIN)/python -m benchmarks.offline_throughput --no-hf

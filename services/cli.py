@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import msgspec
 
-from services.executor.config import DTYPES, EngineConfig, ExecutorConfig
+from services.executor.config import DTYPES, WEIGHT_FORMATS, EngineConfig, ExecutorConfig
 from services.gateway.config import GatewayConfig, add_gateway_flags, gateway_config_from_args
 from services.scheduler.config import (
     DEFAULT_ENABLE_PREFIX_CACHING,
@@ -38,7 +38,11 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     defaults = EngineConfig()
     parser.add_argument("--model", default=None, help="GGUF file or HF folder (default: embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:N (default: %(default)s)")
-    parser.add_argument("--dtype", default=defaults.dtype, choices=DTYPES, help="model and KV cache dtype")
+    parser.add_argument(
+        "--dtype", default=defaults.dtype, choices=DTYPES,
+        help="model and KV cache dtype (auto: bfloat16 on CUDA and on CPUs with AMX or AVX512-BF16, else float32)",
+    )
+    add_weight_format_flag(parser)
     parser.add_argument("--block-size", type=int, default=defaults.block_size, help="tokens per KV block")
     parser.add_argument("--kv-cache-memory", type=int, default=defaults.kv_cache_memory_bytes, help="KV cache bytes on CPU")
     parser.add_argument("--gpu-memory-utilization", type=float, default=defaults.gpu_memory_utilization)
@@ -53,6 +57,14 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--collective-timeout", type=float, default=defaults.collective_timeout_s, metavar="SECONDS",
         help="tensor parallel: a collective not done in this time fails the step and the group is restarted",
+    )
+
+
+def add_weight_format_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--weight-format", default=EngineConfig().weight_format, choices=WEIGHT_FORMATS,
+        help="GGUF models: keep 4-bit weights packed for int4 matmuls (quantized) or expand them to the "
+        "dtype at load (dequantized); auto: quantized on CPU in bf16/fp32 (default: %(default)s)",
     )
 
 
@@ -94,6 +106,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         model=args.model,
         device=args.device,
         dtype=args.dtype,
+        weight_format=args.weight_format,
         block_size=args.block_size,
         kv_cache_memory_bytes=args.kv_cache_memory,
         gpu_memory_utilization=args.gpu_memory_utilization,
@@ -206,7 +219,16 @@ def add_scheduler_flags(parser: argparse.ArgumentParser) -> None:
     )
     add_prefix_caching_flag(parser)
     add_preemption_mode_flag(parser)
+    add_async_scheduling_flag(parser)
     add_curve_flag(parser)
+
+
+def add_async_scheduling_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--async-scheduling", action=argparse.BooleanOptionalAction, default=SchedulerServiceConfig().async_scheduling,
+        help="schedule step n+1 while the executor runs step n, hiding the scheduler and both ZeroMQ hops "
+        "behind the model (outputs are identical either way)",
+    )
 
 
 def add_up_flags(parser: argparse.ArgumentParser) -> None:
@@ -222,8 +244,10 @@ def add_up_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=engine_defaults.block_size)
     add_batch_limit_flags(parser)
     parser.add_argument("--dtype", default=engine_defaults.dtype, choices=DTYPES)
+    add_weight_format_flag(parser)
     add_prefix_caching_flag(parser)
     add_preemption_mode_flag(parser)
+    add_async_scheduling_flag(parser)
     parser.add_argument("--swap-space", type=int, default=engine_defaults.swap_space_bytes, metavar="BYTES", help="passed to the executor")
     add_tensor_parallel_flag(parser)
     parser.add_argument(
@@ -274,6 +298,7 @@ def run_scheduler(args: argparse.Namespace) -> int:
             gateway_timeout_s=args.gateway_timeout,
             enable_prefix_caching=args.enable_prefix_caching,
             preemption_mode=args.preemption_mode,
+            async_scheduling=args.async_scheduling,
             curve_keys_dir=args.zmq_curve_keys,
         ),
         _stop_on_signals(),

@@ -131,6 +131,7 @@ def service_commands(args: argparse.Namespace) -> ServiceCommands:
             "--executor-timeout", str(args.executor_timeout), *curve,
             "--enable-prefix-caching" if args.enable_prefix_caching else "--no-enable-prefix-caching",
             "--preemption-mode", args.preemption_mode, "--replica-id", f"replica-{index}",
+            "--async-scheduling" if args.async_scheduling else "--no-async-scheduling",
         ])
         # Tensor parallel: T rank processes per replica, meeting at a rendezvous of their own.
         size = args.tensor_parallel_size
@@ -139,7 +140,7 @@ def service_commands(args: argparse.Namespace) -> ServiceCommands:
             parallel = ["--tensor-parallel-size", str(size), "--rank", str(rank), "--dist-init-address", rendezvous] if size > 1 else []
             executors.append(base + [
                 "executor", "--scheduler-address", executor_zmq, "--kv-cache-memory", str(args.kv_cache_memory),
-                "--block-size", str(args.block_size), "--dtype", args.dtype, "--swap-space", str(args.swap_space),
+                "--block-size", str(args.block_size), "--dtype", args.dtype, "--weight-format", args.weight_format, "--swap-space", str(args.swap_space),
                 "--executor-id", f"executor-{index}", *parallel, *model, *curve,
             ])
     gateway = base + [

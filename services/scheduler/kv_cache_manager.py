@@ -192,11 +192,15 @@ class KVCacheManager:
         req.block_ids = []
         req.num_registered_blocks = 0
 
-    def register_full_blocks(self, req: Request) -> None:
-        """Offer the blocks the last step made full (and computed) to the prefix cache."""
+    def register_full_blocks(self, req: Request, num_computed_tokens: int | None = None) -> None:
+        """Offer the blocks the last step made full (and computed) to the prefix cache.
+        `num_computed_tokens`: how many of the request's tokens a result has confirmed
+        (default: `req.num_computed_tokens`, which also counts steps still in flight)."""
         if not self._enable_prefix_caching:
             return
-        num_full_blocks = req.num_computed_tokens // self.block_size
+        if num_computed_tokens is None:
+            num_computed_tokens = req.num_computed_tokens
+        num_full_blocks = num_computed_tokens // self.block_size
         if num_full_blocks <= req.num_registered_blocks:
             return
         self.hash_blocks(req)

@@ -32,8 +32,19 @@ def blocks_to_cover(num_tokens: int, block_size: int) -> int:
 
 def num_tokens_to_schedule(req: Request, token_budget: int) -> int:
     """Everything not yet computed, as far as the step's budget reaches: a whole prompt,
-    a chunk of one, or the single token of a decode."""
-    return min(req.num_tokens - req.num_computed_tokens, token_budget)
+    a chunk of one, or the single token of a decode (whose token may still be pending:
+    sampled by a step in flight, which the executor runs first)."""
+    return min(req.num_tokens_scheduled_for - req.num_computed_tokens, token_budget)
+
+
+def ends_with_pending_tokens(req: Request, max_model_len: int) -> bool:
+    """Whether the tokens pending for `req` (sampled by steps in flight) will end it by
+    length: then scheduling it again would only compute a token to throw away. (A stop
+    token or EOS cannot be foreseen: that surplus token is computed and discarded.)"""
+    if not req.num_pending_tokens:
+        return False
+    num_output = req.num_output_tokens + req.num_pending_tokens
+    return num_output >= req.sampling_params.max_tokens or req.num_tokens_scheduled_for >= max_model_len
 
 
 def peak_kv_tokens(req: Request, max_model_len: int) -> int:

@@ -4,9 +4,11 @@ A plain class, not a message: it is mutated every step and never crosses a proce
 boundary (the executor gets `NewRequestData` / `CachedRequestData` built from it).
 
 Progress is two counters, as in vLLM v1: `num_tokens` (prompt + output so far) and
-`num_computed_tokens` (how many of those have their K/V in the cache). A step computes
-some of the difference; prefill, chunked prefill, decode and recompute after preemption
-are all the same operation.
+`num_computed_tokens` (how many of those have their K/V in the cache, or will have once
+the steps already scheduled have run: it advances when a step is scheduled). A step
+computes some of the difference; prefill, chunked prefill, decode and recompute after
+preemption are all the same operation. A token sampled in a step still in flight is
+pending (`num_pending_tokens`) until its result arrives.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class Request:
         "sample_index",
         "beam_group",
         "unsent_token_ids",
+        "num_pending_tokens",
     )
 
     def __init__(
@@ -110,6 +113,12 @@ class Request:
         # the executor has not been told yet wait here for the next CachedRequestData.
         self.beam_group: BeamGroup | None = None
         self.unsent_token_ids: list[int] = []
+        # Tokens the executor samples in steps already scheduled whose results have not
+        # come back (0 or 1 synchronously; up to 2 with asynchronous scheduling, where
+        # step n+1 is scheduled while step n runs). The executor appends them to its own
+        # mirror; here they count for scheduling only, and `output_token_ids` gets each
+        # when its result arrives.
+        self.num_pending_tokens = 0
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -121,7 +130,14 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
+        """Prompt + output tokens known here (pending ones excluded)."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_tokens_scheduled_for(self) -> int:
+        """Tokens the executor will know once the steps in flight have run: `num_tokens`
+        plus the pending ones. What the next step computes up to."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending_tokens
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -146,6 +162,7 @@ class Request:
         """The request in full, for an executor that does not mirror it yet (first
         admission, resumption after recompute, or swap-in into fresh blocks). Every token
         goes with it, so a beam has none left unsent."""
+        assert not self.num_pending_tokens, f"{self!r}: a token of a step in flight is not known yet"
         self.unsent_token_ids = []
         return NewRequestData(
             request_id=self.request_id,

@@ -1,12 +1,15 @@
 """Continuous batching over a paged KV cache: which requests run next, with how many
 tokens each, in which blocks.
 
-Pure policy: no sockets, no tensors. The service loop calls, one step in flight at a time:
+Pure policy: no sockets, no tensors. The service loop calls:
 
     step = scheduler.schedule()                       # -> executor
     deltas = scheduler.update_from_output(step, result)  # <- executor, -> clients
 
-with `add_request` / `abort_requests` in between as messages arrive.
+with `add_request` / `abort_requests` in between as messages arrive; and, with
+asynchronous scheduling, a second `schedule()` while a step is in flight whenever
+`can_schedule_ahead()` says it comes out as it would after that step's result
+(`steps_in_flight.py`: a step counts as run the moment it is scheduled).
 
 Scheduling is unified as in vLLM v1: a request has `num_tokens` (prompt + output) and
 `num_computed_tokens` (K/V in the cache); a step computes up to the difference, capped by
@@ -25,7 +28,7 @@ asks the others for the rest:
 - `policy.py`: the pure rules (orderings, validation, stop conditions);
 - `step_result.py`: a result checked against its step before anything changes.
 
-At about 580 lines this module is over the project's ~500 mark on purpose: what is left is
+At about 640 lines this module is over the project's ~500 mark on purpose: what is left is
 the queues and the four operations on them, which share every queue; splitting further
 would put the queues in one class and leave the operations delegating to it.
 """
@@ -43,6 +46,7 @@ from services.scheduler.kv_cache_manager import KVCacheManager
 from services.scheduler.policy import (
     QueueFullError,
     blocks_to_cover,
+    ends_with_pending_tokens,
     num_tokens_to_schedule,
     pick_preemption_victim,
     stop_status,
@@ -52,6 +56,7 @@ from services.scheduler.policy import (
 from services.scheduler.prefix_cache import PrefixCacheEvent
 from services.scheduler.request import Request, RequestStatus
 from services.scheduler.step_result import match_result
+from services.scheduler.steps_in_flight import StepsInFlight, count_as_scheduled
 from services.scheduler.swap_space import SwapSpace
 from shared.messages import (
     BeamFork,
@@ -102,6 +107,7 @@ class Scheduler:
         # Requests the executor mirrors and must forget before the next step.
         self._dropped_ids: list[str] = []
         self._next_step_id = 0
+        self._in_flight = StepsInFlight()  # scheduled, result not applied yet
         self._next_arrival_seq = 0
         self._num_preemptions_total = 0
 
@@ -223,6 +229,7 @@ class Scheduler:
         beam_forks, self._beam_forks = self._beam_forks, []
         scheduled_ids = [r.request_id for r in new_requests] + [r.request_id for r in cached_requests]
         counts = new_counts + cached_counts
+        scheduled = [(self._requests[request_id], num_new) for request_id, num_new in zip(scheduled_ids, counts)]
         step = ExecuteStep(
             step_id=self._next_step_id,
             new_requests=new_requests,
@@ -232,31 +239,57 @@ class Scheduler:
             swap_out=self._swap.take_swap_out(),
             swap_in=self._swap.take_swap_in(),
             block_copies=self._kv.take_block_copies(),
-            forked_requests=self._samples.forks_for_step(
-                (self._requests[request_id], num_new) for request_id, num_new in zip(scheduled_ids, counts)
-            ),
+            forked_requests=self._samples.forks_for_step(scheduled),
             beam_forks=beam_forks,
         )
+        # Counted as run already: the next step may be scheduled on top of it.
+        self._in_flight.add(step, count_as_scheduled(scheduled))
         self._next_step_id += 1
         return step
 
+    def can_schedule_ahead(self) -> bool:
+        """Whether the next step may be scheduled now, while the one step in flight runs
+        (asynchronous scheduling): it must come out exactly as it would once that step's
+        result is in. So not when that step forks samples (the forks become requests only
+        with its result), nor during a beam search (the scheduler picks a beam's tokens
+        from the result), nor when the next step would have to preempt (a request in
+        flight would lose a token its result is about to bring), nor when there is nothing
+        to schedule but requests whose pending tokens end them."""
+        if not self._in_flight.one_without_forks() or self._beam_groups:
+            return False
+        token_budget = self.config.max_num_batched_tokens
+        num_blocks = 0
+        for req in self._running:
+            if token_budget <= 0:
+                break
+            if ends_with_pending_tokens(req, self.config.max_model_len):
+                continue
+            num_new = num_tokens_to_schedule(req, token_budget)
+            num_blocks += self._kv.num_blocks_to_schedule(req, num_new)
+            token_budget -= num_new
+        something_to_run = token_budget < self.config.max_num_batched_tokens or self._waiting or self._swapped
+        return bool(something_to_run) and num_blocks <= self._kv.num_free_blocks
+
     def update_from_output(self, step: ExecuteStep, result: StepResult) -> list[RequestDelta]:
-        """Apply a step's result: advance each request by its scheduled tokens, append the
-        sampled ones, finish those that hit a stop condition (freeing their blocks now).
+        """Apply a step's result (its tokens were counted as computed when it was
+        scheduled): append the sampled tokens, pending until now, finish the requests that
+        hit a stop condition (freeing their blocks now).
         Requests aborted while the step ran are skipped; a result that disagrees with the
         step changes nothing (ValueError, see step_result.py). Blocks the step filled join
         the prefix cache (before a finished request frees them). Samples forked in the
         step become requests. Returns one delta per request or sample that got a token."""
-        matched = match_result(step, result, self._requests)
+        matched = match_result(step, result, self._requests, self._in_flight.samples(step.step_id))
+        self._in_flight.finish(step.step_id)
         self._dropped_ids += matched.orphan_fork_ids
         deltas: list[RequestDelta] = []
         any_finished = False
         beam_rounds: list[BeamGroup] = []  # groups with a new report, in first-report order
-        for req, num_scheduled, token in matched.updates:
-            req.num_computed_tokens += num_scheduled
-            if token is not None and req.beam_group is None:
-                req.output_token_ids.append(token.token_id)
-            self._kv.register_full_blocks(req)
+        for req, num_computed, token in matched.updates:
+            if token is not None:
+                req.num_pending_tokens -= 1
+                if req.beam_group is None:
+                    req.output_token_ids.append(token.token_id)
+            self._kv.register_full_blocks(req, num_computed)
             if token is None:
                 continue
             if req.beam_group is not None:
@@ -351,6 +384,7 @@ class Scheduler:
             self._preempt(req)
         # The new executor mirrors nothing: forked beams come back as NewRequestData too.
         self._beam_forks = []
+        self._in_flight.clear()  # their results, should they come, are dropped by the caller
         # The swap pool went with the executor too: swapped requests recompute as well
         # (they are not mirrored by the executor, so not in the step's dropped ids).
         for req in self._swapped:
@@ -460,14 +494,17 @@ class Scheduler:
             plan: list[tuple[Request, int]] = []  # (request, tokens)
             budget_left = token_budget
             for member in gang:
-                num_new = num_tokens_to_schedule(member, budget_left)
+                if ends_with_pending_tokens(member, self.config.max_model_len):
+                    num_new = 0  # its result in flight ends it: it is done computing
+                else:
+                    num_new = num_tokens_to_schedule(member, budget_left)
                 budget_left -= num_new
                 plan.append((member, num_new))
             num_blocks = sum(self._kv.num_blocks_to_schedule(member, num_new) for member, num_new in plan)
             if not self._make_room(index, len(gang), num_blocks):
                 continue  # the gang was preempted; self._running[index] is the next one
             for member, num_new in plan:
-                if num_new == 0:  # a beam that reported, waiting for the rest of its group
+                if num_new == 0:  # a beam that reported, waiting for its group; or one ending
                     continue
                 # After _make_room: a preempted sharer may have left a block to it alone.
                 new_block_ids, num_replaced = self._kv.allocate_slots(member, num_new)
@@ -565,6 +602,7 @@ class Scheduler:
         if req.beam_group is not None:
             req.beam_group.reports.pop(req.request_id, None)  # it reports again after recomputing
         req.num_computed_tokens = 0
+        req.num_pending_tokens = 0  # the step in flight's token, if any, is dropped with it
         req.status = RequestStatus.WAITING
         req.num_preemptions += 1
         self._num_preemptions_total += 1
@@ -603,3 +641,4 @@ class Scheduler:
         req.status = status
         del self._requests[req.request_id]
         self._samples.forget_if_ended(req.client_request_id, self._requests)
+

@@ -5,6 +5,15 @@ requests, aborts, status and info queries, executor capacity, step results), and
 no step is in flight and work is pending, schedule the next step and send it. Everything it
 does between polls is in-memory; Redis mirroring happens on its own thread.
 
+Asynchronous scheduling (`async_scheduling`, as vLLM's; off by default, see the README's
+"Asynchronous scheduling" for the measurement): with one step in flight, the next is
+scheduled and sent at once, so that the executor finds it queued when
+it finishes the current one and the scheduler's work (and both ZeroMQ hops) hide behind
+the model's. The core counts each running request one token further (`Scheduler.
+can_schedule_ahead` says when that is exact); the executor fills in the token it sampled
+itself. A request that the earlier result finishes has its surplus token dropped, never
+streamed. Outputs equal the synchronous order's token for token.
+
 When a client request is over is the core's to say (`RequestDelta.request_finished`); the
 service only forwards deltas to the gateway that asked and forgets the owner then. Redis
 holds what this scheduler alone knows: its replica's load (`replica:{id}`) and the
@@ -32,12 +41,12 @@ import socket
 import threading
 import time
 from collections import defaultdict, deque
-from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 import zmq
 
+from services.scheduler.executor_group import ExecutorGroup, GroupAssembly
 from services.scheduler.redis_mirror import RedisMirror
 from services.scheduler.request import Request
 from services.scheduler.config import (
@@ -50,7 +59,7 @@ from services.scheduler.config import (
     SchedulerConfig,
 )
 from services.scheduler.scheduler import QueueFullError, Scheduler
-from services.scheduler.status import StepHistory, block_pool_status, executor_status, request_status
+from services.scheduler.status import StepHistory, block_pool_status, request_status
 from shared.messages import (
     AbortRequest,
     ExecuteStep,
@@ -98,34 +107,9 @@ class SchedulerServiceConfig(msgspec.Struct, forbid_unknown_fields=True):
     enable_prefix_caching: bool = DEFAULT_ENABLE_PREFIX_CACHING
     preemption_mode: PreemptionMode = DEFAULT_PREEMPTION_MODE  # "swap": into the executor's CPU swap pool
     curve_keys_dir: str | None = None  # CURVE-secure both sockets (shared/zmq_security.py)
-
-
-@dataclass
-class _Rank:
-    identity: bytes
-    ready: ExecutorReady  # as this rank announced itself
-    last_heard: float  # monotonic
-
-
-@dataclass
-class _Executor:
-    """What steps go to: one executor process, or the T ranks of a tensor-parallel group
-    (rank 0 first). Every rank gets every step; rank 0's result is the one read."""
-
-    ranks: list[_Rank]
-    ready: ExecutorReady  # rank 0's, carrying the smallest capacity of any rank
-
-    @property
-    def identity(self) -> bytes:
-        return self.ranks[0].identity
-
-    @property
-    def last_heard(self) -> float:
-        """Of the rank heard from least recently: losing any rank loses the group."""
-        return min(rank.last_heard for rank in self.ranks)
-
-    def rank_of(self, identity: bytes) -> _Rank | None:
-        return next((rank for rank in self.ranks if rank.identity == identity), None)
+    # Schedule step n+1 while the executor runs step n (see the module docstring). Off by
+    # default: on 2 CPU cores, all of them the executor's, the overlap did not win.
+    async_scheduling: bool = False
 
 
 class SchedulerService:
@@ -143,16 +127,16 @@ class SchedulerService:
         self.executors.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.executors.bind(config.executor_address)
         self.core: Scheduler | None = None  # sized by the first executor's capacity
-        self.executor: _Executor | None = None  # the one steps go to; None while lost
-        # Tensor-parallel groups whose ranks are announcing themselves: group id -> rank -> it.
-        self.assembling_groups: dict[str, dict[int, _Rank]] = {}
+        self.executor: ExecutorGroup | None = None  # the one steps go to; None while lost
+        self.assembling_groups = GroupAssembly()  # tensor-parallel groups not all announced
         # The latest executor to join, kept after it is lost: requests arriving meanwhile
         # need its EOS token, and it is taken back should it speak again (it was only slow).
-        self.last_executor: _Executor | None = None
+        self.last_executor: ExecutorGroup | None = None
         self.executor_lost_at: float | None = None  # monotonic; set while none replaces it
         self.num_executors_lost = 0
         self.executor_events: deque[ExecutorEvent] = deque(maxlen=20)
-        self.in_flight: ExecuteStep | None = None
+        # Steps sent and not answered, oldest first: one, or two with asynchronous scheduling.
+        self.in_flight: deque[ExecuteStep] = deque()
         # Client request id -> the identity of the gateway that asked for it, until the core
         # flags its last delta; forked samples and beams report under the client's id.
         self.owner_of: dict[str, bytes] = {}
@@ -201,16 +185,19 @@ class SchedulerService:
             handle(frames)
 
     def _maybe_step(self) -> None:
-        if self.in_flight is not None or self.core is None or self.executor is None:
+        core, executor = self.core, self.executor
+        if core is None or executor is None or not core.has_unfinished_requests():
             return
-        if not self.core.has_unfinished_requests():
+        if self.in_flight and not (
+            self.config.async_scheduling and len(self.in_flight) == 1 and core.can_schedule_ahead()
+        ):
             return
-        step = self.core.schedule()
-        if not step.num_scheduled_tokens:
-            return  # nothing fits this instant (cannot happen for validated requests)
-        self.in_flight = step
+        step = core.schedule()
+        if not (step.num_scheduled_tokens or step.dropped_request_ids or step.swap_out):
+            return  # nothing to run or to tell the executor this instant
+        self.in_flight.append(step)
         frames = encode(StepMessage(step=step))  # once, for every rank of the group
-        for rank in self.executor.ranks:
+        for rank in executor.ranks:
             self.executors.send_multipart([rank.identity, *frames])
 
     def _maybe_report_load(self) -> None:
@@ -249,7 +236,7 @@ class SchedulerService:
             if message.world_size > 1:
                 self._on_rank_ready(identity, message, now)
             else:
-                self._on_executor_ready(identity, message, now)
+                self._on_executor_ready(ExecutorGroup.single(identity, message, now), now)
             return
         executor = self.executor
         if executor is not None and (rank := executor.rank_of(identity)) is not None:
@@ -264,7 +251,7 @@ class SchedulerService:
                 # Counted as lost, yet every rank speaks: it was only slow. It serves again,
                 # from scratch (the next step tells it to forget every request it mirrors).
                 log.warning("executor %s is alive after all: serving again", last.ready.executor_id)
-                self._on_executor_ready(last.identity, last.ready, now, last.ranks)
+                self._on_executor_ready(last, now)
         # Anything else comes from an executor replaced by another, or from before this
         # scheduler started (an executor announces itself again when it reconnects).
 
@@ -276,31 +263,17 @@ class SchedulerService:
         executor = self.executor
         if executor is not None and executor.ready.group_id == ready.group_id:
             self._lose_executor(f"rank {ready.rank} of group {ready.group_id} announced itself again", now)
-        ranks = self.assembling_groups.setdefault(ready.group_id, {})
-        if any(r.ready.world_size != ready.world_size for r in ranks.values()):
-            ranks.clear()  # left over from an earlier start of the group with another size
-        ranks[ready.rank] = _Rank(identity, ready, now)
-        if len(ranks) < ready.world_size:
+        group = self.assembling_groups.add(identity, ready, now)
+        if group is None:
             log.info("group %s: rank %d of %d ready, waiting for the others", ready.group_id, ready.rank, ready.world_size)
             return
-        del self.assembling_groups[ready.group_id]
-        ordered = [ranks[r] for r in range(ready.world_size)]
-        group_ready = msgspec.structs.replace(
-            ordered[0].ready,
-            executor_id=ready.group_id,
-            num_blocks=min(r.ready.num_blocks for r in ordered),
-            num_swap_blocks=min(r.ready.num_swap_blocks for r in ordered),
-        )
-        self._on_executor_ready(ordered[0].identity, group_ready, now, ordered)
+        self._on_executor_ready(group, now)
 
-    def _on_executor_ready(
-        self, identity: bytes, ready: ExecutorReady, now: float, ranks: list[_Rank] | None = None
-    ) -> None:
-        """An executor (or all `ranks` of a group, `identity` rank 0's) announced itself:
-        started, reconnected, or replacing the one we had. What its KV cache and request
-        mirror hold is unknown, so everything running is requeued for recompute and no
-        cached prefix is trusted."""
-        ranks = ranks or [_Rank(identity, ready, now)]
+    def _on_executor_ready(self, group: ExecutorGroup, now: float) -> None:
+        """An executor (or every rank of a group) announced itself: started, reconnected,
+        or replacing the one we had. What its KV cache and request mirror hold is unknown,
+        so everything running is requeued for recompute and no cached prefix is trusted."""
+        identity, ready = group.identity, group.ready
         core, last = self.core, self.last_executor
         requeued: list[str] = []
         if core is None or last is None:
@@ -314,15 +287,15 @@ class SchedulerService:
                 )
                 return
             requeued = core.requeue_all_running()
-            self.in_flight = None  # its result, should it come, is dropped
+            self.in_flight.clear()  # their results, should they come, are dropped
             if self.executor is not None and self.executor.identity != identity:
                 log.warning("executor %s replaces %s", ready.executor_id, self.executor.ready.executor_id)
             num_swap_blocks = core.swap_pool.num_blocks if core.swap_pool else 0
             if (ready.num_blocks, ready.num_swap_blocks) != (core.block_pool.num_blocks, num_swap_blocks):
                 self._resize(ready)
-        for rank in ranks:
+        for rank in group.ranks:
             rank.last_heard = now
-        self.executor = self.last_executor = _Executor(ranks=ranks, ready=ready)
+        self.executor = self.last_executor = group
         self.executor_lost_at = None
         detail = f"{ready.model} on {ready.device}, {ready.num_blocks:,} blocks of {ready.block_size} tokens"
         if ready.world_size > 1:
@@ -400,7 +373,7 @@ class SchedulerService:
         executor, core = self.executor, self.core
         assert executor is not None and core is not None
         requeued = core.requeue_all_running()
-        self.in_flight = None  # its result, should it come, is dropped
+        self.in_flight.clear()  # their results, should they come, are dropped
         self.executor = None
         self.executor_lost_at = now
         self.num_executors_lost += 1
@@ -423,12 +396,11 @@ class SchedulerService:
         self.executor_events.append(ExecutorEvent(time.time(), executor_id, event, detail, num_requeued))
 
     def _on_step_result(self, message: StepResultMessage, now: float) -> None:
-        step = self.in_flight
-        if step is None or self.core is None or message.result.step_id != step.step_id:
+        if not self.in_flight or self.core is None or message.result.step_id != self.in_flight[0].step_id:
             # Normal after an executor reset: the result of a step that was requeued.
-            log.info("dropped a result for step %d: not the step in flight", message.result.step_id)
+            log.info("dropped a result for step %d: not the oldest step in flight", message.result.step_id)
             return
-        self.in_flight = None
+        step = self.in_flight.popleft()
         try:
             deltas = self.core.update_from_output(step, message.result)
         except ValueError as error:
@@ -563,14 +535,7 @@ class SchedulerService:
     def _executor_statuses(self, now: float) -> list[ExecutorStatus]:
         if self.executor is None:
             return []
-        return [  # one per rank of a tensor-parallel group
-            executor_status(
-                rank.ready.executor_id, rank.ready.device, rank.ready.num_blocks, rank.ready.model,
-                now - rank.last_heard, self.config.heartbeat_timeout_s,
-                rank.ready.group_id, rank.ready.rank, rank.ready.world_size,
-            )
-            for rank in self.executor.ranks
-        ]
+        return self.executor.statuses(now, self.config.heartbeat_timeout_s)
 
     def _step_stats(self) -> StepStats:
         core = self.core

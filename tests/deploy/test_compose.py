@@ -322,7 +322,7 @@ def test_image_installs_like_setup_sh() -> None:
         ["--redis-url", "redis://127.0.0.1:6379/0"],
         ["--redis-url", "redis://10.0.0.5:6380/1", "--host", "0.0.0.0", "--port", "9000", "--model", "/models/m.gguf",
          "--kv-cache-memory", "1000000", "--block-size", "32", "--max-num-seqs", "8", "--dtype", "float32",
-         "--no-enable-prefix-caching", "--zmq-curve-keys", "/etc/pagedserve/keys"],
+         "--no-enable-prefix-caching", "--async-scheduling", "--zmq-curve-keys", "/etc/pagedserve/keys"],
     ],
 )
 def test_up_runs_commands_the_cli_accepts(up_flags: list[str]) -> None:
@@ -343,6 +343,7 @@ def test_up_runs_commands_the_cli_accepts(up_flags: list[str]) -> None:
     assert executor.model == up_args.model
     assert scheduler.zmq_curve_keys == executor.zmq_curve_keys == gateway.zmq_curve_keys == up_args.zmq_curve_keys
     assert scheduler.enable_prefix_caching == up_args.enable_prefix_caching
+    assert scheduler.async_scheduling == up_args.async_scheduling
     assert commands.url == f"http://{up_args.host}:{up_args.port}"
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import zlib
 from array import array
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -169,9 +169,8 @@ def check_step(sched: Scheduler, step: ExecuteStep) -> None:
     scheduled = dict(zip(ids, counts))
     # Decodes are never starved: every running request is in the step.
     assert set(scheduled) == {r.request_id for r in sched.running}
-    for req in sched.running:
-        covered = req.num_computed_tokens + scheduled[req.request_id]
-        assert len(req.block_ids) == blocks_to_cover(covered, block_size)
+    for req in sched.running:  # scheduling counted the step's tokens as computed already
+        assert len(req.block_ids) == blocks_to_cover(req.num_computed_tokens, block_size)
     check_pool(sched)
 
 
@@ -187,6 +186,7 @@ class Run:
     steps: list[ExecuteStep] = field(default_factory=list)
     outputs: dict[str, list[int]] = field(default_factory=dict)
     finish_reasons: dict[str, str] = field(default_factory=dict)
+    num_scheduled_ahead: int = 0  # steps scheduled while another was in flight
 
 
 def step_once(sched: Scheduler, executor: FakeExecutor, run: Run) -> list[RequestDelta]:
@@ -197,6 +197,22 @@ def step_once(sched: Scheduler, executor: FakeExecutor, run: Run) -> list[Reques
     check_after_update(sched)
     record(run, deltas)
     return deltas
+
+
+def step_ahead(sched: Scheduler, executor: FakeExecutor, run: Run, in_flight: deque[tuple[ExecuteStep, StepResult]]) -> None:
+    """Asynchronous scheduling, as the scheduler service runs it: a step is scheduled while
+    the one before it is in flight whenever the core allows, and the executor runs each
+    the moment it has it, before the scheduler has the result of the one before (the
+    widest gap the service allows). Then the oldest result is applied."""
+    while len(in_flight) < 2 and sched.has_unfinished_requests() and (not in_flight or sched.can_schedule_ahead()):
+        step = sched.schedule()
+        run.steps.append(step)
+        run.num_scheduled_ahead += bool(in_flight)
+        in_flight.append((step, executor.execute(step)))
+    if in_flight:
+        step, result = in_flight.popleft()
+        record(run, sched.update_from_output(step, result))
+        check_pool(sched)
 
 
 def record(run: Run, deltas: list[RequestDelta]) -> None:
@@ -621,15 +637,18 @@ def test_result_that_disagrees_with_the_step_is_rejected_untouched() -> None:
         sched.update_from_output(step, StepResult(step.step_id, [SampledToken("zz", 42)]))
     with pytest.raises(ValueError, match="step 7"):
         sched.update_from_output(step, StepResult(7, []))
-    assert sched.get_request("a").num_computed_tokens == 0  # type: ignore[union-attr]
-    assert sched.update_from_output(step, StepResult(step.step_id, [])) == []
+    # Counted as computed when scheduled; the rejected results left the step in flight.
     assert sched.get_request("a").num_computed_tokens == 8  # type: ignore[union-attr]
+    assert sched.update_from_output(step, StepResult(step.step_id, [])) == []
+    with pytest.raises(ValueError, match="not in flight"):  # once only
+        sched.update_from_output(step, StepResult(step.step_id, []))
     step = sched.schedule()  # tokens 8..16
     sched.update_from_output(step, StepResult(step.step_id, []))
     step = sched.schedule()  # the last 4 prompt tokens: must sample
     with pytest.raises(ValueError, match="sampled nothing"):
         sched.update_from_output(step, StepResult(step.step_id, []))
-    assert sched.get_request("a").num_computed_tokens == 16  # type: ignore[union-attr]
+    assert sched.get_request("a").num_output_tokens == 0  # type: ignore[union-attr]
+    assert sched.update_from_output(step, StepResult(step.step_id, [SampledToken("a", 42)]))[0].new_token_ids == [42]
 
 
 # --- random workloads ---------------------------------------------------------------
@@ -641,6 +660,10 @@ def test_result_that_disagrees_with_the_step_is_rejected_untouched() -> None:
 def test_random_workload_has_no_leaks_and_matches_reference(
     seed: int, enable_prefix_caching: bool, preemption_mode: str
 ) -> None:
+    """Odd seeds schedule asynchronously (`step_ahead`), even ones synchronously: both
+    must give every request exactly its reference output."""
+    asynchronous = seed % 2 == 1
+    in_flight: deque[tuple[ExecuteStep, StepResult]] = deque()
     rng = random.Random(seed)
     block_size = rng.choice([1, 2, 4, 16])
     max_model_len = rng.choice([48, 128, 512])
@@ -690,14 +713,18 @@ def test_random_workload_has_no_leaks_and_matches_reference(
             if sched.abort_requests([victim]):
                 aborted.add(victim)
                 run.finish_reasons[victim] = "abort"
-        if not num_to_add and not sched.has_unfinished_requests():
+        if not num_to_add and not sched.has_unfinished_requests() and not in_flight:
             break
-        step_once(sched, executor, run)
+        if asynchronous:
+            step_ahead(sched, executor, run, in_flight)
+        else:
+            step_once(sched, executor, run)
     else:
         raise AssertionError("workload did not finish")
 
     assert_all_free(sched)
     assert sched.kv_utilisation() == 0.0
+    assert run.num_scheduled_ahead > 0 if asynchronous else run.num_scheduled_ahead == 0
     for request_id, req in requests.items():
         if request_id in aborted:
             continue

@@ -167,7 +167,12 @@ class Service:
         self.gateway_address = f"tcp://127.0.0.1:{free_port()}"
         self.executor_address = f"tcp://127.0.0.1:{free_port()}"
         self.service = SchedulerService(
-            SchedulerServiceConfig(self.gateway_address, self.executor_address, max_num_batched_tokens=8, **config), self.context
+            # Asynchronous scheduling on: every test here then also checks that steps sent
+            # ahead of a result change nothing (outputs, executor loss, aborts, samples).
+            SchedulerServiceConfig(
+                self.gateway_address, self.executor_address, max_num_batched_tokens=8, async_scheduling=True, **config
+            ),
+            self.context,
         )
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.service.run, args=(self.stop,), daemon=True)
@@ -302,6 +307,8 @@ def test_an_executor_that_was_only_slow_is_taken_back(start_service: Callable[..
     executor.send(StepResultMessage(executor.model.execute(stalled.step)))
     executor.heartbeat()
     resumed = executor.run_step()
+    while not resumed.step.dropped_request_ids:  # a step sent ahead of the stalled one (async)
+        resumed = executor.run_step()
     assert set(resumed.step.dropped_request_ids) == {"a", "b"}  # forget the old mirrors...
     assert resumed.step.new_requests and not resumed.step.cached_requests  # ...and recompute
     drive(service, executor, lambda g: len(g.finished) == 2)

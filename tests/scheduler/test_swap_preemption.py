@@ -14,6 +14,7 @@ import zmq
 from services.launcher import free_port
 from services.scheduler.request import RequestStatus
 from services.scheduler.config import SchedulerConfig
+from services.scheduler.executor_group import ExecutorGroup
 from services.scheduler.service import SchedulerService, SchedulerServiceConfig
 from services.scheduler.status import block_pool_status, request_status
 from shared.messages import ExecuteStep, ExecutorReady, StepMessage
@@ -224,7 +225,7 @@ def test_service_sizes_the_swap_pool_from_the_executor_and_shows_swapped_request
     )
     try:
         ready = ExecutorReady("ex-1", 6, 4, "fake", "cpu", 4096, 0, num_swap_blocks=8)
-        service._on_executor_ready(b"ex-1", ready, 0.0)
+        service._on_executor_ready(ExecutorGroup.single(b"ex-1", ready, 0.0), 0.0)
         core = service.core
         assert core is not None and core.swap_pool is not None and core.swap_pool.num_blocks == 8
         assert core.config.preemption_mode == "swap"
@@ -241,7 +242,8 @@ def test_service_sizes_the_swap_pool_from_the_executor_and_shows_swapped_request
 
         # A replacement executor with a smaller swap pool: a core sized for it takes over,
         # and the swapped request, whose K/V went with the old executor, recomputes.
-        service._on_executor_ready(b"ex-2", msgspec.structs.replace(ready, executor_id="ex-2", num_swap_blocks=2), 1.0)
+        replacement = msgspec.structs.replace(ready, executor_id="ex-2", num_swap_blocks=2)
+        service._on_executor_ready(ExecutorGroup.single(b"ex-2", replacement, 1.0), 1.0)
         core = service.core
         assert core is not None and core.swap_pool is not None and core.swap_pool.num_blocks == 2
         assert [r.request_id for r in core.waiting] == ["a", "b", "c"] and core.num_swapped == 0
