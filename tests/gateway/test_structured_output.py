@@ -260,8 +260,10 @@ def test_auto_tool_calls_parallel_and_not_streamed_and_not(sdk: openai.OpenAI) -
     assert set(weather) == {"city", "unit"} and set(time) == {"zone"}
     assert len({call.id for call in whole.message.tool_calls}) == 2
 
-    # Streamed (same seed, same text): each call's id and name first, then its argument
-    # fragments, which join into exactly the non-streamed arguments.
+    # Streamed: each call's id and name first, then its argument fragments, which join
+    # into the same calls' JSON arguments. (Not compared with the whole response's text:
+    # the same seed in a different batch may sample otherwise: bf16, and int4 weights for
+    # small steps, are not batch-invariant.)
     calls: dict[int, dict] = {}
     finish_reasons = []
     for chunk in streamed:
@@ -275,9 +277,8 @@ def test_auto_tool_calls_parallel_and_not_streamed_and_not(sdk: openai.OpenAI) -
                     assert delta.id is None and delta.function.name is None
                 calls[delta.index]["arguments"] += delta.function.arguments or ""
     assert finish_reasons[-1] == "tool_calls"
-    assert [calls[i] for i in sorted(calls)] == [
-        {"name": call.function.name, "arguments": call.function.arguments} for call in whole.message.tool_calls
-    ]
+    assert [calls[i]["name"] for i in sorted(calls)] == ["get_weather", "get_time"]
+    assert [set(json.loads(calls[i]["arguments"])) for i in sorted(calls)] == [{"city", "unit"}, {"zone"}]
 
     # parallel_tool_calls false: at most one call, whatever the model wrote.
     assert [call.function.name for call in single.message.tool_calls] == ["get_weather"]
