@@ -21,10 +21,11 @@ from torch import nn
 
 from kernels import PagedAttentionOps
 from kernels.rms_norm import add_rms_norm
+from kernels.rotary import apply_rotary
 from services.executor.attention_metadata import AttentionMetadata
 from services.executor.distributed import TensorParallelGroup
 from services.executor.model_config import ModelConfig
-from services.executor.quantized_linear import Int4Linear, Int4Weight
+from services.executor.quantized_linear import Int4Linear, Int4Weight, Int8Linear
 
 
 class RMSNorm(nn.Module):
@@ -42,13 +43,9 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin of every position, computed once in float32 like HF's, then cast.
-
-    HF rotates with `x * cos + rotate_half(x) * sin`, its cos/sin tables being one half
-    repeated twice. Per half that is `x1 * cos - x2 * sin` and `x2 * cos + x1 * sin`: the
-    same products and sums, so the same bits, in half the arithmetic and without
-    `rotate_half`'s negated, concatenated copy. q and k are rotated in one pass.
-    """
+    """cos/sin of every position, computed once in float32 like HF's, then cast. The step's
+    rows are gathered once per forward (`tables`), not once per layer; the rotation itself
+    is `kernels/rotary.py` (q and k in one pass)."""
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
         super().__init__()
@@ -58,19 +55,9 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", (freqs.cos() * scaling).to(dtype), persistent=False)
         self.register_buffer("sin", (freqs.sin() * scaling).to(dtype), persistent=False)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """x [num_tokens, num_heads, head_dim] (any strides) -> a rotated, contiguous copy."""
-        half = x.shape[-1] // 2
-        cos = self.cos[positions][:, None, :]  # [num_tokens, 1, head_dim / 2]
-        sin = self.sin[positions][:, None, :]
-        x1, x2 = x[..., :half], x[..., half:]
-        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        first, second = out[..., :half], out[..., half:]
-        torch.mul(x1, cos, out=first)
-        first.sub_(x2 * sin)
-        torch.mul(x2, cos, out=second)
-        second.add_(x1 * sin)
-        return out
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of the step's positions: [num_tokens, head_dim / 2] each."""
+        return self.cos.index_select(0, positions), self.sin.index_select(0, positions)
 
 
 def _rope_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
@@ -106,16 +93,15 @@ class Attention(nn.Module):
     def forward(
         self,
         hidden: torch.Tensor,
-        positions: torch.Tensor,
-        rotary: RotaryEmbedding,
+        rotary_tables: tuple[torch.Tensor, torch.Tensor],
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
         kernels: PagedAttentionOps,
     ) -> torch.Tensor:
         num_tokens = hidden.shape[0]
-        qkv = self.qkv_proj(hidden)
+        qkv = self.qkv_proj.forward(hidden)
         qk = qkv[:, : self.q_size + self.kv_size].view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
-        qk = rotary(positions, qk)
+        qk = apply_rotary(qk, *rotary_tables)
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
         key_cache, value_cache = kv_cache
@@ -140,7 +126,7 @@ class Attention(nn.Module):
                 )
             )
         out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-        return self.group.all_reduce(self.o_proj(out.reshape(num_tokens, self.q_size)))
+        return self.group.all_reduce(self.o_proj.forward(out.reshape(num_tokens, self.q_size)))
 
 
 class MLP(nn.Module):
@@ -152,10 +138,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        gate, up = self.gate_up_proj.forward(x).split(self.intermediate_size, dim=-1)
         # In place, in the projection's own output: the same values as silu(gate) * up
         # without two [num_tokens, intermediate] temporaries.
-        return self.group.all_reduce(self.down_proj(F.silu(gate, inplace=True).mul_(up)))
+        return self.group.all_reduce(self.down_proj.forward(F.silu(gate, inplace=True).mul_(up)))
 
 
 class DecoderLayer(nn.Module):
@@ -195,7 +181,9 @@ class LlamaForCausalLM(nn.Module):
         then load the checkpoint and compute the RoPE tables for real. With a group,
         `config` and `weights` are this rank's shard (`tensor_parallel.py`). An `Int4Weight`
         replaces its linear layer by an `Int4Linear` (`quantized_linear.py`), which keeps a
-        dense copy too for steps of more than `int4_max_rows` rows unless that is sys.maxsize."""
+        dense copy too for steps of more than `int4_max_rows` rows unless that is sys.maxsize.
+        Where 4-bit weights stay packed (int4_max_rows > 0) a dense LM head gets an int8 copy
+        for small steps as well (`Int8Linear`)."""
         with torch.device("meta"):
             model = cls(config, group)
         model = model.to_empty(device=device).to(dtype)
@@ -204,6 +192,8 @@ class LlamaForCausalLM(nn.Module):
             (name, tensor if isinstance(tensor, Int4Weight) else tensor.to(dtype)) for name, tensor in weights
         )
         model.rotary = RotaryEmbedding(config, dtype).to(device)
+        if int4_max_rows > 0 and type(model.lm_head) is nn.Linear and model.lm_head.bias is None:
+            model.lm_head = Int8Linear(model.lm_head.weight)
         return model.eval()
 
     @torch.inference_mode()
@@ -221,10 +211,13 @@ class LlamaForCausalLM(nn.Module):
         previous sublayer's output into it (HF's `residual + hidden`, same values)."""
         residual = self.embed_tokens(input_ids)  # a fresh tensor: ours to update in place
         hidden: torch.Tensor | None = None
+        tables = self.rotary.tables(positions)
+        # `.forward` directly: nn.Module.__call__'s hook checks cost ~2 ms a decode step
+        # on CPU across 30 layers, and these modules have no hooks.
         for layer, kv_cache in zip(self.layers, kv_caches):
-            normed = layer.input_layernorm(residual, hidden)
-            hidden = layer.self_attn(normed, positions, self.rotary, kv_cache, meta, kernels)
-            hidden = layer.mlp(layer.post_attention_layernorm(residual, hidden))
+            normed = layer.input_layernorm.forward(residual, hidden)
+            hidden = layer.self_attn.forward(normed, tables, kv_cache, meta, kernels)
+            hidden = layer.mlp.forward(layer.post_attention_layernorm.forward(residual, hidden))
         return self.norm(residual, hidden)
 
     @torch.inference_mode()

@@ -22,6 +22,11 @@ So `--weight-format auto` keeps both: the packed weights for steps of at most
 `int4_max_rows` rows (decode of a few sequences) and the dense ones for the rest, at the
 cost of the int4 bytes on top of the dense (+45% of bf16 weights); `quantized` keeps only
 the packed weights (least memory), `dequantized` only the dense ones.
+
+The LM head of a small model is its largest matmul (SmolLM2-135M: 49152 x 576, tied to the
+Q8_0 embedding table), and at decode it too streams its weight for a few rows. Wherever
+4-bit weights stay packed it gets an int8 copy as well (`Int8Linear`: one scale per row, for
+`_weight_int8pack_mm`), used for steps of at most `INT8_LM_HEAD_MAX_ROWS` rows.
 """
 
 from __future__ import annotations
@@ -38,9 +43,15 @@ from torch import nn
 GROUP_SIZE = 32  # GGUF's 4-bit block: one scale (and min) per 32 weights of a row
 
 # `--weight-format auto`: the most rows a step runs through the int4 kernel; above, the
-# dense weights. Per-layer crossover measured on an AMD EPYC (AVX512-BF16, 1 thread, the
-# embedded model's shapes): int4 beats bf16 GEMMs up to 4 rows, fp32 GEMMs up to ~16-32.
-INT4_MAX_ROWS_AUTO = {torch.bfloat16: 4, torch.float32: 16}
+# dense weights. Measured as whole engine decode steps on a 2-core AMD EPYC (AVX512-BF16,
+# the embedded model), where the weights stream from memory rather than sit in cache as
+# in a per-layer microbenchmark: bf16 with int4 up to 16 rows, 49 ms at 16 rows against
+# 50 ms dense, 40 against 47-52 at 8 rows; at 32 rows dense wins (79 against 95 ms).
+INT4_MAX_ROWS_AUTO = {torch.bfloat16: 16, torch.float32: 16}
+
+# The int8 LM head's most rows (same machine, the embedded head, bf16 activations): 2.8
+# against 5.0 ms for a bf16 GEMM at 1 row, 3.7 against 5.5 at 4, 6.4 against 6.0 at 8.
+INT8_LM_HEAD_MAX_ROWS = 4
 
 logger = logging.getLogger(__name__)
 
@@ -133,15 +144,50 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dense is not None and x.numel() > self.max_rows * self.in_features:
             return F.linear(x, self.dense, self.bias)
-        # The kernel takes a contiguous bf16 [M, K]: one conversion (or copy) at most.
-        flat = x.reshape(-1, self.in_features).to(torch.bfloat16, memory_format=torch.contiguous_format)
-        if not flat.is_contiguous():
-            flat = flat.contiguous()
+        # The kernel takes a contiguous bf16 [M, K]: one conversion (or copy) at most, none
+        # for the usual 2-D contiguous bf16 input (each skipped call saves dispatch time).
+        flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        if flat.dtype != torch.bfloat16 or not flat.is_contiguous():
+            flat = flat.to(torch.bfloat16).contiguous()
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP_SIZE, self.scales_and_zeros)
-        out = out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        if out.dtype != x.dtype:
+            out = out.to(x.dtype)
+        if x.dim() != 2:
+            out = out.reshape(*x.shape[:-1], self.out_features)
         if self.bias is not None:
             out.add_(self.bias)
         return out
+
+
+class Int8Linear(nn.Module):
+    """`y = x @ w.T` for steps of at most `max_rows` rows from w requantized to int8 with
+    one scale per row (`_weight_int8pack_mm`; activations in bf16, which its kernel wants:
+    fp32 ones run a slow path), and from the dense w for larger steps.
+
+    The dense weight is the linear's own parameter, kept by reference: for a head tied to
+    the embedding table it costs nothing more. Requantizing per row adds at most half a
+    step of 1/127 of the row's largest weight to each weight (the GGUF's Q8_0 blocks of 32
+    are finer): within bf16 tolerance of the dense product."""
+
+    def __init__(self, dense: torch.Tensor, max_rows: int = INT8_LM_HEAD_MAX_ROWS) -> None:
+        super().__init__()
+        self.out_features, self.in_features = dense.shape
+        self.max_rows = max_rows
+        self.register_buffer("dense", dense)
+        weight = dense.detach().to(torch.float32)
+        # The scale is rounded to bf16 (the kernel's dtype) before the codes are chosen, so
+        # codes and scale agree; a row rounded down clips at most 1/256 of a step.
+        scales = (weight.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127).to(torch.bfloat16)
+        codes = torch.round(weight / scales.to(torch.float32)[:, None]).clamp_(-128, 127)
+        self.register_buffer("codes", codes.to(torch.int8).contiguous())
+        self.register_buffer("scales", scales)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() > self.max_rows * self.in_features:
+            return F.linear(x, self.dense)
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
+        out = torch.ops.aten._weight_int8pack_mm(flat, self.codes, self.scales)
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
 def int4_max_rows(weight_format: str, dtype: torch.dtype, device: torch.device, is_gguf: bool) -> tuple[int, str]:

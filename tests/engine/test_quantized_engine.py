@@ -1,5 +1,5 @@
 """The engine with `--weight-format quantized` (every 4-bit GGUF linear through the int4
-kernel, bf16 activations) in `--dtype auto` (bf16 on a CPU with AMX or AVX512-BF16)
+kernel, the LM head through the int8 one for small steps, bf16 activations) in `--dtype auto` (bf16 on a CPU with AMX or AVX512-BF16)
 against HF's float64 greedy output of the same GGUF (its 4-bit weights dequantized: the
 weights the fp32 engine computes with, without fp32's own near-ties). bf16 legitimately
 flips near-ties, after which two greedy continuations part ways, so the test measures how
@@ -10,12 +10,11 @@ from __future__ import annotations
 import logging
 
 import pytest
-import torch
 
 from services.engine import LLMEngine
 from services.executor.config import EngineConfig
 from services.executor.cpu_features import auto_cpu_dtype
-from services.executor.quantized_linear import Int4Linear
+from services.executor.quantized_linear import Int4Linear, Int8Linear
 from shared.sampling_params import SamplingParams
 from tests.engine.hf_reference import NUM_NEW_TOKENS
 
@@ -41,7 +40,9 @@ def test_quantized_engine_agrees_with_the_dequantized_reference(
     assert runner.dtype == expected_dtype
     int4 = [m for m in runner.model.modules() if isinstance(m, Int4Linear)]
     assert len(int4) == 4 * runner.model_config.num_layers and all(m.dense is None for m in int4)
-    assert isinstance(runner.model.lm_head, torch.nn.Linear)  # tied to the Q8_0 embedding: dense
+    # The head, tied to the Q8_0 embedding, requantized to int8 for small steps; dense the same tensor.
+    head = runner.model.lm_head
+    assert isinstance(head, Int8Linear) and head.dense.data_ptr() == runner.model.embed_tokens.weight.data_ptr()
     logged = [r.getMessage() for r in caplog.records if "serving in" in r.getMessage()]
     assert len(logged) == 1 and str(expected_dtype).removeprefix("torch.") in logged[0] and "int4" in logged[0]
 

@@ -1,6 +1,7 @@
-"""Tests for `kernels/cpu_ops.py`: the C decode attention kernel (built for real with the
-machine's C compiler) against `kernels/torch_ops.py`, on caches that are NaN wherever no
-real token sits (`tests/kernels/paged_cache.py`), and the build and fallback around it."""
+"""Tests for `kernels/cpu_ops.py`: the C decode attention and cache-write kernels (built for
+real with the machine's C compiler) against `kernels/torch_ops.py`, on caches that are NaN
+wherever no real token sits (`tests/kernels/paged_cache.py`), and the build and fallback
+around them."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ def _clear_build_caches() -> None:
     native_build.load_library.cache_clear()
     cpu_ops._decode_kernel.cache_clear()
     cpu_ops._decode_kernel_or_none.cache_clear()
+    cpu_ops._cache_kernel.cache_clear()
 
 
 @pytest.fixture
@@ -139,6 +141,47 @@ def test_mismatched_shapes_are_refused() -> None:
             torch.zeros(1, 3, 32), key_cache, key_cache, torch.zeros(1, 1, dtype=torch.int32),
             torch.ones(1, dtype=torch.int32), 1.0,
         )
+
+
+# ----------------------------------------------------------------------------------------
+# the cache write
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
+@pytest.mark.parametrize(("num_tokens", "num_kv_heads", "head_dim", "block_size"), [(1, 3, 64, 16), (7, 1, 32, 8), (40, 4, 16, 1)])
+def test_native_cache_write_matches_torch(
+    request: pytest.FixtureRequest, num_tokens: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype
+) -> None:
+    """K and V as the model hands them over (views into one fused qkv row, so rows are not
+    adjacent), random distinct slots with a padding slot (-1) among them, into a cache that
+    is NaN elsewhere: the same bits as torch's index_copy_, and nothing else touched."""
+    gen = seeded_generator(request)
+    num_blocks = num_tokens // block_size + 3
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]
+    slots[num_tokens // 2] = -1
+    row = num_kv_heads * head_dim
+    qkv = torch.randn(num_tokens, 3 * row + 5, generator=gen).to(dtype)
+    key = qkv[:, row : 2 * row].view(num_tokens, num_kv_heads, head_dim)
+    value = qkv[:, 2 * row + 5 :].view(num_tokens, num_kv_heads, head_dim)
+    caches = [torch.full((num_blocks, block_size, num_kv_heads, head_dim), float("nan"), dtype=dtype) for _ in range(4)]
+    cpu_ops.reshape_and_cache(key, value, caches[0], caches[1], slots)
+    torch_ops.reshape_and_cache(key, value, caches[2], caches[3], slots)
+    for ours, reference in ((caches[0], caches[2]), (caches[1], caches[3])):
+        assert torch.equal(ours.isnan(), reference.isnan())
+        assert torch.equal(ours.nan_to_num(), reference.nan_to_num())
+    written = slots[slots >= 0]
+    assert torch.equal(caches[0].view(-1, num_kv_heads, head_dim)[written], key[slots >= 0])
+    assert int((~caches[1].isnan()).sum()) == len(written) * row
+
+
+def test_cache_write_casts_through_torch_and_refuses_slots_past_the_cache() -> None:
+    key, value = torch.randn(2, 2, 8), torch.randn(2, 2, 8)
+    cache = torch.zeros(2, 4, 2, 8, dtype=torch.bfloat16), torch.zeros(2, 4, 2, 8, dtype=torch.bfloat16)
+    cpu_ops.reshape_and_cache(key, value, *cache, torch.tensor([5, 0]))  # float32 rows, bf16 cache: a cast
+    assert torch.equal(cache[0].view(8, 2, 8)[5], key[0].to(torch.bfloat16))
+    with pytest.raises(IndexError, match="past the KV cache's 8 slots"):
+        cpu_ops.reshape_and_cache(key.bfloat16(), value.bfloat16(), *cache, torch.tensor([1, 8]))
+    assert torch.equal(cache[0].view(8, 2, 8)[1], torch.zeros(2, 8, dtype=torch.bfloat16))  # nothing written
 
 
 # ----------------------------------------------------------------------------------------
