@@ -23,7 +23,7 @@ import logging
 import torch
 
 from kernels import torch_ops
-from kernels.native_build import NativeBuildError, load_library
+from kernels.native_build import NativeBuildError, load_function, load_library
 
 __all__ = ["native_decode_attention", "paged_decode_attention", "paged_prefill_attention", "reshape_and_cache"]
 
@@ -56,14 +56,10 @@ def _decode_kernel_or_none() -> ctypes._CFuncPtr | None:
 
 @functools.cache
 def _cache_kernel() -> ctypes._CFuncPtr | None:
-    try:
-        function = load_library("reshape_and_cache_cpu").pagedserve_reshape_and_cache
-    except NativeBuildError as error:
-        logger.warning("the KV cache write falls back to torch ops: %s", error)
-        return None
-    function.restype = ctypes.c_int
-    function.argtypes = [_POINTER, _POINTER, _INT64, _INT64, _POINTER, _POINTER, _POINTER, _INT64, _INT64, _INT64]
-    return function
+    argtypes = [_POINTER, _POINTER, _INT64, _INT64, _POINTER, _POINTER, _POINTER, _INT64, _INT64, _INT64]
+    return load_function(
+        "reshape_and_cache_cpu", "pagedserve_reshape_and_cache", argtypes, ctypes.c_int, logger, "the KV cache write"
+    )
 
 
 def _rows_fit_cache(key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor) -> bool:

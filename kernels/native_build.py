@@ -18,12 +18,15 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import logging
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
 
@@ -140,3 +143,19 @@ def build_library(source: Path) -> ctypes.CDLL:
 def load_library(name: str) -> ctypes.CDLL:
     """`kernels/csrc/<name>.c`, built once per process (and once per machine on disk)."""
     return build_library(SOURCE_DIR / f"{name}.c")
+
+
+def load_function(
+    name: str, symbol: str, argtypes: Sequence[Any], restype: Any, logger: logging.Logger, falls_back: str
+) -> ctypes._CFuncPtr | None:
+    """`symbol` of `kernels/csrc/<name>.c` with its C signature set, or None where the
+    library cannot be built, after one warning that says what `falls_back` to torch ops
+    (callers cache the answer, so the warning comes once per process)."""
+    try:
+        function = getattr(load_library(name), symbol)
+    except NativeBuildError as error:
+        logger.warning("%s falls back to torch ops: %s", falls_back, error)
+        return None
+    function.argtypes = list(argtypes)
+    function.restype = restype
+    return function

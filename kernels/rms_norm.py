@@ -13,7 +13,7 @@ import logging
 
 import torch
 
-from kernels.native_build import NativeBuildError, load_library
+from kernels.native_build import load_function
 
 logger = logging.getLogger(__name__)
 
@@ -22,14 +22,8 @@ _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 @functools.cache
 def _kernel(dtype: torch.dtype) -> ctypes._CFuncPtr | None:
-    try:
-        function = getattr(load_library("rms_norm_cpu"), f"pagedserve_add_rms_norm_{_SUFFIX[dtype]}")
-    except NativeBuildError as error:
-        logger.warning("RMSNorm falls back to torch ops: %s", error)
-        return None
-    function.restype = None
-    function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_float]
-    return function
+    argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_float]
+    return load_function("rms_norm_cpu", f"pagedserve_add_rms_norm_{_SUFFIX[dtype]}", argtypes, None, logger, "RMSNorm")
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

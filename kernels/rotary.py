@@ -14,7 +14,7 @@ import logging
 
 import torch
 
-from kernels.native_build import NativeBuildError, load_library
+from kernels.native_build import load_function
 
 logger = logging.getLogger(__name__)
 
@@ -23,14 +23,8 @@ _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 @functools.cache
 def _kernel(dtype: torch.dtype) -> ctypes._CFuncPtr | None:
-    try:
-        function = getattr(load_library("rotary_cpu"), f"pagedserve_rotary_{_SUFFIX[dtype]}")
-    except NativeBuildError as error:
-        logger.warning("rotary embedding falls back to torch ops: %s", error)
-        return None
-    function.restype = None
-    function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3
-    return function
+    argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3
+    return load_function("rotary_cpu", f"pagedserve_rotary_{_SUFFIX[dtype]}", argtypes, None, logger, "rotary embedding")
 
 
 def rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
