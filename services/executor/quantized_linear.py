@@ -46,8 +46,11 @@ GROUP_SIZE = 32  # GGUF's 4-bit block: one scale (and min) per 32 weights of a r
 # dense weights. Measured as whole engine decode steps on a 2-core AMD EPYC (AVX512-BF16,
 # the embedded model), where the weights stream from memory rather than sit in cache as
 # in a per-layer microbenchmark: bf16 with int4 up to 16 rows, 49 ms at 16 rows against
-# 50 ms dense, 40 against 47-52 at 8 rows; at 32 rows dense wins (79 against 95 ms).
-INT4_MAX_ROWS_AUTO = {torch.bfloat16: 16, torch.float32: 16}
+# 50 ms dense, 40 against 47-52 at 8 rows; at 32 rows dense wins (79 against 95 ms). fp32
+# (the choice on CPUs without AVX512-BF16 or AMX) with int4 up to 32 rows: int4 beat dense
+# fp32 at batch 8 and 32 alike (`benchmarks/cpu_speed.py`: 127 against 83, 258 against 197
+# tok/s); prefill steps of more rows stay dense.
+INT4_MAX_ROWS_AUTO = {torch.bfloat16: 16, torch.float32: 32}
 
 # The int8 LM head's most rows (same machine, the embedded head, bf16 activations): 2.8
 # against 5.0 ms for a bf16 GEMM at 1 row, 3.7 against 5.5 at 4, 6.4 against 6.0 at 8.
