@@ -67,7 +67,9 @@ class FakeGatewaySocket:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    cluster = Cluster(tmp_path_factory.mktemp("cluster"), with_gateway=False)
+    # float64, as the exactness tests: the defaults (bf16, int4 for small steps) are not
+    # batch invariant, and requests sent one by one are batched otherwise than in-process.
+    cluster = Cluster(tmp_path_factory.mktemp("cluster"), with_gateway=False, extra_executor_flags=["--dtype", "float64"])
     cluster.start()
     yield cluster
     cluster.stop()
@@ -106,7 +108,7 @@ def collect(sock: FakeGatewaySocket, ids: set[str], timeout_s: float = 120) -> d
 
 
 def test_outputs_equal_in_process_engine(gateway: FakeGatewaySocket) -> None:
-    engine = LLMEngine(EngineConfig(kv_cache_memory_bytes=64 << 20))
+    engine = LLMEngine(EngineConfig(dtype="float64", kv_cache_memory_bytes=64 << 20))
     expected = [c.token_ids for c in engine.generate(PROMPTS, GREEDY)]
     for i, prompt in enumerate(PROMPTS):
         gateway.send(SubmitRequest(f"r{i}", prompt, GREEDY, arrival_time=time.time()))
