@@ -63,11 +63,13 @@ def _cache_kernel() -> ctypes._CFuncPtr | None:
 
 
 def _rows_fit_cache(key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor) -> bool:
-    """The C cache write's conditions: one dtype, CPU, dense rows of the cache's shape."""
+    """The C cache write's conditions: one dtype, CPU, dense rows of the cache's shape, a
+    slot for every row (the C kernel reads one per row: a mismatch goes to torch's error)."""
     dtype, row_shape = cache.dtype, cache.shape[2:]
     return (
         cache.device.type == "cpu" and cache.is_contiguous()
         and slot_mapping.dtype == torch.int64 and slot_mapping.is_contiguous() and slot_mapping.device.type == "cpu"
+        and slot_mapping.dim() == 1 and slot_mapping.shape[0] == key.shape[0] == value.shape[0]
         and all(
             t.dtype == dtype and t.device.type == "cpu" and t.shape[1:] == row_shape
             and t.stride(2) == 1 and t.stride(1) == row_shape[1]

@@ -182,6 +182,8 @@ def test_cache_write_casts_through_torch_and_refuses_slots_past_the_cache() -> N
     with pytest.raises(IndexError, match="past the KV cache's 8 slots"):
         cpu_ops.reshape_and_cache(key.bfloat16(), value.bfloat16(), *cache, torch.tensor([1, 8]))
     assert torch.equal(cache[0].view(8, 2, 8)[1], torch.zeros(2, 8, dtype=torch.bfloat16))  # nothing written
+    with pytest.raises((IndexError, RuntimeError)):  # fewer slots than rows: torch's error, no read past them
+        cpu_ops.reshape_and_cache(key.bfloat16(), value.bfloat16(), *cache, torch.tensor([1]))
 
 
 # ----------------------------------------------------------------------------------------
