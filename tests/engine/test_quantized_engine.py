@@ -55,3 +55,23 @@ def test_quantized_engine_agrees_with_the_dequantized_reference(
     assert fraction >= AGREEMENT_FLOOR, agreed
     # Every prompt starts the same way: a quantization or kernel bug would derail at once.
     assert min(agreed) >= 1, agreed
+
+
+def test_fused_decode_step_agrees_with_the_dequantized_reference(
+    smollm2_prompts: list[list[int]], smollm2_reference: list[list[int]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """One sequence at a time, so every decode step is the fused C step (`kernels/fused_decode.py`):
+    float32 activations with the int4 weights, closer to the reference than the torch layers."""
+    with caplog.at_level(logging.INFO, logger="services.executor.llama"):
+        engine = LLMEngine(EngineConfig(weight_format="quantized", kv_cache_memory_bytes=64 << 20, max_num_seqs=1))
+    model = engine.runner.model
+    assert model.fused_decoder is not None and model.fused_max_rows >= 1
+    assert any("one fused C call" in r.getMessage() for r in caplog.records)
+
+    completions = engine.generate(smollm2_prompts, SamplingParams(max_tokens=NUM_NEW_TOKENS, temperature=0.0))
+    agreed = [common_prefix(c.token_ids, ref) for c, ref in zip(completions, smollm2_reference)]
+    fraction = sum(agreed) / sum(len(ref) for ref in smollm2_reference)
+    print(f"\nfused decode: greedy tokens agreeing with the dequantized float64 reference before the first "
+          f"divergence: {fraction:.2f} ({agreed} of {[len(r) for r in smollm2_reference]})")
+    assert fraction >= AGREEMENT_FLOOR, agreed
+    assert min(agreed) >= 1, agreed

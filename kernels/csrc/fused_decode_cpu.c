@@ -1,0 +1,223 @@
+/*
+ * A whole decode step of a Llama-family decoder with 4-bit weights in one C call, for CPUs:
+ * a few sequences, one new token each, from their embeddings to the final norm.
+ *
+ * Why: at batch 1 the embedded model's 30 layers run ~600 small torch ops a step, and on a
+ * 2-core CPU their dispatch costs about as much as the matmuls themselves (measured: a
+ * 9.6 ms step of which the int4 matmuls and the LM head are ~5 ms). Here a step is one
+ * OpenMP parallel region: the matmuls split their 64-row weight blocks over the threads
+ * (q4_matmul.h), attention splits (sequence, KV head) pairs (paged_attention.h), and the
+ * per-token work between them (norms, RoPE, the cache write, SiLU) is a few hundred floats
+ * done by one thread. The LM head and sampling stay in torch.
+ *
+ * Numerics: activations stay float32 from the embedding to the final norm (the residual
+ * stream included), where the torch path rounds every op to the model dtype; the KV cache
+ * gets the model dtype, as the torch path writes it. So in bfloat16 this is closer to the
+ * float32 reference than the torch path, not bit-equal to it.
+ *
+ * Weights: every projection 4-bit in torch's CPU int4 layout (q4_matmul.h) with rows a
+ * multiple of 64, fused q/k/v and gate/up as the torch model keeps them; norms, RoPE tables,
+ * caches, input and output in the model dtype (float32 or bfloat16, `bf16`).
+ *
+ *   embedded, out:           [rows, hidden]
+ *   cos, sin:                [rows, head_dim / 2], each token's position looked up
+ *   slot_mapping:            int64 [rows]: each new token's cache slot (< 0: not written)
+ *   block_tables, seq_lens:  int32 [rows, block_table_stride], [rows] (this token included)
+ *
+ * Returns 0; 1 when a slot is past the cache (nothing computed); 2 when memory for the
+ * activations could not be allocated.
+ */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bf16.h"
+#include "paged_attention.h"
+#include "q4_matmul.h"
+
+typedef struct {
+    const uint8_t *packed;             /* torch's int4pack layout: [rows / 64][cols][32] bytes */
+    const uint16_t *scales_and_zeros;  /* bfloat16 [cols / 32, rows, 2] */
+    int64_t rows, cols;
+} Q4Weight;
+
+typedef struct {
+    const void *input_norm, *post_attention_norm; /* [hidden] */
+    Q4Weight qkv, o, gate_up, down;
+    void *key_cache, *value_cache; /* [num_slots, num_kv_heads, head_dim] */
+} DecodeLayer;
+
+typedef struct {
+    int64_t num_layers, hidden, num_heads, num_kv_heads, head_dim, intermediate, block_size, num_slots, bf16;
+    float eps, scale;
+    const DecodeLayer *layers;
+    const void *final_norm;
+} DecodeModel;
+
+static inline float load(const void *base, int64_t i, int bf16)
+{
+    return bf16 ? bf16_to_f32(((const uint16_t *)base)[i]) : ((const float *)base)[i];
+}
+
+static inline void store(void *base, int64_t i, float value, int bf16)
+{
+    if (bf16)
+        ((uint16_t *)base)[i] = f32_to_bf16(value);
+    else
+        ((float *)base)[i] = value;
+}
+
+/* residual += x (when given); normed = weight * residual / rms(residual), all rows. */
+static void add_rms_norm(float *normed, float *residual, const float *x, const void *weight, int64_t rows,
+                         int64_t hidden, float eps, int bf16)
+{
+    for (int64_t t = 0; t < rows; ++t) {
+        float *r = residual + t * hidden;
+        float squares = 0.0f;
+        for (int64_t c = 0; c < hidden; ++c) {
+            if (x)
+                r[c] += x[t * hidden + c];
+            squares += r[c] * r[c];
+        }
+        const float inverse = 1.0f / sqrtf(squares / (float)hidden + eps);
+        for (int64_t c = 0; c < hidden; ++c)
+            normed[t * hidden + c] = load(weight, c, bf16) * (r[c] * inverse);
+    }
+}
+
+/* y = x @ w.T, the weight's 64-row blocks shared among the threads of the enclosing
+ * parallel region (the loop's end is a barrier). */
+static inline void q4_matmul(float *y, const float *x, int64_t rows, const Q4Weight *w)
+{
+#pragma omp for schedule(static)
+    for (int64_t block = 0; block < w->rows / Q4_BLOCK; ++block)
+        q4_matmul_block(y, x, rows, w->packed, w->scales_and_zeros, w->rows, w->cols, block);
+}
+
+/* RoPE ("rotate half") in place on `heads` heads of one token, float32. */
+static inline void rotate(float *x, int64_t heads, int64_t head_dim, const void *cos, const void *sin, int64_t row,
+                          int bf16)
+{
+    const int64_t half = head_dim / 2;
+    for (int64_t h = 0; h < heads; ++h) {
+        float *x1 = x + h * head_dim, *x2 = x1 + half;
+        for (int64_t i = 0; i < half; ++i) {
+            const float c = load(cos, row * half + i, bf16), s = load(sin, row * half + i, bf16);
+            const float a = x1[i], b = x2[i];
+            x1[i] = a * c - b * s;
+            x2[i] = b * c + a * s;
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) int fused_decode(
+    const DecodeModel *m, int64_t rows, const void *embedded, const void *cos, const void *sin,
+    const int64_t *slot_mapping, const int32_t *block_tables, int64_t block_table_stride, const int32_t *seq_lens,
+    void *out, int bf16)
+{
+    for (int64_t t = 0; t < rows; ++t)
+        if (slot_mapping[t] >= m->num_slots)
+            return 1;
+    const int64_t hidden = m->hidden, head_dim = m->head_dim, group = m->num_heads / m->num_kv_heads;
+    const int64_t q_size = m->num_heads * head_dim, kv_size = m->num_kv_heads * head_dim;
+    const int64_t qkv_size = q_size + 2 * kv_size, inter = m->intermediate;
+    const size_t floats = (size_t)rows * (size_t)(3 * hidden + qkv_size + q_size + 3 * inter);
+    float *residual = malloc(sizeof(float) * floats);
+    if (residual == NULL)
+        return 2;
+    float *normed = residual + rows * hidden;   /* a norm's output: the next matmul's input */
+    float *sublayer = normed + rows * hidden;   /* o_proj's or down_proj's output */
+    float *qkv = sublayer + rows * hidden;
+    float *attention = qkv + rows * qkv_size;
+    float *gate_up = attention + rows * q_size;
+    float *act = gate_up + rows * 2 * inter;
+    for (int64_t i = 0; i < rows * hidden; ++i)
+        residual[i] = load(embedded, i, bf16);
+    int failed = 0;
+
+#pragma omp parallel
+    {
+        float *workspace = malloc(sizeof(float) * attend_workspace_floats(group, head_dim, m->block_size, bf16));
+        if (workspace == NULL) {
+#pragma omp atomic write
+            failed = 2;
+        }
+#pragma omp barrier
+        for (int64_t l = 0; l < m->num_layers && !failed; ++l) {
+            const DecodeLayer *layer = m->layers + l;
+#pragma omp single
+            add_rms_norm(normed, residual, l ? sublayer : NULL, layer->input_norm, rows, hidden, m->eps, bf16);
+            q4_matmul(qkv, normed, rows, &layer->qkv);
+#pragma omp single
+            for (int64_t t = 0; t < rows; ++t) {
+                float *token = qkv + t * qkv_size;
+                rotate(token, m->num_heads + m->num_kv_heads, head_dim, cos, sin, t, bf16);
+                const int64_t slot = slot_mapping[t];
+                if (slot < 0)
+                    continue;
+                for (int64_t i = 0; i < kv_size; ++i) {
+                    store(layer->key_cache, slot * kv_size + i, token[q_size + i], bf16);
+                    store(layer->value_cache, slot * kv_size + i, token[q_size + kv_size + i], bf16);
+                }
+            }
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t work = 0; work < rows * m->num_kv_heads; ++work) {
+                const int64_t t = work / m->num_kv_heads, kv_head = work % m->num_kv_heads;
+                const int64_t offset = kv_head * group * head_dim;
+                attend_kv_head(attention + t * q_size + offset, qkv + t * qkv_size + offset, layer->key_cache,
+                               layer->value_cache, block_tables + t * block_table_stride, seq_lens[t], kv_head, group,
+                               m->num_kv_heads, head_dim, m->block_size, m->scale, bf16, workspace);
+            }
+            q4_matmul(sublayer, attention, rows, &layer->o);
+#pragma omp single
+            add_rms_norm(normed, residual, sublayer, layer->post_attention_norm, rows, hidden, m->eps, bf16);
+            q4_matmul(gate_up, normed, rows, &layer->gate_up);
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < rows * inter; ++i) {
+                const int64_t t = i / inter, c = i % inter;
+                const float g = gate_up[t * 2 * inter + c], u = gate_up[t * 2 * inter + inter + c];
+                act[i] = g / (1.0f + expf(-g)) * u;
+            }
+            q4_matmul(sublayer, act, rows, &layer->down);
+        }
+        free(workspace);
+    }
+    if (!failed) {
+        add_rms_norm(normed, residual, sublayer, m->final_norm, rows, hidden, m->eps, bf16);
+        for (int64_t i = 0; i < rows * hidden; ++i)
+            store(out, i, normed[i], bf16);
+    }
+    free(residual);
+    return failed;
+}
+
+int pagedserve_fused_decode_f32(
+    const DecodeModel *model, int64_t rows, const float *embedded, const float *cos, const float *sin,
+    const int64_t *slot_mapping, const int32_t *block_tables, int64_t block_table_stride, const int32_t *seq_lens,
+    float *out)
+{
+    return fused_decode(model, rows, embedded, cos, sin, slot_mapping, block_tables, block_table_stride, seq_lens,
+                        out, 0);
+}
+
+/* The same with bfloat16 tensors (passed as their raw 16-bit patterns). */
+int pagedserve_fused_decode_bf16(
+    const DecodeModel *model, int64_t rows, const uint16_t *embedded, const uint16_t *cos, const uint16_t *sin,
+    const int64_t *slot_mapping, const int32_t *block_tables, int64_t block_table_stride, const int32_t *seq_lens,
+    uint16_t *out)
+{
+    return fused_decode(model, rows, embedded, cos, sin, slot_mapping, block_tables, block_table_stride, seq_lens,
+                        out, 1);
+}
+
+/* y[num_rows, rows] = x[num_rows, cols] @ w.T in float32 alone (tests, benchmarks). */
+void pagedserve_q4_matmul(
+    float *y, const float *x, int64_t num_rows, const uint8_t *packed, const uint16_t *scales_and_zeros,
+    int64_t rows, int64_t cols)
+{
+    const Q4Weight w = {packed, scales_and_zeros, rows, cols};
+#pragma omp parallel
+    q4_matmul(y, x, num_rows, &w);
+}
