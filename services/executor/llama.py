@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import PagedAttentionOps
+from kernels import PagedAttentionOps, q8_matmul
 from kernels.fused_decode import FusedDecoder, LayerWeights, Q4Tensor, unavailable_reason
 from kernels.rms_norm import add_rms_norm
 from kernels.rotary import apply_rotary
@@ -206,8 +206,11 @@ class LlamaForCausalLM(nn.Module):
             (name, tensor if isinstance(tensor, Int4Weight) else tensor.to(dtype)) for name, tensor in weights
         )
         model.rotary = RotaryEmbedding(config, dtype).to(device)
-        if int4_max_rows > 0 and type(model.lm_head) is nn.Linear and model.lm_head.bias is None:
-            model.lm_head = Int8Linear(model.lm_head.weight)
+        head = model.lm_head
+        if int4_max_rows > 0 and type(head) is nn.Linear and head.bias is None and q8_matmul.available() and (
+            head.out_features % q8_matmul.BLOCK == 0 and head.in_features % q8_matmul.GROUP == 0
+        ):
+            model.lm_head = Int8Linear(head.weight)
         model._install_fused_decoder(group or TensorParallelGroup(), dtype, device)
         return model.eval()
 

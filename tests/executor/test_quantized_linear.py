@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from kernels import q8_matmul
 from services.executor.model_config import load_model_config
 from services.executor.quantized_linear import (
     INT4_MAX_ROWS_AUTO,
@@ -144,27 +145,27 @@ def test_auto_keeps_dense_weights_for_steps_of_many_rows(packed_weights: dict[st
     assert torch.equal(hybrid(x[:4]), packed_only(x[:4]))  # 4 rows: the int4 kernel
 
 
-def test_int8_lm_head_is_the_row_requantized_head_within_bf16_tolerance(dense_weights: dict[str, torch.Tensor]) -> None:
+def test_int8_lm_head_is_the_group_requantized_head_within_bf16_tolerance(dense_weights: dict[str, torch.Tensor]) -> None:
     """The embedded model's head (tied to its Q8_0 embedding table), requantized with one
-    scale per row: every weight within half a step of the dense one (a step of 1/127 of the
-    row's largest weight; a bf16-rounded scale may clip the largest by 1/256 of a step), the
-    product within bf16 tolerance of the requantized weight's own fp32 product for steps of
-    up to INT8_LM_HEAD_MAX_ROWS rows, and the dense GEMM itself above. The dense weight is
-    the same tensor, not a copy. (Greedy agreement with the dense model: test_quantized_engine.)"""
+    scale per 32 columns: every weight within half a step of the dense one (a step of 1/127
+    of its group's largest weight), the product within bf16 tolerance of the requantized
+    weight's own fp64 product for steps of up to INT8_LM_HEAD_MAX_ROWS rows, and the dense
+    GEMM itself above. The dense weight is the same tensor, not a copy. (Greedy agreement
+    with the dense model: test_quantized_engine.)"""
     weight = dense_weights["model.embed_tokens.weight"]
     generator = torch.Generator().manual_seed(3)
     for dtype in (torch.float32, torch.bfloat16):
         dense = weight.to(dtype)
         head = Int8Linear(dense)
         assert head.dense.data_ptr() == dense.data_ptr() and head.codes.dtype == torch.int8
-        scales = head.scales.float()[:, None]
-        requantized = head.codes.float() * scales
-        assert bool(((requantized - dense.float()).abs() <= scales * (0.5 + 1 / 256) + 1e-12).all())
-        for rows in (1, INT8_LM_HEAD_MAX_ROWS):
+        requantized = q8_matmul.dequantize(head.codes, head.scales)
+        step = head.scales.transpose(1, 2).reshape(weight.shape[0], -1).repeat_interleave(q8_matmul.GROUP, dim=1)
+        assert bool(((requantized - dense.float()).abs() <= step * (0.5 + 1e-6) + 1e-12).all())
+        for rows in (1, 3, INT8_LM_HEAD_MAX_ROWS):
             x = torch.randn(rows, weight.shape[1], generator=generator).to(dtype)
             out = head(x)
             assert out.dtype == dtype and out.shape == (rows, weight.shape[0])
-            _assert_close_bf16(out.float(), x.float() @ requantized.T)
+            _assert_close_bf16(out.float(), (x.double() @ requantized.double().T).float())
         x = torch.randn(INT8_LM_HEAD_MAX_ROWS + 1, weight.shape[1], generator=generator).to(dtype)
         assert torch.equal(head(x), torch.nn.functional.linear(x, dense))
 
