@@ -25,8 +25,6 @@ import gc
 import json
 import os
 import random
-import signal
-import subprocess
 import time
 
 import httpx
@@ -34,7 +32,7 @@ import torch
 
 from services.engine import LLMEngine
 from services.executor.config import EngineConfig
-from services.launcher import free_port, pagedserve_command
+from services.launcher import up_in_background
 from shared.sampling_params import SamplingParams
 
 KV_CACHE_MEMORY = 512 << 20
@@ -89,27 +87,10 @@ async def _run_streams(url: str, prompts: list[list[int]], max_tokens: int) -> t
 def bench_services(
     prompts: list[list[int]], max_tokens: int, max_num_seqs: int, async_scheduling: bool = True
 ) -> tuple[float, int]:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    command = pagedserve_command() + [
-        "up", "--port", str(port), "--kv-cache-memory", str(KV_CACHE_MEMORY), "--max-num-seqs", str(max_num_seqs),
-        "--async-scheduling" if async_scheduling else "--no-async-scheduling",
-    ]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        assert process.stdout is not None
-        for line in process.stdout:  # `up` prints its URL once the gateway is healthy
-            if "pagedserve is up" in line:
-                break
-        else:
-            raise RuntimeError(f"pagedserve up exited with {process.wait()} before it was healthy")
+    args = ["--kv-cache-memory", str(KV_CACHE_MEMORY), "--max-num-seqs", str(max_num_seqs),
+            "--async-scheduling" if async_scheduling else "--no-async-scheduling"]
+    with up_in_background(args) as url:
         return asyncio.run(_run_streams(url, prompts, max_tokens))
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
-"""pagedserve vs llama.cpp's `llama-server` on the same GGUF, over HTTP, one run.
+"""pagedserve vs llama.cpp's `llama-server` on the same GGUF, over HTTP, and HF transformers, one run.
 
     python -m benchmarks.vs_llamacpp [--concurrency 1,8,32] [--max-tokens 128]
-                                     [--requests 64] [--requests-at-1 8] [--plot FILE.png]
+                                     [--requests 64] [--requests-at-1 8] [--plot FILE.png] [--no-hf]
 
 The same streamed chat workload goes to each server, one server at a time and one
 concurrency level after the other: 64 templated chat prompts (37-254 tokens with the
@@ -12,6 +12,13 @@ over the wall time of the level), mean time to first token and mean inter-token 
 (per stream, the gaps between its content chunks), then pagedserve's ratios; writes a PNG
 of tok/s and inter-token latency against concurrency when matplotlib is installed (it is
 a benchmark-only dependency; without it the plot is skipped with a message).
+
+HF transformers is the third line (`--no-hf` skips it): it does not serve streams, so each
+concurrency level is what a server built on `generate` would do with that many clients:
+static batches of that many prompts (left-padded, fp32, the GGUF dequantized as HF loads
+it), each running until all of its requests have their tokens, the next batch waiting.
+Its TTFT counts the wait for earlier batches; its inter-token latency is the time between
+the batch's decode steps (taken from a stopping criterion called after every step).
 
 llama-server is built once from the `llama-cpp-python` sdist on the registry (it vendors
 llama.cpp; cmake + ninja, about 7 minutes on 2 cores) and cached under
@@ -28,7 +35,6 @@ import glob
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
@@ -39,7 +45,7 @@ from pathlib import Path
 
 import httpx
 
-from services.launcher import free_port, pagedserve_command
+from services.launcher import free_port, up_in_background
 from shared.model_source import resolve_model_source
 
 CACHE_DIR = Path.home() / ".cache" / "pagedserve" / "llama.cpp"
@@ -129,24 +135,58 @@ def start_llama_server(binary: Path, gguf: Path, port: int, slots: int) -> subpr
 # --- pagedserve --------------------------------------------------------------------------
 
 
-def start_pagedserve(port: int, max_num_seqs: int, extra: list[str]) -> subprocess.Popen[str]:
-    command = pagedserve_command() + [
-        "up", "--port", str(port), "--kv-cache-memory", str(KV_CACHE_MEMORY), "--max-num-seqs", str(max_num_seqs), *extra,
-    ]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    assert process.stdout is not None
-    for line in process.stdout:  # `up` prints its URL once the gateway is healthy
-        if "pagedserve is up" in line:
-            return process
-    raise RuntimeError(f"pagedserve up exited with {process.wait()} before it was healthy")
-
-
 def stop(process: subprocess.Popen[str]) -> None:
-    process.send_signal(signal.SIGTERM)
+    process.terminate()
     try:
         process.wait(timeout=60)
     except subprocess.TimeoutExpired:
         process.kill()
+
+
+# --- HF transformers --------------------------------------------------------------------
+
+
+class _StepClock:
+    """A stopping criterion that never stops: it notes when each decode step ended."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores, **kwargs):  # type: ignore[no-untyped-def]
+        import torch
+
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+
+def run_hf(gguf: Path, prompts: list[list[dict[str, str]]], levels: list[int], max_tokens: int, requests_at_1: int) -> list[LevelStats]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteriaList
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    encoded = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=True) for m in prompts]
+    encoded = [list(e["input_ids"]) if isinstance(e, dict) or hasattr(e, "keys") else list(e) for e in encoded]
+    results = []
+    for concurrency in levels:
+        subset = encoded[:requests_at_1] if concurrency == 1 else encoded
+        streams: list[StreamStats] = []
+        start = time.perf_counter()
+        for i in range(0, len(subset), concurrency):
+            batch = subset[i : i + concurrency]
+            width = max(len(p) for p in batch)
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+            clock = _StepClock()
+            with torch.no_grad():
+                model.generate(ids, attention_mask=mask, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                               do_sample=False, pad_token_id=pad, stopping_criteria=StoppingCriteriaList([clock]))
+            gaps = [b - a for a, b in zip(clock.times, clock.times[1:])]
+            streams += [StreamStats(max_tokens, clock.times[0] - start, list(gaps)) for _ in batch]
+        results.append(LevelStats(concurrency, time.perf_counter() - start, streams))
+        print(f"  HF transformers: {concurrency} streams: {results[-1].tok_s:.1f} tok/s", flush=True)
+    return results
 
 
 # --- the workload ------------------------------------------------------------------------
@@ -268,6 +308,7 @@ def main() -> None:
     parser.add_argument("--requests-at-1", type=int, default=8)
     parser.add_argument("--plot", default="benchmarks/vs_llamacpp.png")
     parser.add_argument("--pagedserve-args", default="", help="extra `pagedserve up` flags, e.g. '--dtype bfloat16'")
+    parser.add_argument("--no-hf", action="store_true", help="skip HF transformers' static batches")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     prompts = chat_prompts(args.requests)
@@ -286,12 +327,11 @@ def main() -> None:
         results["llama-server"] = run_server(f"http://127.0.0.1:{port}", prompts, levels, args.max_tokens, args.requests_at_1)
     finally:
         stop(process)
-    port = free_port()
-    process = start_pagedserve(port, max(levels), args.pagedserve_args.split())
-    try:
-        results["pagedserve"] = run_server(f"http://127.0.0.1:{port}", prompts, levels, args.max_tokens, args.requests_at_1)
-    finally:
-        stop(process)
+    up_args = ["--kv-cache-memory", str(KV_CACHE_MEMORY), "--max-num-seqs", str(max(levels)), *args.pagedserve_args.split()]
+    with up_in_background(up_args) as url:
+        results["pagedserve"] = run_server(url, prompts, levels, args.max_tokens, args.requests_at_1)
+    if not args.no_hf:
+        results["HF transformers (static batches)"] = run_hf(gguf, prompts, levels, args.max_tokens, args.requests_at_1)
 
     print("\n| server | streams | output tok/s | mean TTFT (s) | mean inter-token latency (ms) |\n|---|---|---|---|---|")
     for server, server_levels in results.items():
@@ -305,6 +345,12 @@ def main() -> None:
               f"{ours.mean_itl_s / theirs.mean_itl_s if theirs.mean_itl_s else float('nan'):.2f} |")
         summary.append({"streams": ours.concurrency, "pagedserve_tok_s": round(ours.tok_s, 1),
                         "llama_server_tok_s": round(theirs.tok_s, 1), "ratio": round(ratio, 2)})
+    hf = results.get("HF transformers (static batches)")
+    if hf:
+        print("\n| streams | pagedserve / HF static batches tok/s |\n|---|---|")
+        for ours, row, theirs in zip(results["pagedserve"], summary, hf):
+            print(f"| {ours.concurrency} | {ours.tok_s / theirs.tok_s:.2f}x |")
+            row["hf_tok_s"] = round(theirs.tok_s, 1)
     plot(results, args.plot)
     print(json.dumps(summary))
 

@@ -14,6 +14,7 @@ says so.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shutil
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +45,27 @@ def pagedserve_command() -> list[str]:
     """The `pagedserve` script of this environment (what the containers run)."""
     script = Path(sys.executable).parent / "pagedserve"
     return [str(script)] if script.exists() else [sys.executable, "-m", "services.cli"]
+
+
+@contextlib.contextmanager
+def up_in_background(args: list[str]) -> Iterator[str]:
+    """`pagedserve up <args>` as a child process on a free port for the block's duration
+    (the benchmarks that measure the services over HTTP): yields its URL once it prints
+    that it is up, and stops it with SIGTERM on the way out (killed after a minute)."""
+    port = free_port()
+    command = pagedserve_command() + ["up", "--port", str(port), *args]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert process.stdout is not None
+        if not any("pagedserve is up" in line for line in process.stdout):
+            raise RuntimeError(f"pagedserve up exited with {process.wait()} before it was healthy")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
 
 
 def redis_server_binary() -> str:
