@@ -83,19 +83,29 @@ def _library() -> ctypes.CDLL:
         function = getattr(library, f"pagedserve_fused_decode_{suffix}")
         function.argtypes = [ctypes.POINTER(_DecodeModel), int64] + [pointer] * 5 + [int64, pointer, pointer]
         function.restype = ctypes.c_int
-    library.pagedserve_q4_matmul.argtypes = [pointer, pointer, int64, pointer, pointer, int64, int64]
-    library.pagedserve_q4_matmul.restype = None
+    library.pagedserve_q4_matmul.argtypes = [pointer, pointer, int64, pointer, pointer, int64, int64, ctypes.c_int]
+    library.pagedserve_q4_matmul.restype = ctypes.c_int
+    library.pagedserve_q4_bf16_dot.restype = ctypes.c_int
     return library
 
 
-def q4_matmul(x: torch.Tensor, weight: Q4Tensor) -> torch.Tensor:
-    """x [M, cols] float32 @ w.T with the C matmul alone (what the fused step runs per layer)."""
+def bf16_dot_products() -> bool:
+    """Whether this CPU's build rounds a bfloat16 model's matmul inputs to bfloat16 for
+    AVX512-BF16 dot products (else float32 FMAs, for every model)."""
+    return bool(_library().pagedserve_q4_bf16_dot())
+
+
+def q4_matmul(x: torch.Tensor, weight: Q4Tensor, bf16_activations: bool = False) -> torch.Tensor:
+    """x [M, cols] @ w.T -> float32 with the C matmul alone (what the fused step runs per
+    layer): x in float32, or rounded to bfloat16 (only where `bf16_dot_products()`)."""
     x = x.to(torch.float32).contiguous()
     out = torch.empty(x.shape[0], weight.rows, dtype=torch.float32)
-    _library().pagedserve_q4_matmul(
+    failed = _library().pagedserve_q4_matmul(
         out.data_ptr(), x.data_ptr(), x.shape[0], weight.packed.data_ptr(), weight.scales_and_zeros.data_ptr(),
-        weight.rows, weight.cols,
+        weight.rows, weight.cols, int(bf16_activations),
     )
+    if failed:
+        raise RuntimeError("bfloat16 activations need AVX512-BF16" if failed == 1 else "out of memory")
     return out
 
 

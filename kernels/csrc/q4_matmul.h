@@ -18,6 +18,9 @@
 #define PAGEDSERVE_Q4_MATMUL_H
 
 #include <stdint.h>
+#include <string.h>
+
+#include "bf16.h"
 
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -111,18 +114,118 @@ static inline __attribute__((always_inline)) void q4_block_pass(
 #endif
 }
 
+#ifdef __AVX512BF16__
+#define Q4_HAS_BF16_DOT 1
+
+/* Group i (32 values) of x rounded to bfloat16 for q4_block_pass_bf16: xb[r * cols + k],
+ * and the float32 sum of the rounded group, sums[r * cols / 32 + g] (the offset term must
+ * use the very values the products use). Groups are independent: threads may split them. */
+static inline void q4_round_group(uint16_t *xb, float *sums, const float *x, int64_t i)
+{
+    float sum = 0.0f;
+    for (int64_t k = i * Q4_GROUP; k < (i + 1) * Q4_GROUP; ++k) {
+        xb[k] = f32_to_bf16(x[k]);
+        sum += bf16_to_f32(xb[k]);
+    }
+    sums[i] = sum;
+}
+
+/* Four vectors of 16 rows' (column k, column k + 1) code pairs as bfloat16 `code + 128`
+ * (0x4300 | code is exactly 128 + code in bfloat16), in row order 0..63. */
+static inline void q4_pair_codes(__m512i w[4], const uint8_t *column_k)
+{
+    const __m256i low_nibbles = _mm256_set1_epi8(0x0F);
+    const __m512i bias = _mm512_set1_epi16(0x4300);
+    const __m256i a = _mm256_loadu_si256((const __m256i *)column_k);
+    const __m256i b = _mm256_loadu_si256((const __m256i *)(column_k + 32));
+    const __m256i halves[2][2] = {
+        {_mm256_and_si256(a, low_nibbles), _mm256_and_si256(b, low_nibbles)},
+        {_mm256_and_si256(_mm256_srli_epi16(a, 4), low_nibbles), _mm256_and_si256(_mm256_srli_epi16(b, 4), low_nibbles)},
+    };
+    for (int h = 0; h < 2; ++h) {
+        /* unpack interleaves within 128-bit lanes: lo holds rows 0-7 | 16-23, hi 8-15 | 24-31 */
+        const __m256i lo = _mm256_unpacklo_epi8(halves[h][0], halves[h][1]);
+        const __m256i hi = _mm256_unpackhi_epi8(halves[h][0], halves[h][1]);
+        w[2 * h] = _mm512_or_si512(_mm512_cvtepu8_epi16(_mm256_permute2x128_si256(lo, hi, 0x20)), bias);
+        w[2 * h + 1] = _mm512_or_si512(_mm512_cvtepu8_epi16(_mm256_permute2x128_si256(lo, hi, 0x31)), bias);
+    }
+}
+
+/* q4_block_pass with bfloat16 activations and AVX512-BF16 dot products (two columns per
+ * instruction, twice the multiply-adds of float32 FMAs): with codes biased by 128,
+ *   y[n] += scale * sum((code + 128) * x) + (zero - 136 * scale) * sum(x). */
+static inline __attribute__((always_inline)) void q4_block_pass_bf16(
+    float *y, int64_t y_stride, const uint16_t *xb, const float *sums, const uint8_t *block,
+    const uint32_t *scales_and_zeros, int64_t rows, int64_t cols, const int m)
+{
+    __m512 out[Q4_ROWS][4];
+    for (int r = 0; r < m; ++r)
+        for (int j = 0; j < 4; ++j)
+            out[r][j] = _mm512_setzero_ps();
+    const int64_t groups = cols / Q4_GROUP;
+    for (int64_t g = 0; g < groups; ++g) {
+        __m512 acc[Q4_ROWS][4];
+        for (int r = 0; r < m; ++r)
+            for (int j = 0; j < 4; ++j)
+                acc[r][j] = _mm512_setzero_ps();
+        for (int64_t k = g * Q4_GROUP; k < (g + 1) * Q4_GROUP; k += 2) {
+            __m512i w[4];
+            q4_pair_codes(w, block + k * 32);
+            for (int r = 0; r < m; ++r) {
+                int32_t pair;
+                memcpy(&pair, xb + r * cols + k, sizeof pair);
+                const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
+                for (int j = 0; j < 4; ++j)
+                    acc[r][j] = _mm512_dpbf16_ps(acc[r][j], (__m512bh)w[j], xv);
+            }
+        }
+        const uint32_t *pairs = scales_and_zeros + g * rows;
+        for (int j = 0; j < 4; ++j) {
+            const __m512i bits = _mm512_loadu_si512((const void *)(pairs + j * 16));
+            const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
+            const __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(bits, _mm512_set1_epi32((int)0xFFFF0000u)));
+            const __m512 offset = _mm512_fnmadd_ps(_mm512_set1_ps(136.0f), scale, zero);
+            for (int r = 0; r < m; ++r)
+                out[r][j] = _mm512_fmadd_ps(scale, acc[r][j],
+                                            _mm512_fmadd_ps(offset, _mm512_set1_ps(sums[r * groups + g]), out[r][j]));
+        }
+    }
+    for (int r = 0; r < m; ++r)
+        for (int j = 0; j < 4; ++j)
+            _mm512_storeu_ps(y + r * y_stride + j * 16, out[r][j]);
+}
+#else
+#define Q4_HAS_BF16_DOT 0
+#endif
+
 /* Output rows [64 * block, 64 * block + 64) of y[num_rows, rows] = x[num_rows, cols] @ w.T,
- * any number of rows of x (Q4_ROWS per pass; later passes read the block from cache). */
+ * any number of rows of x (Q4_ROWS per pass; later passes read the block from cache). With
+ * `xb` (x rounded by q4_round_group, where Q4_HAS_BF16_DOT) the bfloat16 dot products run. */
 static inline void q4_matmul_block(
-    float *y, const float *x, int64_t num_rows, const uint8_t *packed, const uint16_t *scales_and_zeros,
-    int64_t rows, int64_t cols, int64_t block)
+    float *y, const float *x, const uint16_t *xb, const float *sums, int64_t num_rows, const uint8_t *packed,
+    const uint16_t *scales_and_zeros, int64_t rows, int64_t cols, int64_t block)
 {
     const uint8_t *weights = packed + block * Q4_BLOCK * (cols / 2);
     const uint32_t *pairs = (const uint32_t *)scales_and_zeros + block * Q4_BLOCK;
     for (int64_t r = 0; r < num_rows; r += Q4_ROWS) {
         float *yr = y + r * rows + block * Q4_BLOCK;
+        const int m = num_rows - r < Q4_ROWS ? (int)(num_rows - r) : Q4_ROWS;
+#if Q4_HAS_BF16_DOT
+        if (xb) {
+            const uint16_t *xr = xb + r * cols;
+            const float *sr = sums + r * (cols / Q4_GROUP);
+            switch (m) {
+            case 1: q4_block_pass_bf16(yr, rows, xr, sr, weights, pairs, rows, cols, 1); break;
+            case 2: q4_block_pass_bf16(yr, rows, xr, sr, weights, pairs, rows, cols, 2); break;
+            case 3: q4_block_pass_bf16(yr, rows, xr, sr, weights, pairs, rows, cols, 3); break;
+            default: q4_block_pass_bf16(yr, rows, xr, sr, weights, pairs, rows, cols, 4); break;
+            }
+            continue;
+        }
+#endif
+        (void)xb, (void)sums;
         const float *xr = x + r * cols;
-        switch (num_rows - r < Q4_ROWS ? num_rows - r : Q4_ROWS) {
+        switch (m) {
         case 1: q4_block_pass(yr, rows, xr, cols, weights, pairs, rows, cols, 1); break;
         case 2: q4_block_pass(yr, rows, xr, cols, weights, pairs, rows, cols, 2); break;
         case 3: q4_block_pass(yr, rows, xr, cols, weights, pairs, rows, cols, 3); break;

@@ -32,11 +32,13 @@ from services.executor.quantized_linear import Int4Linear, Int4Weight, Int8Linea
 logger = logging.getLogger(__name__)
 
 # The most tokens a decode-only step runs through the fused C step (`kernels/fused_decode.py`)
-# rather than the torch layers, capped by the rows the int4 weights serve (`build`). Measured
-# as whole engine decode steps (2-core AMD EPYC, AVX512-BF16, the embedded model), fused
-# against torch layers: bf16 6.2 / 8.2 / 11.0 / 18.7 / 32.3 ms against 10.1 / 12.0 / 14.9 /
-# 22.7 / 36.5 at 1 / 2 / 4 / 8 / 16 rows; fp32 6.5 / 34.5 / 86.8 against 12.1 / 38.6 / 88.5
-# at 1 / 8 / 32 rows. It never lost, so the cap is the int4 one.
+# rather than the torch layers, wherever 4-bit weights are packed (whatever rows the torch
+# int4 kernel takes: the C matmuls are faster). Measured as whole engine decode steps (2-core
+# AMD EPYC with AVX512-BF16, the embedded model, bf16): fused 4.0 / 6.5 / 12.6 / 22.6 / 37.3 /
+# 47.9 ms at 1 / 4 / 8 / 16 / 24 / 32 rows against 10.1 / 14.9 / 22.7 / 36.5 / 44.2 / 50.5
+# for the torch layers (int4 up to 16 rows, dense above); equal at 48 rows, behind at 64
+# (87.0 against 80.6). fp32 (FMA matmuls): 6.5 / 34.5 / 86.8 against 12.1 / 38.6 / 88.5 at
+# 1 / 8 / 32 rows.
 FUSED_DECODE_MAX_ROWS = 32
 
 
@@ -215,9 +217,9 @@ class LlamaForCausalLM(nn.Module):
         return model.eval()
 
     def _install_fused_decoder(self, group: TensorParallelGroup, dtype: torch.dtype, device: torch.device) -> None:
-        """Decode steps of up to FUSED_DECODE_MAX_ROWS tokens (and no more than the int4
-        weights serve) run as one C call where every projection is a bias-free Int4Linear
-        on one rank; logged either way when 4-bit weights are packed."""
+        """Decode steps of up to FUSED_DECODE_MAX_ROWS tokens run as one C call where every
+        projection is a bias-free Int4Linear on one rank; logged either way when 4-bit
+        weights are packed."""
         if self.int4_max_rows <= 0:
             return
         linears = [lin for layer in self.layers for lin in (
@@ -243,7 +245,7 @@ class LlamaForCausalLM(nn.Module):
             self.norm.weight, num_heads=self.config.num_heads, num_kv_heads=self.config.num_kv_heads,
             head_dim=self.config.head_dim, eps=self.config.rms_norm_eps, dtype=dtype,
         )
-        self.fused_max_rows = min(FUSED_DECODE_MAX_ROWS, self.int4_max_rows)
+        self.fused_max_rows = FUSED_DECODE_MAX_ROWS
         logger.info("decode steps of up to %d tokens run as one fused C call", self.fused_max_rows)
 
     @torch.inference_mode()

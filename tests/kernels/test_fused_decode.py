@@ -10,7 +10,15 @@ import math
 import pytest
 import torch
 
-from kernels.fused_decode import FusedDecoder, LayerWeights, Q4Tensor, q4_matmul, torch_layout_matches, unavailable_reason
+from kernels.fused_decode import (
+    FusedDecoder,
+    LayerWeights,
+    Q4Tensor,
+    bf16_dot_products,
+    q4_matmul,
+    torch_layout_matches,
+    unavailable_reason,
+)
 
 
 def random_q4(rows: int, cols: int, generator: torch.Generator) -> tuple[Q4Tensor, torch.Tensor]:
@@ -29,13 +37,18 @@ def test_torch_packs_int4_as_the_kernel_reads_it() -> None:
     assert torch_layout_matches()
 
 
+@pytest.mark.parametrize("bf16_activations", [False, True])
 @pytest.mark.parametrize(("rows", "cols", "num_rows"), [(64, 32, 1), (960, 576, 3), (3072, 576, 4), (128, 1536, 7)])
-def test_q4_matmul_matches_the_dequantized_weight(rows: int, cols: int, num_rows: int) -> None:
+def test_q4_matmul_matches_the_dequantized_weight(rows: int, cols: int, num_rows: int, bf16_activations: bool) -> None:
     generator = torch.Generator().manual_seed(rows + cols + num_rows)
     weight, dense = random_q4(rows, cols, generator)
     x = torch.randn(num_rows, cols, generator=generator)
-    expected = x.to(torch.float64) @ dense.T
-    got = q4_matmul(x, weight)
+    if bf16_activations and not bf16_dot_products():
+        with pytest.raises(RuntimeError, match="AVX512-BF16"):
+            q4_matmul(x, weight, bf16_activations=True)
+        return
+    expected = (x.to(torch.bfloat16) if bf16_activations else x).to(torch.float64) @ dense.T
+    got = q4_matmul(x, weight, bf16_activations)
     assert got.shape == (num_rows, rows)
     torch.testing.assert_close(got.to(torch.float64), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
@@ -54,8 +67,10 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 def reference_step(model: dict, embedded, cos, sin, caches, slots, tables, seq_lens):
     """The decode step in float64 torch ops; `caches` (model dtype) get the new K/V, and
-    attention reads them back from there, as the C step does."""
+    attention reads them back from there, as the C step does. With `round_inputs`, every
+    matmul's input is rounded to bfloat16 first, as the C step's bf16 dot products do."""
     heads, kv_heads, head_dim, eps = model["heads"], model["kv_heads"], model["head_dim"], model["eps"]
+    r = (lambda x: x.to(torch.bfloat16).to(torch.float64)) if model["round_inputs"] else (lambda x: x)  # noqa: E731
     q_size, kv_size = heads * head_dim, kv_heads * head_dim
     residual = embedded.to(torch.float64)
     cos, sin = cos.to(torch.float64), sin.to(torch.float64)
@@ -63,7 +78,7 @@ def reference_step(model: dict, embedded, cos, sin, caches, slots, tables, seq_l
     for layer, (key_cache, value_cache) in zip(model["layers"], caches):
         if sublayer is not None:
             residual = residual + sublayer
-        qkv = rms_norm(residual, layer["input_norm"], eps) @ layer["qkv"].T
+        qkv = r(rms_norm(residual, layer["input_norm"], eps)) @ layer["qkv"].T
         tokens = qkv.shape[0]
         qk = rotate(qkv[:, : q_size + kv_size].reshape(tokens, heads + kv_heads, head_dim), cos, sin)
         q, k = qk[:, :heads], qk[:, heads:]
@@ -80,9 +95,9 @@ def reference_step(model: dict, embedded, cos, sin, caches, slots, tables, seq_l
             values = flat_v[context].to(torch.float64).repeat_interleave(heads // kv_heads, dim=1)
             scores = torch.einsum("hd,chd->hc", q[t], keys) / math.sqrt(head_dim)
             out.append(torch.einsum("hc,chd->hd", scores.softmax(-1), values).reshape(q_size))
-        residual = residual + torch.stack(out) @ layer["o"].T
-        gate, up = (rms_norm(residual, layer["post_norm"], eps) @ layer["gate_up"].T).chunk(2, dim=-1)
-        sublayer = (torch.nn.functional.silu(gate) * up) @ layer["down"].T
+        residual = residual + r(torch.stack(out)) @ layer["o"].T
+        gate, up = (r(rms_norm(residual, layer["post_norm"], eps)) @ layer["gate_up"].T).chunk(2, dim=-1)
+        sublayer = r(torch.nn.functional.silu(gate) * up) @ layer["down"].T
     return rms_norm(residual + sublayer, model["final_norm"], eps)
 
 
@@ -132,7 +147,7 @@ def test_fused_decode_step_matches_a_float64_reference(dtype: torch.dtype, shape
     got = decoder(embedded, cos, sin, caches, slots, tables, seq_lens)
     expected = reference_step(
         dict(layers=reference_layers, final_norm=final_norm.double(), heads=heads, kv_heads=kv_heads,
-             head_dim=head_dim, eps=eps),
+             head_dim=head_dim, eps=eps, round_inputs=dtype == torch.bfloat16 and bf16_dot_products()),
         embedded, cos, sin, reference_caches, slots, tables, seq_lens,
     )
     assert got.dtype == dtype and got.shape == (rows, hidden)
