@@ -195,6 +195,13 @@ class FusedDecoder:
         int32, all contiguous, one row per token (every token a decode)."""
         self._bind_caches(kv_caches)
         rows = embedded.shape[0]
+        half = self._model.head_dim // 2
+        if not (
+            embedded.dtype == cos.dtype == sin.dtype == self.dtype and embedded.shape == (rows, self._model.hidden)
+            and cos.shape == sin.shape == (rows, half)
+            and embedded.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()
+        ):
+            raise ValueError("fused decode: embeddings [rows, hidden] and cos/sin [rows, head_dim / 2], dense, in the model dtype")
         if not (
             slot_mapping.dtype == torch.int64 and block_tables.dtype == seq_lens.dtype == torch.int32
             and slot_mapping.shape[0] == block_tables.shape[0] == seq_lens.shape[0] == rows

@@ -50,6 +50,10 @@ def cache_dir() -> Path:
     a per-user temporary folder where none of those can be written."""
     configured = os.environ.get("PAGEDSERVE_CACHE_DIR")
     if configured:
+        try:
+            Path(configured).mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise NativeBuildError(f"PAGEDSERVE_CACHE_DIR={configured} cannot be created: {error}") from error
         return Path(configured)
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     for candidate in (base / "pagedserve" / "kernels", Path(tempfile.gettempdir()) / f"pagedserve-kernels-{os.getuid()}"):

@@ -201,6 +201,13 @@ def test_library_is_built_once_and_then_reused(fresh_build: Path) -> None:
     assert built[0].stat().st_mtime_ns == stamp
 
 
+def test_a_configured_cache_folder_that_does_not_exist_yet_is_created(fresh_build: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = fresh_build / "not" / "yet"
+    monkeypatch.setenv("PAGEDSERVE_CACHE_DIR", str(folder))
+    native_build.load_library("paged_attention_cpu")
+    assert len(list(folder.glob("paged_attention_cpu-*.so"))) == 1
+
+
 def test_loading_the_library_keeps_subnormal_floats(fresh_build: Path) -> None:
     """A library linked with -ffast-math would switch the whole process to flush-to-zero
     when it loads (crtfastmath.o), changing every float computation around it."""

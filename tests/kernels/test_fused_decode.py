@@ -114,7 +114,7 @@ SHAPES = [
 @pytest.mark.parametrize("rows", [1, 3, 6])
 def test_fused_decode_step_matches_a_float64_reference(dtype: torch.dtype, shape: tuple, rows: int) -> None:
     hidden, heads, kv_heads, head_dim, inter, num_layers, block_size = shape
-    generator = torch.Generator().manual_seed(hash((shape, rows, str(dtype))) % 2**31)
+    generator = torch.Generator().manual_seed(1000 * SHAPES.index(shape) + 10 * rows + (dtype == torch.bfloat16))
     eps = 1e-5
     layers, reference_layers = [], []
     for _ in range(num_layers):
@@ -151,12 +151,20 @@ def test_fused_decode_step_matches_a_float64_reference(dtype: torch.dtype, shape
         embedded, cos, sin, reference_caches, slots, tables, seq_lens,
     )
     assert got.dtype == dtype and got.shape == (rows, hidden)
-    # float32: float32 rounding only; bfloat16: the K/V cache and the output in bf16 too.
-    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(got.double(), expected, rtol=tolerance, atol=tolerance)
+    # Errors relative to the largest value of each tensor. float32: float32 rounding only
+    # (worst seen over 25 seeds of every case: 1.6e-5); bfloat16: matmul inputs, the K/V
+    # cache and the output rounded to bf16 too, each a half-ulp flip where float32 and the
+    # float64 reference land on either side of a rounding boundary (worst seen: 9.6e-3).
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+
+    def assert_close(actual: torch.Tensor, reference: torch.Tensor) -> None:
+        reference = reference.double()
+        torch.testing.assert_close(actual.double(), reference, rtol=0, atol=tolerance * reference.abs().max().item())
+
+    assert_close(got, expected)
     for (key, value), (ref_key, ref_value) in zip(caches, reference_caches):
-        torch.testing.assert_close(key.double(), ref_key.double(), rtol=tolerance, atol=tolerance)
-        torch.testing.assert_close(value.double(), ref_value.double(), rtol=tolerance, atol=tolerance)
+        assert_close(key, ref_key)
+        assert_close(value, ref_value)
 
 
 def test_a_slot_past_the_cache_is_refused_before_anything_is_written() -> None:
@@ -173,6 +181,9 @@ def test_a_slot_past_the_cache_is_refused_before_anything_is_written() -> None:
         decoder(torch.randn(1, 64), torch.ones(1, 16), torch.zeros(1, 16), caches, torch.tensor([8]),
                 torch.tensor([[0, 1]], dtype=torch.int32), torch.tensor([1], dtype=torch.int32))
     assert all(not c.any() for pair in caches for c in pair)
+    with pytest.raises(ValueError, match="model dtype"):  # bf16 embeddings for a float32 model
+        decoder(torch.randn(1, 64).to(torch.bfloat16), torch.ones(1, 16), torch.zeros(1, 16), caches,
+                torch.tensor([0]), torch.tensor([[0, 1]], dtype=torch.int32), torch.tensor([1], dtype=torch.int32))
 
 
 def test_what_the_fused_step_cannot_run_is_said() -> None:
