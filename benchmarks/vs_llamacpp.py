@@ -45,7 +45,7 @@ from pathlib import Path
 
 import httpx
 
-from services.launcher import free_port, up_in_background
+from services.launcher import free_port, terminate, up_in_background
 from shared.model_source import resolve_model_source
 
 CACHE_DIR = Path.home() / ".cache" / "pagedserve" / "llama.cpp"
@@ -133,14 +133,6 @@ def start_llama_server(binary: Path, gguf: Path, port: int, slots: int) -> subpr
 
 
 # --- pagedserve --------------------------------------------------------------------------
-
-
-def stop(process: subprocess.Popen[str]) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
 
 
 # --- HF transformers --------------------------------------------------------------------
@@ -326,7 +318,7 @@ def main() -> None:
     try:
         results["llama-server"] = run_server(f"http://127.0.0.1:{port}", prompts, levels, args.max_tokens, args.requests_at_1)
     finally:
-        stop(process)
+        terminate(process, timeout_s=60)
     up_args = ["--kv-cache-memory", str(KV_CACHE_MEMORY), "--max-num-seqs", str(max(levels)), *args.pagedserve_args.split()]
     with up_in_background(up_args) as url:
         results["pagedserve"] = run_server(url, prompts, levels, args.max_tokens, args.requests_at_1)

@@ -2,7 +2,8 @@
 kernel of `kernels/csrc/q8_matmul_cpu.c` (see there for the layout and why).
 
 `quantize` makes the kernel's layout from a dense weight; `q8_matmul` multiplies. Where the
-library cannot be built, `available()` is False and callers keep their dense weight.
+library cannot be built, `available()` is False (after one warning) and callers keep their
+dense weight.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 
 import torch
 
-from kernels.native_build import NativeBuildError, load_library
+from kernels.native_build import load_function
 
 logger = logging.getLogger(__name__)
 
@@ -23,15 +24,9 @@ GROUP = 32  # input columns per scale
 
 @functools.cache
 def _kernel() -> ctypes._CFuncPtr | None:
-    try:
-        function = load_library("q8_matmul_cpu").pagedserve_q8_matmul
-    except NativeBuildError as error:
-        logger.warning("the int8 matmul falls back to dense weights: %s", error)
-        return None
-    function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                         ctypes.c_int64, ctypes.c_int64]
-    function.restype = None
-    return function
+    pointer, int64 = ctypes.c_void_p, ctypes.c_int64
+    argtypes = [pointer, pointer, int64, pointer, pointer, int64, int64]
+    return load_function("q8_matmul_cpu", "pagedserve_q8_matmul", argtypes, None, logger, "the int8 LM head")
 
 
 def available() -> bool:

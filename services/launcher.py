@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -61,11 +62,7 @@ def up_in_background(args: list[str]) -> Iterator[str]:
             raise RuntimeError(f"pagedserve up exited with {process.wait()} before it was healthy")
         yield f"http://127.0.0.1:{port}"
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        terminate(process, timeout_s=60)
 
 
 def redis_server_binary() -> str:
@@ -301,7 +298,7 @@ class Supervisor:
             return
         if member.process is not None and member.process.poll() is None:
             log.warning("%s (pid %d): stopping it, its group restarts with %s", member.name, member.process.pid, exited.name)
-            _terminate(member.process)
+            terminate(member.process)
         member.backoff_s, member.restart_at = exited.backoff_s, exited.restart_at
 
     def stop_all(self, timeout_s: float = 10.0) -> None:
@@ -327,7 +324,7 @@ class Supervisor:
         log.info("started %s (pid %d): %s", service.name, service.process.pid, " ".join(service.command))
 
 
-def _terminate(process: subprocess.Popen[bytes], timeout_s: float = 5.0) -> None:
+def terminate(process: subprocess.Popen[Any], timeout_s: float = 5.0) -> None:
     """SIGTERM, then SIGKILL if it has not exited in `timeout_s` (a rank may be stuck in a
     collective until the group's timeout)."""
     process.terminate()

@@ -24,4 +24,19 @@ static inline uint16_t f32_to_bf16(float value)
     return (uint16_t)(bits >> 16);
 }
 
+/* Element i of a float32 (bf16 = 0) or bfloat16 array, as float32 (exact). */
+static inline float load(const void *base, int64_t i, int bf16)
+{
+    return bf16 ? bf16_to_f32(((const uint16_t *)base)[i]) : ((const float *)base)[i];
+}
+
+/* Element i of a float32 or bfloat16 array set to `value` (rounded to nearest even for bf16). */
+static inline void store(void *base, int64_t i, float value, int bf16)
+{
+    if (bf16)
+        ((uint16_t *)base)[i] = f32_to_bf16(value);
+    else
+        ((float *)base)[i] = value;
+}
+
 #endif

@@ -59,19 +59,6 @@ typedef struct {
     const void *final_norm;
 } DecodeModel;
 
-static inline float load(const void *base, int64_t i, int bf16)
-{
-    return bf16 ? bf16_to_f32(((const uint16_t *)base)[i]) : ((const float *)base)[i];
-}
-
-static inline void store(void *base, int64_t i, float value, int bf16)
-{
-    if (bf16)
-        ((uint16_t *)base)[i] = f32_to_bf16(value);
-    else
-        ((float *)base)[i] = value;
-}
-
 /* residual += x (when given); normed = weight * residual / rms(residual), all rows. */
 static void add_rms_norm(float *normed, float *residual, const float *x, const void *weight, int64_t rows,
                          int64_t hidden, float eps, int bf16)
@@ -250,14 +237,10 @@ int pagedserve_q4_matmul(
             free(xb), free(sums);
             return 2;
         }
-#if Q4_HAS_BF16_DOT
-        for (int64_t i = 0; i < num_rows * cols / Q4_GROUP; ++i)
-            q4_round_group(xb, sums, x, i);
-#endif
     }
-#pragma omp parallel for schedule(static)
-    for (int64_t block = 0; block < rows / Q4_BLOCK; ++block)
-        q4_matmul_block(y, x, xb, sums, num_rows, packed, scales_and_zeros, rows, cols, block);
+    const Q4Weight w = {packed, scales_and_zeros, rows, cols};
+#pragma omp parallel
+    q4_matmul(y, x, num_rows, &w, xb, sums);
     free(xb), free(sums);
     return 0;
 }

@@ -23,25 +23,11 @@
 
 #include "bf16.h"
 
-/* Element i of a float32 or bfloat16 array, as float32 (exact). */
-static inline float load(const void *base, int64_t i, int bf16)
-{
-    return bf16 ? bf16_to_f32(((const uint16_t *)base)[i]) : ((const float *)base)[i];
-}
-
 /* A product or sum computed in float32, rounded to the element type as torch's op rounds
  * it, and widened back (exact). */
 static inline float round_to(float value, int bf16)
 {
     return bf16 ? bf16_to_f32(f32_to_bf16(value)) : value;
-}
-
-static inline void store(void *base, int64_t i, float value, int bf16)
-{
-    if (bf16)
-        ((uint16_t *)base)[i] = f32_to_bf16(value);
-    else
-        ((float *)base)[i] = value;
 }
 
 /* `bf16` is a constant in each exported wrapper, so the compiler emits two specialised

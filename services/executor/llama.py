@@ -222,27 +222,26 @@ class LlamaForCausalLM(nn.Module):
         weights are packed."""
         if self.int4_max_rows <= 0:
             return
-        linears = [lin for layer in self.layers for lin in (
-            layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+        projections = [
+            (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
+            for layer in self.layers
+        ]
         if group.world_size != 1:
             reason = "it runs on one rank"
-        elif not all(isinstance(lin, Int4Linear) and lin.bias is None for lin in linears):
+        elif not all(isinstance(lin, Int4Linear) and lin.bias is None for four in projections for lin in four):
             reason = "not every projection is a bias-free 4-bit weight"
         else:
-            q4 = {id(lin): Q4Tensor(lin.packed, lin.scales_and_zeros) for lin in linears}
-            reason = unavailable_reason(dtype, list(q4.values()), device)
+            q4 = [[Q4Tensor(lin.packed, lin.scales_and_zeros) for lin in four] for four in projections]
+            reason = unavailable_reason(dtype, [w for four in q4 for w in four], device)
         if reason is not None:
             logger.info("decode steps run layer by layer in torch: the fused C step is off (%s)", reason)
             return
+        layers = [
+            LayerWeights(layer.input_layernorm.weight, qkv, o, layer.post_attention_layernorm.weight, gate_up, down)
+            for layer, (qkv, o, gate_up, down) in zip(self.layers, q4)
+        ]
         self.fused_decoder = FusedDecoder(
-            [
-                LayerWeights(
-                    layer.input_layernorm.weight, q4[id(layer.self_attn.qkv_proj)], q4[id(layer.self_attn.o_proj)],
-                    layer.post_attention_layernorm.weight, q4[id(layer.mlp.gate_up_proj)], q4[id(layer.mlp.down_proj)],
-                )
-                for layer in self.layers
-            ],
-            self.norm.weight, num_heads=self.config.num_heads, num_kv_heads=self.config.num_kv_heads,
+            layers, self.norm.weight, num_heads=self.config.num_heads, num_kv_heads=self.config.num_kv_heads,
             head_dim=self.config.head_dim, eps=self.config.rms_norm_eps, dtype=dtype,
         )
         self.fused_max_rows = FUSED_DECODE_MAX_ROWS
