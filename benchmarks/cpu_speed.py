@@ -26,11 +26,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from services.engine import LLMEngine
-from services.executor.config import EngineConfig
-from services.executor.cpu_features import auto_cpu_dtype, detect
-from services.executor.quantized_linear import Int4Linear
-from shared.sampling_params import SamplingParams
+from pagedserve.services.engine import LLMEngine
+from pagedserve.services.executor.config import EngineConfig
+from pagedserve.services.executor.cpu_features import auto_cpu_dtype, detect
+from pagedserve.services.executor.quantized_linear import Int4Linear
+from pagedserve.shared.sampling_params import SamplingParams
 
 KV_CACHE_BYTES = 512 << 20  # per engine: room for 32 sequences of 512 tokens in fp32
 

@@ -29,7 +29,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels import PagedAttentionOps, kernel_module, torch_ops
+from pagedserve.kernels import torch_ops
+from pagedserve.kernels.paged_attention_ops import PagedAttentionOps
+from pagedserve.kernels.dispatch import kernel_module
 
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 

@@ -37,12 +37,12 @@ import statistics
 import time
 from dataclasses import dataclass
 
-from services.scheduler.request import Request
-from services.scheduler.config import SchedulerConfig
-from services.scheduler.policy import blocks_to_cover
-from services.scheduler.scheduler import Scheduler
-from shared.messages import ExecuteStep, SampledToken, StepResult
-from shared.sampling_params import SamplingParams
+from pagedserve.services.scheduler.request import Request
+from pagedserve.services.scheduler.config import SchedulerConfig
+from pagedserve.services.scheduler.policy import blocks_to_cover
+from pagedserve.services.scheduler.scheduler import Scheduler
+from pagedserve.shared.messages import ExecuteStep, SampledToken, StepResult
+from pagedserve.shared.sampling_params import SamplingParams
 
 CONTEXT_LEN = 2048
 BLOCK_SIZE = 16
@@ -183,8 +183,8 @@ def measure_beam_sharing_on_model(lengths: list[tuple[int, int]], width: int, ma
     """As `measure_beam_sharing`, on the real engine and embedded model (random-token
     prompts of the given lengths, `max_tokens` each, EOS allowed), so the candidates are
     the model's own."""
-    from services.engine import LLMEngine
-    from services.executor.config import EngineConfig
+    from pagedserve.services.engine import LLMEngine
+    from pagedserve.services.executor.config import EngineConfig
 
     engine = LLMEngine(EngineConfig(enable_prefix_caching=False, kv_cache_memory_bytes=256 << 20))
     rng = random.Random(4)
@@ -235,8 +235,8 @@ def measure_prefix_ttft(enable_prefix_caching: bool, num_requests: int, system_p
     """Requests one after another (an interactive user's view), each the same 1k-token
     system prompt plus its own short question; the first one, which fills the cache, is
     not timed. TTFT = from `add_request` to the step that returns its first token."""
-    from services.engine import LLMEngine
-    from services.executor.config import EngineConfig
+    from pagedserve.services.engine import LLMEngine
+    from pagedserve.services.executor.config import EngineConfig
 
     engine = LLMEngine(EngineConfig(enable_prefix_caching=enable_prefix_caching, kv_cache_memory_bytes=256 << 20))
     rng = random.Random(2)

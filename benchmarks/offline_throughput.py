@@ -25,10 +25,10 @@ import time
 import httpx
 import torch
 
-from services.engine import LLMEngine
-from services.executor.config import EngineConfig
-from services.launcher import up_in_background
-from shared.sampling_params import SamplingParams
+from pagedserve.services.engine import LLMEngine
+from pagedserve.services.executor.config import EngineConfig
+from pagedserve.services.launcher import up_in_background
+from pagedserve.shared.sampling_params import SamplingParams
 
 
 def make_requests(vocab_size: int, num_requests: int, seed: int = 0) -> list[tuple[list[int], int]]:

@@ -37,8 +37,8 @@ from dataclasses import dataclass
 
 import httpx
 
-from services.cli import build_parser
-from services.launcher import Supervisor, free_port, service_commands
+from pagedserve.services.cli import build_parser
+from pagedserve.services.launcher import Supervisor, free_port, service_commands
 
 BLOCK_SIZE = 16
 _WORDS = (

@@ -21,12 +21,12 @@ from collections.abc import Callable
 import msgspec
 import zmq
 
-from services.scheduler.config import SchedulerConfig
-from services.scheduler.request import Request
-from services.scheduler.scheduler import Scheduler
-from shared.messages import ExecutorMessage, SampledToken, StepMessage, StepResult, StepResultMessage
-from shared.sampling_params import SamplingParams
-from shared.transport import encode
+from pagedserve.services.scheduler.config import SchedulerConfig
+from pagedserve.services.scheduler.request import Request
+from pagedserve.services.scheduler.scheduler import Scheduler
+from pagedserve.shared.messages import ExecutorMessage, SampledToken, StepMessage, StepResult, StepResultMessage
+from pagedserve.shared.sampling_params import SamplingParams
+from pagedserve.shared.transport import encode
 
 PROMPT_LEN = 128
 REPEATS = 200
@@ -94,8 +94,8 @@ def zmq_round_trip_us(request_frames: list[bytes], reply_frames: list[bytes]) ->
 
 
 def model_decode_step_us(batch: int) -> float:
-    from services.engine import LLMEngine
-    from services.executor.config import EngineConfig
+    from pagedserve.services.engine import LLMEngine
+    from pagedserve.services.executor.config import EngineConfig
 
     engine = LLMEngine(EngineConfig(kv_cache_memory_bytes=256 << 20, max_num_seqs=batch))
     params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)

@@ -22,11 +22,11 @@ import argparse
 import json
 import time
 
-from services.engine import LLMEngine
-from services.executor import structured_output as structured_output_module
-from services.executor.config import EngineConfig
-from shared.sampling_params import SamplingParams
-from shared.structured_output import GrammarSpec
+from pagedserve.services.engine import LLMEngine
+from pagedserve.services.executor import structured_output as structured_output_module
+from pagedserve.services.executor.config import EngineConfig
+from pagedserve.shared.sampling_params import SamplingParams
+from pagedserve.shared.structured_output import GrammarSpec
 
 SCHEMAS: dict[str, dict] = {
     "person": {

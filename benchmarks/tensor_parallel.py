@@ -33,9 +33,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from services.engine import LLMEngine
-from services.executor.config import EngineConfig
-from shared.sampling_params import SamplingParams
+from pagedserve.services.engine import LLMEngine
+from pagedserve.services.executor.config import EngineConfig
+from pagedserve.shared.sampling_params import SamplingParams
 
 
 def save_random_llama(directory: Path) -> None:
@@ -44,8 +44,8 @@ def save_random_llama(directory: Path) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from shared.model_source import default_model_source
-    from shared.tokenizer import load_tokenizer
+    from pagedserve.shared.model_source import default_model_source
+    from pagedserve.shared.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(default_model_source())
     config = LlamaConfig(

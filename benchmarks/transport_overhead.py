@@ -30,10 +30,10 @@ import time
 import httpx
 import torch
 
-from services.engine import LLMEngine
-from services.executor.config import EngineConfig
-from services.launcher import up_in_background
-from shared.sampling_params import SamplingParams
+from pagedserve.services.engine import LLMEngine
+from pagedserve.services.executor.config import EngineConfig
+from pagedserve.services.launcher import up_in_background
+from pagedserve.shared.sampling_params import SamplingParams
 
 KV_CACHE_MEMORY = 512 << 20
 
@@ -101,8 +101,8 @@ def main() -> None:
     parser.add_argument("--no-sync", action="store_true", help="skip the services run with synchronous scheduling")
     args = parser.parse_args()
 
-    from services.executor.model_config import load_model_config
-    from shared.model_source import resolve_model_source
+    from pagedserve.services.executor.model_config import load_model_config
+    from pagedserve.shared.model_source import resolve_model_source
 
     vocab_size = load_model_config(resolve_model_source(None)).vocab_size
     prompts = make_prompts(vocab_size, args.streams)

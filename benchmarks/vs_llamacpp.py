@@ -45,8 +45,8 @@ from pathlib import Path
 
 import httpx
 
-from services.launcher import free_port, terminate, up_in_background
-from shared.model_source import resolve_model_source
+from pagedserve.services.launcher import free_port, terminate, up_in_background
+from pagedserve.shared.model_source import resolve_model_source
 
 CACHE_DIR = Path.home() / ".cache" / "pagedserve" / "llama.cpp"
 KV_CACHE_MEMORY = 1 << 30

@@ -22,8 +22,8 @@ import logging
 
 import torch
 
-from kernels import torch_ops
-from kernels.native_build import NativeBuildError, load_function, load_library
+from pagedserve.kernels import torch_ops
+from pagedserve.kernels.native_build import NativeBuildError, load_function, load_library
 
 __all__ = ["native_decode_attention", "paged_decode_attention", "paged_prefill_attention", "reshape_and_cache"]
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.native_build import NativeBuildError, load_library
+from pagedserve.kernels.native_build import NativeBuildError, load_library
 
 logger = logging.getLogger(__name__)
 

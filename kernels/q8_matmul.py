@@ -14,7 +14,7 @@ import logging
 
 import torch
 
-from kernels.native_build import load_function
+from pagedserve.kernels.native_build import load_function
 
 logger = logging.getLogger(__name__)
 

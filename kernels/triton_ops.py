@@ -22,10 +22,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import torch_ops
-from kernels.triton_kernels.paged_decode_attention import paged_decode_kernel, reduce_partitions_kernel
-from kernels.triton_kernels.paged_prefill_attention import paged_prefill_kernel
-from kernels.triton_kernels.reshape_and_cache import reshape_and_cache_kernel
+from pagedserve.kernels import torch_ops
+from pagedserve.kernels.triton_kernels.paged_decode_attention import paged_decode_kernel, reduce_partitions_kernel
+from pagedserve.kernels.triton_kernels.paged_prefill_attention import paged_prefill_kernel
+from pagedserve.kernels.triton_kernels.reshape_and_cache import reshape_and_cache_kernel
 
 # Tokens of context one decode program reduces before the second kernel combines the
 # partial results. Short contexts (<= one partition) skip the split. A power of two, a

@@ -20,9 +20,9 @@ from collections.abc import Sequence
 
 import msgspec
 
-from services.executor.config import DTYPES, WEIGHT_FORMATS, EngineConfig, ExecutorConfig
-from services.gateway.config import GatewayConfig, add_gateway_flags, gateway_config_from_args
-from services.scheduler.config import (
+from pagedserve.services.executor.config import DTYPES, WEIGHT_FORMATS, EngineConfig, ExecutorConfig
+from pagedserve.services.gateway.config import GatewayConfig, add_gateway_flags, gateway_config_from_args
+from pagedserve.services.scheduler.config import (
     DEFAULT_ENABLE_PREFIX_CACHING,
     DEFAULT_MAX_NUM_BATCHED_TOKENS,
     DEFAULT_MAX_NUM_SEQS,
@@ -30,8 +30,8 @@ from services.scheduler.config import (
     DEFAULT_PREEMPTION_MODE,
     PREEMPTION_MODES,
 )
-from services.scheduler.service import SchedulerServiceConfig, serve as serve_scheduler
-from shared.sampling_params import SamplingParams
+from pagedserve.services.scheduler.service import SchedulerServiceConfig, serve as serve_scheduler
+from pagedserve.shared.sampling_params import SamplingParams
 
 
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
@@ -307,7 +307,7 @@ def run_scheduler(args: argparse.Namespace) -> int:
 
 
 def run_executor(args: argparse.Namespace) -> int:
-    from services.executor.service import serve
+    from pagedserve.services.executor.service import serve
 
     _configure_logging()
     serve(
@@ -331,7 +331,7 @@ def _is_not_a_health_check(record: logging.LogRecord) -> bool:
 
 
 def run_gateway(args: argparse.Namespace) -> int:
-    from services.gateway.server import serve
+    from pagedserve.services.gateway.server import serve
 
     _configure_logging()
     if not args.log_health_checks:
@@ -343,7 +343,7 @@ def run_gateway(args: argparse.Namespace) -> int:
 
 
 def run_keys(args: argparse.Namespace) -> int:
-    from shared.zmq_security import generate_curve_keys
+    from pagedserve.shared.zmq_security import generate_curve_keys
 
     try:
         created = generate_curve_keys(args.directory, overwrite=args.force)
@@ -358,15 +358,15 @@ def run_keys(args: argparse.Namespace) -> int:
 
 
 def run_up(args: argparse.Namespace) -> int:
-    from services.launcher import launch
+    from pagedserve.services.launcher import launch
 
     _configure_logging()
     return launch(args)
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from services.engine import LLMEngine
-    from shared.tokenizer import encode_chat
+    from pagedserve.services.engine import LLMEngine
+    from pagedserve.shared.tokenizer import encode_chat
 
     prompts = args.prompts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not prompts:

@@ -31,9 +31,9 @@ from typing import Any
 
 import httpx
 
-from shared.zmq_security import generate_curve_keys
+from pagedserve.shared.zmq_security import generate_curve_keys
 
-log = logging.getLogger("pagedserve.up")
+log = logging.getLogger(__name__)
 
 
 def free_port() -> int:
@@ -45,7 +45,7 @@ def free_port() -> int:
 def pagedserve_command() -> list[str]:
     """The `pagedserve` script of this environment (what the containers run)."""
     script = Path(sys.executable).parent / "pagedserve"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "services.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "pagedserve.services.cli"]
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import msgspec
 
-from shared.sampling_params import SamplingParams
+from pagedserve.shared.sampling_params import SamplingParams
 
 _PER_STEP = dict(array_like=True, omit_defaults=True, gc=False)
 

@@ -10,7 +10,7 @@ from typing import Literal
 
 import msgspec
 
-from shared.structured_output import GrammarSpec
+from pagedserve.shared.structured_output import GrammarSpec
 
 MAX_BEAM_WIDTH = 64
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import PreTrainedTokenizerBase
 
-from shared.model_source import ModelSource
+from pagedserve.shared.model_source import ModelSource
 
 
 def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:

@@ -13,8 +13,8 @@ from typing import Any, TypeVar
 import msgspec
 import zmq
 
-from shared.messages import PROTOCOL_VERSION
-from shared.zmq_security import CurveEndpoint, apply_curve
+from pagedserve.shared.messages import PROTOCOL_VERSION
+from pagedserve.shared.zmq_security import CurveEndpoint, apply_curve
 
 log = logging.getLogger(__name__)
 

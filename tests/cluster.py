@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.launcher import free_port, pagedserve_command, redis_server_binary
+from pagedserve.services.launcher import free_port, pagedserve_command, redis_server_binary
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.05) -> None:

@@ -10,6 +10,7 @@ import torch is loaded is named.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TORCH_FREE = ["services.gateway", "services.scheduler", "shared", "services.cli", "services.launcher"]
+TORCH_FREE = [
+    "pagedserve.services.gateway",
+    "pagedserve.services.scheduler",
+    "pagedserve.shared",
+    "pagedserve.services.cli",
+    "pagedserve.services.launcher",
+]
 
 # Prints the modules it imported, one a line, and exits 1 right after the first import
 # that left torch in sys.modules (that module's name is then the last line).
@@ -44,3 +51,37 @@ def test_importing_loads_no_torch(package: str) -> None:
     imported = result.stdout.split()
     assert result.returncode != 1, f"importing {imported[-1]} loads torch"
     assert result.returncode == 0, result.stderr
+
+
+# A bare top-level `services`, `shared` or `kernels` import would resolve against whatever
+# package of that name is installed (Hugging Face's `kernels` is one): every import of ours
+# goes through `pagedserve.` (pagedserve/__init__.py says why).
+BARE_IMPORT = re.compile(r"^\s*(?:from|import)\s+(?:services|shared|kernels)\b", re.MULTILINE)
+BARE_MODULE_STRING = re.compile(r"""["'](?:services|shared|kernels)\.[a-z_]+""")
+
+
+def _tracked_text_files() -> list[Path]:
+    listed = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    suffixes = {".py", ".toml", ".yml", ".yaml", ".md", ".sh", ".cfg"}
+    names = {"Dockerfile", "Makefile"}
+    paths = [ROOT / line for line in listed.splitlines()]
+    return [p for p in paths if (p.suffix in suffixes or p.name in names) and p.is_file() and not p.is_symlink()]
+
+
+def test_no_file_imports_a_bare_top_level_folder() -> None:
+    offenders = []
+    for path in _tracked_text_files():
+        text = path.read_text(errors="replace")
+        for pattern in (BARE_IMPORT, BARE_MODULE_STRING):
+            for match in pattern.finditer(text):
+                line = text.count("\n", 0, match.start()) + 1
+                offenders.append(f"{path.relative_to(ROOT)}:{line}: {match.group(0).strip()}")
+    assert not offenders, "import through `pagedserve.`:\n" + "\n".join(offenders)
+
+
+def test_the_lint_catches_what_it_is_for() -> None:
+    assert BARE_IMPORT.search("from kernels import cpu_ops\n")
+    assert BARE_IMPORT.search("    import services.cli\n")
+    assert BARE_MODULE_STRING.search("[sys.executable, '-m', 'shared" + ".transport']")
+    assert not BARE_IMPORT.search("from pagedserve.kernels import cpu_ops\n")
+    assert not BARE_MODULE_STRING.search('"pagedserve.services.cli"')

@@ -6,7 +6,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.triton_kernels.online_softmax import online_softmax_output, online_softmax_step
+from pagedserve.kernels.triton_kernels.online_softmax import online_softmax_output, online_softmax_step
 
 
 @triton.jit

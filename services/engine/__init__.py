@@ -1,5 +1,5 @@
 """In-process engine: scheduler core and model runner wired by plain calls."""
 
-from services.engine.llm_engine import Completion, CompletionOutput, LLMEngine
+from pagedserve.services.engine.llm_engine import Completion, CompletionOutput, LLMEngine
 
 __all__ = ["Completion", "CompletionOutput", "LLMEngine"]

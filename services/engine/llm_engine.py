@@ -15,19 +15,19 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from services.executor.config import EngineConfig
-from services.executor.distributed import TensorParallelGroup
-from services.executor.model_config import load_model_config
-from services.executor.model_runner import ModelRunner
-from services.executor.rank_workers import RankWorkers
-from services.executor.tensor_parallel import ShardPlan
-from services.scheduler.request import Request
-from services.scheduler.config import SchedulerConfig
-from services.scheduler.scheduler import Scheduler
-from shared.messages import RequestDelta, TokenLogprobs
-from shared.model_source import resolve_model_source
-from shared.sampling_params import SamplingParams
-from shared.tokenizer import encode_prompt, load_tokenizer
+from pagedserve.services.executor.config import EngineConfig
+from pagedserve.services.executor.distributed import TensorParallelGroup
+from pagedserve.services.executor.model_config import load_model_config
+from pagedserve.services.executor.model_runner import ModelRunner
+from pagedserve.services.executor.rank_workers import RankWorkers
+from pagedserve.services.executor.tensor_parallel import ShardPlan
+from pagedserve.services.scheduler.request import Request
+from pagedserve.services.scheduler.config import SchedulerConfig
+from pagedserve.services.scheduler.scheduler import Scheduler
+from pagedserve.shared.messages import RequestDelta, TokenLogprobs
+from pagedserve.shared.model_source import resolve_model_source
+from pagedserve.shared.sampling_params import SamplingParams
+from pagedserve.shared.tokenizer import encode_prompt, load_tokenizer
 
 Prompt = str | list[int]
 

@@ -8,22 +8,22 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from services.executor.config import EngineConfig, ExecutorConfig
+from pagedserve.services.executor.config import EngineConfig, ExecutorConfig
 
 if TYPE_CHECKING:
-    from services.executor.model_runner import ModelRunner
-    from services.executor.service import serve
+    from pagedserve.services.executor.model_runner import ModelRunner
+    from pagedserve.services.executor.service import serve
 
 __all__ = ["EngineConfig", "ExecutorConfig", "ModelRunner", "serve"]
 
 
 def __getattr__(name: str) -> Any:
     if name == "ModelRunner":
-        from services.executor.model_runner import ModelRunner
+        from pagedserve.services.executor.model_runner import ModelRunner
 
         return ModelRunner
     if name == "serve":
-        from services.executor.service import serve
+        from pagedserve.services.executor.service import serve
 
         return serve
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

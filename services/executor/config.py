@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Literal, get_args
 
 import msgspec
 
-from services.scheduler.config import (
+from pagedserve.services.scheduler.config import (
     DEFAULT_ENABLE_PREFIX_CACHING,
     DEFAULT_MAX_NUM_BATCHED_TOKENS,
     DEFAULT_MAX_NUM_SEQS,
@@ -78,7 +78,7 @@ class EngineConfig(msgspec.Struct, forbid_unknown_fields=True):
         if self.dtype == "auto":
             if self.torch_device().type == "cuda":
                 return torch.bfloat16, "dtype auto on CUDA"
-            from services.executor.cpu_features import auto_cpu_dtype
+            from pagedserve.services.executor.cpu_features import auto_cpu_dtype
 
             dtype, reason = auto_cpu_dtype()
             return dtype, f"dtype auto: {reason}"

@@ -25,7 +25,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-log = logging.getLogger("pagedserve.executor")
+log = logging.getLogger(__name__)
 
 
 class TensorParallelGroup:

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from services.executor.attention_metadata import AttentionMetadata
-from services.executor.request_state import ScheduledRequest
+from pagedserve.services.executor.attention_metadata import AttentionMetadata
+from pagedserve.services.executor.request_state import ScheduledRequest
 
 
 @dataclass

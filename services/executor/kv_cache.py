@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from services.executor.model_config import ModelConfig
+from pagedserve.services.executor.model_config import ModelConfig
 
 
 def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:

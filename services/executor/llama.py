@@ -20,14 +20,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import PagedAttentionOps, q8_matmul
-from kernels.fused_decode import FusedDecoder, LayerWeights, Q4Tensor, unavailable_reason
-from kernels.rms_norm import add_rms_norm
-from kernels.rotary import apply_rotary
-from services.executor.attention_metadata import AttentionMetadata
-from services.executor.distributed import TensorParallelGroup
-from services.executor.model_config import ModelConfig
-from services.executor.quantized_linear import Int4Linear, Int4Weight, Int8Linear
+from pagedserve.kernels import q8_matmul
+from pagedserve.kernels.paged_attention_ops import PagedAttentionOps
+from pagedserve.kernels.fused_decode import FusedDecoder, LayerWeights, Q4Tensor, unavailable_reason
+from pagedserve.kernels.rms_norm import add_rms_norm
+from pagedserve.kernels.rotary import apply_rotary
+from pagedserve.services.executor.attention_metadata import AttentionMetadata
+from pagedserve.services.executor.distributed import TensorParallelGroup
+from pagedserve.services.executor.model_config import ModelConfig
+from pagedserve.services.executor.quantized_linear import Int4Linear, Int4Weight, Int8Linear
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
 
-from shared.model_source import ModelSource
+from pagedserve.shared.model_source import ModelSource
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 

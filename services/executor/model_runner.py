@@ -13,22 +13,22 @@ import logging
 
 import torch
 
-from kernels import kernel_module
-from services.executor.config import EngineConfig
-from services.executor.distributed import TensorParallelGroup
-from services.executor.input_batch import InputBatch
-from services.executor.kv_cache import allocate_kv_cache, copy_blocks, num_blocks_for_budget, num_swap_blocks_for_budget
-from services.executor.llama import LlamaForCausalLM
-from services.executor.model_config import ModelConfig, load_model_config
-from services.executor.prompt_logprobs import collect_prompt_logprobs, wants_prompt_logprobs
-from services.executor.quantized_linear import int4_max_rows
-from services.executor.request_state import RequestState, ScheduledRequest
-from services.executor.sampler import Sampler, beam_candidates
-from services.executor.structured_output import StructuredOutput
-from services.executor.tensor_parallel import ShardPlan
-from services.executor.weight_loader import iter_weights
-from shared.messages import ExecuteStep, SampledToken, StepResult
-from shared.model_source import ModelSource
+from pagedserve.kernels.dispatch import kernel_module
+from pagedserve.services.executor.config import EngineConfig
+from pagedserve.services.executor.distributed import TensorParallelGroup
+from pagedserve.services.executor.input_batch import InputBatch
+from pagedserve.services.executor.kv_cache import allocate_kv_cache, copy_blocks, num_blocks_for_budget, num_swap_blocks_for_budget
+from pagedserve.services.executor.llama import LlamaForCausalLM
+from pagedserve.services.executor.model_config import ModelConfig, load_model_config
+from pagedserve.services.executor.prompt_logprobs import collect_prompt_logprobs, wants_prompt_logprobs
+from pagedserve.services.executor.quantized_linear import int4_max_rows
+from pagedserve.services.executor.request_state import RequestState, ScheduledRequest
+from pagedserve.services.executor.sampler import Sampler, beam_candidates
+from pagedserve.services.executor.structured_output import StructuredOutput
+from pagedserve.services.executor.tensor_parallel import ShardPlan
+from pagedserve.services.executor.weight_loader import iter_weights
+from pagedserve.shared.messages import ExecuteStep, SampledToken, StepResult
+from pagedserve.shared.model_source import ModelSource
 
 logger = logging.getLogger(__name__)
 

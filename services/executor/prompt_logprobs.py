@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from services.executor.request_state import ScheduledRequest
-from shared.messages import TokenLogprobs
+from pagedserve.services.executor.request_state import ScheduledRequest
+from pagedserve.shared.messages import TokenLogprobs
 
 # Positions projected to the vocabulary at once: 256 x 49,152 float64 logits are 100 MB.
 _POSITIONS_PER_CHUNK = 256

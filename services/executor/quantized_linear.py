@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import q8_matmul
+from pagedserve.kernels import q8_matmul
 
 GROUP_SIZE = 32  # GGUF's 4-bit block: one scale (and min) per 32 weights of a row
 

@@ -18,11 +18,11 @@ from typing import Any
 import msgspec
 import zmq
 
-from services.executor.config import EngineConfig
-from shared.messages import ExecuteStep, StepMessage
-from shared.transport import decode, encode, make_socket
+from pagedserve.services.executor.config import EngineConfig
+from pagedserve.shared.messages import ExecuteStep, StepMessage
+from pagedserve.shared.transport import decode, encode, make_socket
 
-log = logging.getLogger("pagedserve.executor")
+log = logging.getLogger(__name__)
 
 _STOP = b"stop"
 
@@ -82,9 +82,9 @@ class RankWorkers:
 
 def run_rank(encoded_config: bytes, rank: int, init_address: str, step_address: str) -> None:
     """A child rank: join the group, load its shard, run every step it is pushed."""
-    from services.executor.distributed import TensorParallelGroup
-    from services.executor.model_runner import ModelRunner
-    from shared.model_source import resolve_model_source
+    from pagedserve.services.executor.distributed import TensorParallelGroup
+    from pagedserve.services.executor.model_runner import ModelRunner
+    from pagedserve.shared.model_source import resolve_model_source
 
     config = msgspec.msgpack.decode(encoded_config, type=EngineConfig)
     group = TensorParallelGroup.join(

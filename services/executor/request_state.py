@@ -11,12 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from shared.messages import NewRequestData, TokenLogprobs
-from shared.sampling_params import SamplingParams
-from shared.step_rules import samples_this_step
+from pagedserve.shared.messages import NewRequestData, TokenLogprobs
+from pagedserve.shared.sampling_params import SamplingParams
+from pagedserve.shared.step_rules import samples_this_step
 
 if TYPE_CHECKING:  # the grammar library loads only where a model runs
-    from services.executor.structured_output import GrammarState
+    from pagedserve.services.executor.structured_output import GrammarState
 
 
 @dataclass

@@ -30,8 +30,8 @@ from typing import Protocol
 
 import torch
 
-from shared.messages import SampledToken
-from shared.sampling_params import SamplingParams
+from pagedserve.shared.messages import SampledToken
+from pagedserve.shared.sampling_params import SamplingParams
 
 _MASK64 = (1 << 64) - 1
 

@@ -22,11 +22,11 @@ import msgspec
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from shared.messages import ExecuteStep, ExecutorReady, Heartbeat, StepMessage, StepResult, StepResultMessage
-from shared.transport import decode, encode, make_socket
-from shared.zmq_security import CurveEndpoint
+from pagedserve.shared.messages import ExecuteStep, ExecutorReady, Heartbeat, StepMessage, StepResult, StepResultMessage
+from pagedserve.shared.transport import decode, encode, make_socket
+from pagedserve.shared.zmq_security import CurveEndpoint
 
-log = logging.getLogger("pagedserve.executor")
+log = logging.getLogger(__name__)
 
 _HANDSHAKE_FAILED = (
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH

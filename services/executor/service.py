@@ -25,17 +25,17 @@ import uuid
 
 import zmq
 
-from services.executor.config import ExecutorConfig
-from services.executor.distributed import TensorParallelGroup
-from services.executor.model_config import load_model_config
-from services.executor.model_runner import ModelRunner
-from services.executor.scheduler_link import SchedulerLink
-from services.executor.tensor_parallel import ShardPlan
-from shared.messages import ExecutorReady
-from shared.model_source import resolve_model_source
-from shared.zmq_security import curve_client
+from pagedserve.services.executor.config import ExecutorConfig
+from pagedserve.services.executor.distributed import TensorParallelGroup
+from pagedserve.services.executor.model_config import load_model_config
+from pagedserve.services.executor.model_runner import ModelRunner
+from pagedserve.services.executor.scheduler_link import SchedulerLink
+from pagedserve.services.executor.tensor_parallel import ShardPlan
+from pagedserve.shared.messages import ExecutorReady
+from pagedserve.shared.model_source import resolve_model_source
+from pagedserve.shared.zmq_security import curve_client
 
-log = logging.getLogger("pagedserve.executor")
+log = logging.getLogger(__name__)
 
 
 def executor_identity(config: ExecutorConfig) -> tuple[str, str]:

@@ -34,10 +34,10 @@ from typing import Protocol
 import torch
 import xgrammar
 
-from shared.messages import SampledToken
-from shared.model_source import ModelSource
-from shared.structured_output import GrammarSpec
-from shared.tokenizer import load_tokenizer
+from pagedserve.shared.messages import SampledToken
+from pagedserve.shared.model_source import ModelSource
+from pagedserve.shared.structured_output import GrammarSpec
+from pagedserve.shared.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 

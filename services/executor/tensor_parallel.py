@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from services.executor.model_config import ModelConfig
+from pagedserve.services.executor.model_config import ModelConfig
 
 
 def valid_tensor_parallel_sizes(num_heads: int, num_kv_heads: int, intermediate_size: int) -> list[int]:

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from services.executor.model_config import ModelConfig
-from services.executor.quantized_linear import Int4Weight
-from services.executor.tensor_parallel import ShardPlan
-from shared.model_source import ModelSource
+from pagedserve.services.executor.model_config import ModelConfig
+from pagedserve.services.executor.quantized_linear import Int4Weight
+from pagedserve.services.executor.tensor_parallel import ShardPlan
+from pagedserve.shared.model_source import ModelSource
 
 # llama.cpp tensor name -> HF tensor name ({} = layer index)
 _GGUF_LAYER_NAMES = {

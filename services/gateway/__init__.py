@@ -8,22 +8,22 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from services.gateway.config import GatewayConfig, add_gateway_flags, gateway_config_from_args
+from pagedserve.services.gateway.config import GatewayConfig, add_gateway_flags, gateway_config_from_args
 
 if TYPE_CHECKING:
-    from services.gateway.app import create_app
-    from services.gateway.server import serve
+    from pagedserve.services.gateway.app import create_app
+    from pagedserve.services.gateway.server import serve
 
 __all__ = ["GatewayConfig", "add_gateway_flags", "create_app", "gateway_config_from_args", "serve"]
 
 
 def __getattr__(name: str) -> Any:
     if name == "create_app":
-        from services.gateway.app import create_app
+        from pagedserve.services.gateway.app import create_app
 
         return create_app
     if name == "serve":
-        from services.gateway.server import serve
+        from pagedserve.services.gateway.server import serve
 
         return serve
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,10 +12,10 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
-from services.gateway.admin_page import ADMIN_PAGE_HTML
-from services.gateway.context import gateway_context
-from services.gateway.errors import GatewayError
-from shared.messages import StatusSnapshot
+from pagedserve.services.gateway.admin_page import ADMIN_PAGE_HTML
+from pagedserve.services.gateway.context import gateway_context
+from pagedserve.services.gateway.errors import GatewayError
+from pagedserve.shared.messages import StatusSnapshot
 
 
 async def admin_page(request: Request) -> Response:

@@ -19,24 +19,24 @@ from starlette.responses import Response
 from starlette.routing import Route
 from transformers import PreTrainedTokenizerBase
 
-from services.gateway.admin import admin_page, scheduler_status
-from services.gateway.auth import BearerAuthMiddleware
-from services.gateway.chat_completions import create_chat_completion
-from services.gateway.completions import create_completion
-from services.gateway.config import GatewayConfig
-from services.gateway.chat_template import tool_template
-from services.gateway.context import GatewayContext, gateway_context
-from services.gateway.detokenizer import TokenTexts
-from services.gateway.errors import GatewayError, gateway_error_handler, http_exception_handler, unexpected_error_handler
-from services.gateway.metrics import GatewayMetrics
-from services.gateway.openapi import openapi_route
-from services.gateway.openai_protocol import ModelCard, ModelList
-from services.gateway.request_records import RequestRecorder
-from services.gateway.tokenize import detokenize, tokenize
-from services.gateway.replica_registry import Replica, ReplicaRegistry
-from shared.model_source import resolve_model_source
-from shared.tokenizer import load_tokenizer
-from shared.zmq_security import curve_client
+from pagedserve.services.gateway.admin import admin_page, scheduler_status
+from pagedserve.services.gateway.auth import BearerAuthMiddleware
+from pagedserve.services.gateway.chat_completions import create_chat_completion
+from pagedserve.services.gateway.completions import create_completion
+from pagedserve.services.gateway.config import GatewayConfig
+from pagedserve.services.gateway.chat_template import tool_template
+from pagedserve.services.gateway.context import GatewayContext, gateway_context
+from pagedserve.services.gateway.detokenizer import TokenTexts
+from pagedserve.services.gateway.errors import GatewayError, gateway_error_handler, http_exception_handler, unexpected_error_handler
+from pagedserve.services.gateway.metrics import GatewayMetrics
+from pagedserve.services.gateway.openapi import openapi_route
+from pagedserve.services.gateway.openai_protocol import ModelCard, ModelList
+from pagedserve.services.gateway.request_records import RequestRecorder
+from pagedserve.services.gateway.tokenize import detokenize, tokenize
+from pagedserve.services.gateway.replica_registry import Replica, ReplicaRegistry
+from pagedserve.shared.model_source import resolve_model_source
+from pagedserve.shared.tokenizer import load_tokenizer
+from pagedserve.shared.zmq_security import curve_client
 
 log = logging.getLogger(__name__)
 

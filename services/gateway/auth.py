@@ -13,7 +13,7 @@ import hmac
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from services.gateway.errors import GatewayError
+from pagedserve.services.gateway.errors import GatewayError
 
 
 def bearer_token_matches(authorization: str | None, key: str) -> bool:

@@ -11,13 +11,13 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from services.gateway.chat_template import encode_chat_with_tools
-from services.gateway.context import GatewayContext, gateway_context
-from services.gateway.errors import invalid_request
-from services.gateway.generation import ChoiceDelta, ChoiceResult, Generation
-from services.gateway.generation_response import respond
-from services.gateway.logprobs import chat_logprobs
-from services.gateway.openai_protocol import (
+from pagedserve.services.gateway.chat_template import encode_chat_with_tools
+from pagedserve.services.gateway.context import GatewayContext, gateway_context
+from pagedserve.services.gateway.errors import invalid_request
+from pagedserve.services.gateway.generation import ChoiceDelta, ChoiceResult, Generation
+from pagedserve.services.gateway.generation_response import respond
+from pagedserve.services.gateway.logprobs import chat_logprobs
+from pagedserve.services.gateway.openai_protocol import (
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
@@ -30,13 +30,13 @@ from services.gateway.openai_protocol import (
     PromptLogprob,
     Usage,
 )
-from services.gateway.prompt_logprobs import vllm_prompt_logprobs
-from services.gateway.request_body import read_json_body
-from services.gateway.response_format import structured_output
-from services.gateway.sampling import build_sampling_params, check_fits_context, check_num_choices, request_timeout_s, stop_strings
-from services.gateway.streaming import sse_event
-from services.gateway.tool_calls import ToolCallStream, ToolPlan, forced_grammar, parse_tool_calls, tool_plan
-from shared.tokenizer import encode_chat
+from pagedserve.services.gateway.prompt_logprobs import vllm_prompt_logprobs
+from pagedserve.services.gateway.request_body import read_json_body
+from pagedserve.services.gateway.response_format import structured_output
+from pagedserve.services.gateway.sampling import build_sampling_params, check_fits_context, check_num_choices, request_timeout_s, stop_strings
+from pagedserve.services.gateway.streaming import sse_event
+from pagedserve.services.gateway.tool_calls import ToolCallStream, ToolPlan, forced_grammar, parse_tool_calls, tool_plan
+from pagedserve.shared.tokenizer import encode_chat
 
 _encoder = msgspec.json.Encoder()
 

@@ -11,18 +11,18 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from services.gateway.context import GatewayContext, gateway_context
-from services.gateway.errors import invalid_request
-from services.gateway.generation import ChoiceDelta, ChoiceResult, Generation
-from services.gateway.generation_response import respond
-from services.gateway.logprobs import completion_logprobs
-from services.gateway.prompt_logprobs import echo_logprobs, joined, vllm_prompt_logprobs
-from services.gateway.openai_protocol import Completion, CompletionChoice, CompletionChunk, CompletionRequest, Usage
-from services.gateway.request_body import read_json_body
-from services.gateway.response_format import structured_output
-from services.gateway.sampling import build_sampling_params, check_fits_context, check_num_choices, check_token_ids, request_timeout_s, stop_strings
-from services.gateway.streaming import sse_event
-from shared.tokenizer import encode_prompt
+from pagedserve.services.gateway.context import GatewayContext, gateway_context
+from pagedserve.services.gateway.errors import invalid_request
+from pagedserve.services.gateway.generation import ChoiceDelta, ChoiceResult, Generation
+from pagedserve.services.gateway.generation_response import respond
+from pagedserve.services.gateway.logprobs import completion_logprobs
+from pagedserve.services.gateway.prompt_logprobs import echo_logprobs, joined, vllm_prompt_logprobs
+from pagedserve.services.gateway.openai_protocol import Completion, CompletionChoice, CompletionChunk, CompletionRequest, Usage
+from pagedserve.services.gateway.request_body import read_json_body
+from pagedserve.services.gateway.response_format import structured_output
+from pagedserve.services.gateway.sampling import build_sampling_params, check_fits_context, check_num_choices, check_token_ids, request_timeout_s, stop_strings
+from pagedserve.services.gateway.streaming import sse_event
+from pagedserve.shared.tokenizer import encode_prompt
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's legacy completions default
 

@@ -10,13 +10,13 @@ from dataclasses import dataclass, field
 from starlette.requests import Request
 from transformers import PreTrainedTokenizerBase
 
-from services.gateway.config import GatewayConfig
-from services.gateway.detokenizer import TokenTexts
-from services.gateway.errors import GatewayError
-from services.gateway.grammar_validator import GrammarValidator
-from services.gateway.metrics import GatewayMetrics
-from services.gateway.request_records import RequestRecorder
-from services.gateway.replica_registry import ReplicaRegistry
+from pagedserve.services.gateway.config import GatewayConfig
+from pagedserve.services.gateway.detokenizer import TokenTexts
+from pagedserve.services.gateway.errors import GatewayError
+from pagedserve.services.gateway.grammar_validator import GrammarValidator
+from pagedserve.services.gateway.metrics import GatewayMetrics
+from pagedserve.services.gateway.request_records import RequestRecorder
+from pagedserve.services.gateway.replica_registry import ReplicaRegistry
 
 
 @dataclass

@@ -45,16 +45,16 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from shared.messages import RequestDelta, RequestError, SubmitRequest, TokenLogprobs
-from shared.sampling_params import SamplingParams
-from services.gateway.context import GatewayContext
-from services.gateway.detokenizer import IncrementalDetokenizer
-from services.gateway.errors import GatewayError
-from services.gateway.openai_protocol import PromptTokensDetails, Usage
-from services.gateway.replica_registry import Replica
-from services.gateway.scheduler_client import RequestEvent, SchedulerUnavailable
-from services.gateway.stop_strings import StopStringMatcher
-from shared.block_hashing import BlockHash
+from pagedserve.shared.messages import RequestDelta, RequestError, SubmitRequest, TokenLogprobs
+from pagedserve.shared.sampling_params import SamplingParams
+from pagedserve.services.gateway.context import GatewayContext
+from pagedserve.services.gateway.detokenizer import IncrementalDetokenizer
+from pagedserve.services.gateway.errors import GatewayError
+from pagedserve.services.gateway.openai_protocol import PromptTokensDetails, Usage
+from pagedserve.services.gateway.replica_registry import Replica
+from pagedserve.services.gateway.scheduler_client import RequestEvent, SchedulerUnavailable
+from pagedserve.services.gateway.stop_strings import StopStringMatcher
+from pagedserve.shared.block_hashing import BlockHash
 
 
 @dataclass

@@ -24,10 +24,10 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from services.gateway.errors import GatewayError
-from services.gateway.generation import ChoiceDelta, ChoiceResult, Generation
-from services.gateway.openai_protocol import Usage
-from services.gateway.streaming import SSE_DONE, ClientDisconnected, EventStreamResponse, sse_event, unless_disconnected
+from pagedserve.services.gateway.errors import GatewayError
+from pagedserve.services.gateway.generation import ChoiceDelta, ChoiceResult, Generation
+from pagedserve.services.gateway.openai_protocol import Usage
+from pagedserve.services.gateway.streaming import SSE_DONE, ClientDisconnected, EventStreamResponse, sse_event, unless_disconnected
 
 log = logging.getLogger(__name__)
 

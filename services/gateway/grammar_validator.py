@@ -22,8 +22,8 @@ from collections import OrderedDict
 
 import msgspec
 
-from services.gateway.errors import GatewayError
-from shared.structured_output import GrammarSpec
+from pagedserve.services.gateway.errors import GatewayError
+from pagedserve.shared.structured_output import GrammarSpec
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class GrammarValidator:
         timeout_s = CHECK_TIMEOUT_S
         if self._process is None or self._process.returncode is not None:
             self._process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "services.gateway.grammar_validator",
+                sys.executable, "-m", "pagedserve.services.gateway.grammar_validator",
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             )
             timeout_s = START_TIMEOUT_S

@@ -7,9 +7,9 @@ a list of alternatives. Both map onto the same `TokenLogprobs` from the sampler.
 
 from __future__ import annotations
 
-from shared.messages import TokenLogprobs
-from services.gateway.detokenizer import TokenTexts
-from services.gateway.openai_protocol import ChatTokenLogprob, CompletionLogprobs, TopLogprob
+from pagedserve.shared.messages import TokenLogprobs
+from pagedserve.services.gateway.detokenizer import TokenTexts
+from pagedserve.services.gateway.openai_protocol import ChatTokenLogprob, CompletionLogprobs, TopLogprob
 
 
 def completion_logprobs(

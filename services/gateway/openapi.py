@@ -16,10 +16,10 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from services.gateway.config import GatewayConfig
-from services.gateway.context import gateway_context
-from services.gateway.errors import ErrorBody
-from services.gateway.openai_protocol import (
+from pagedserve.services.gateway.config import GatewayConfig
+from pagedserve.services.gateway.context import gateway_context
+from pagedserve.services.gateway.errors import ErrorBody
+from pagedserve.services.gateway.openai_protocol import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -28,8 +28,8 @@ from services.gateway.openai_protocol import (
     CompletionRequest,
     ModelList,
 )
-from services.gateway.tokenize import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
-from shared.sampling_params import MAX_BEAM_WIDTH
+from pagedserve.services.gateway.tokenize import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
+from pagedserve.shared.sampling_params import MAX_BEAM_WIDTH
 
 _REF = "#/components/schemas/{name}"
 

@@ -10,9 +10,9 @@ The scheduler sends the entries for tokens 1..P-1 with a request's first token
 
 from __future__ import annotations
 
-from services.gateway.detokenizer import TokenTexts
-from services.gateway.openai_protocol import CompletionLogprobs, PromptLogprob
-from shared.messages import TokenLogprobs
+from pagedserve.services.gateway.detokenizer import TokenTexts
+from pagedserve.services.gateway.openai_protocol import CompletionLogprobs, PromptLogprob
+from pagedserve.shared.messages import TokenLogprobs
 
 
 def echo_logprobs(

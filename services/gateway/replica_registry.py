@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from services.gateway.router import (
+from pagedserve.services.gateway.router import (
     DEFAULT_LOAD_PENALTY_TOKENS,
     Candidate,
     RecentRoutes,
@@ -40,11 +40,11 @@ from services.gateway.router import (
     choose,
     longest_chain,
 )
-from services.gateway.scheduler_client import SchedulerClient
-from shared.block_hashing import BlockHash, prompt_block_hashes
-from shared.messages import SchedulerInfo
-from shared.redis_keys import REPLICAS_KEY, ReplicaRecord, prefix_cache_key, replica_key
-from shared.zmq_security import CurveEndpoint
+from pagedserve.services.gateway.scheduler_client import SchedulerClient
+from pagedserve.shared.block_hashing import BlockHash, prompt_block_hashes
+from pagedserve.shared.messages import SchedulerInfo
+from pagedserve.shared.redis_keys import REPLICAS_KEY, ReplicaRecord, prefix_cache_key, replica_key
+from pagedserve.shared.zmq_security import CurveEndpoint
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import msgspec
 from starlette.requests import ClientDisconnect, Request
 
-from services.gateway.errors import GatewayError, invalid_request
+from pagedserve.services.gateway.errors import GatewayError, invalid_request
 
 T = TypeVar("T")
 

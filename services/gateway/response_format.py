@@ -16,10 +16,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from services.gateway.errors import invalid_request
-from services.gateway.grammar_validator import GrammarValidator
-from services.gateway.openai_protocol import SamplingFields
-from shared.structured_output import GrammarSpec
+from pagedserve.services.gateway.errors import invalid_request
+from pagedserve.services.gateway.grammar_validator import GrammarValidator
+from pagedserve.services.gateway.openai_protocol import SamplingFields
+from pagedserve.shared.structured_output import GrammarSpec
 
 JSON_OBJECT_SCHEMA = '{"type": "object"}'
 

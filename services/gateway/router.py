@@ -35,7 +35,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from shared.block_hashing import BlockHash
+from pagedserve.shared.block_hashing import BlockHash
 
 DEFAULT_LOAD_PENALTY_TOKENS = 32
 _RECENT_ROUTE_TTL_S = 5.0

@@ -7,10 +7,10 @@ past the embedding table in the executor), and prompts that cannot fit the conte
 
 from __future__ import annotations
 
-from services.gateway.context import GatewayContext
-from services.gateway.errors import invalid_request
-from services.gateway.openai_protocol import SamplingFields
-from shared.sampling_params import SamplingParams
+from pagedserve.services.gateway.context import GatewayContext
+from pagedserve.services.gateway.errors import invalid_request
+from pagedserve.services.gateway.openai_protocol import SamplingFields
+from pagedserve.shared.sampling_params import SamplingParams
 
 
 def check_token_ids(token_ids: list[int], vocab_size: int, param: str) -> None:

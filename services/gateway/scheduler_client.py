@@ -41,7 +41,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from shared.messages import (
+from pagedserve.shared.messages import (
     AbortRequest,
     GatewayHeartbeat,
     InfoQuery,
@@ -54,8 +54,8 @@ from shared.messages import (
     StatusSnapshot,
     SubmitRequest,
 )
-from shared.transport import decode, encode
-from shared.zmq_security import CurveEndpoint, apply_curve
+from pagedserve.shared.transport import decode, encode
+from pagedserve.shared.zmq_security import CurveEndpoint, apply_curve
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ import logging
 
 import uvicorn
 
-from services.gateway.app import create_app
-from services.gateway.config import GatewayConfig
+from pagedserve.services.gateway.app import create_app
+from pagedserve.services.gateway.config import GatewayConfig
 
 
 def serve(config: GatewayConfig) -> None:

@@ -18,12 +18,12 @@ from msgspec import Meta
 from starlette.requests import Request
 from starlette.responses import Response
 
-from services.gateway.chat_completions import _template_messages
-from services.gateway.context import GatewayContext, gateway_context
-from services.gateway.errors import invalid_request
-from services.gateway.openai_protocol import ChatMessage, TokenId
-from services.gateway.request_body import read_json_body
-from services.gateway.sampling import check_token_ids
+from pagedserve.services.gateway.chat_completions import _template_messages
+from pagedserve.services.gateway.context import GatewayContext, gateway_context
+from pagedserve.services.gateway.errors import invalid_request
+from pagedserve.services.gateway.openai_protocol import ChatMessage, TokenId
+from pagedserve.services.gateway.request_body import read_json_body
+from pagedserve.services.gateway.sampling import check_token_ids
 
 MAX_DETOKENIZE_TOKENS = 1 << 20
 

@@ -28,8 +28,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from services.gateway.errors import invalid_request
-from services.gateway.openai_protocol import (
+from pagedserve.services.gateway.errors import invalid_request
+from pagedserve.services.gateway.openai_protocol import (
     ChatCompletionRequest,
     FunctionCall,
     FunctionCallDelta,
@@ -38,7 +38,7 @@ from services.gateway.openai_protocol import (
     ToolCall,
     ToolCallDelta,
 )
-from shared.structured_output import GrammarSpec
+from pagedserve.shared.structured_output import GrammarSpec
 
 ToolMode = Literal["none", "auto", "required", "named"]
 

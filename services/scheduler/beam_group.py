@@ -24,11 +24,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from services.scheduler.beam_search import BeamSearchState, BeamSelection, LiveBeam, select_beams
-from shared.messages import RequestDelta, SampledToken
+from pagedserve.services.scheduler.beam_search import BeamSearchState, BeamSelection, LiveBeam, select_beams
+from pagedserve.shared.messages import RequestDelta, SampledToken
 
 if TYPE_CHECKING:
-    from services.scheduler.request import Request
+    from pagedserve.services.scheduler.request import Request
 
 
 @dataclass(eq=False)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from shared.sampling_params import SamplingParams
+from pagedserve.shared.sampling_params import SamplingParams
 
 _F32 = np.float32
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections import Counter, OrderedDict, deque
 from collections.abc import Iterable
 
-from services.scheduler.prefix_cache import BlockHash, PrefixCacheEvent
+from pagedserve.services.scheduler.prefix_cache import BlockHash, PrefixCacheEvent
 
 
 class NoFreeBlocksError(RuntimeError):

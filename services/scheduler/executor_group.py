@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import msgspec
 
-from services.scheduler.status import executor_status
-from shared.messages import ExecutorReady, ExecutorStatus
+from pagedserve.services.scheduler.status import executor_status
+from pagedserve.shared.messages import ExecutorReady, ExecutorStatus
 
 
 @dataclass

@@ -22,11 +22,11 @@ from __future__ import annotations
 
 from collections.abc import Container, Iterable
 
-from services.scheduler.kv_cache_manager import KVCacheManager
-from services.scheduler.request import Request, RequestStatus
-from shared.messages import ForkedRequest
-from shared.sampling_params import SamplingParams
-from shared.step_rules import samples_this_step
+from pagedserve.services.scheduler.kv_cache_manager import KVCacheManager
+from pagedserve.services.scheduler.request import Request, RequestStatus
+from pagedserve.shared.messages import ForkedRequest
+from pagedserve.shared.sampling_params import SamplingParams
+from pagedserve.shared.step_rules import samples_this_step
 
 
 def fork_request(

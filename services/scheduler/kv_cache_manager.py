@@ -32,11 +32,11 @@ forward); the last holder writes in place, so n sequences sharing a block make n
 
 from __future__ import annotations
 
-from services.scheduler.block_pool import BlockPool
-from services.scheduler.policy import blocks_to_cover
-from services.scheduler.prefix_cache import PrefixCacheEvent, extend_block_hashes
-from services.scheduler.request import Request
-from shared.messages import PrefixCacheStats
+from pagedserve.services.scheduler.block_pool import BlockPool
+from pagedserve.services.scheduler.policy import blocks_to_cover
+from pagedserve.services.scheduler.prefix_cache import PrefixCacheEvent, extend_block_hashes
+from pagedserve.services.scheduler.request import Request
+from pagedserve.shared.messages import PrefixCacheStats
 
 
 class KVCacheManager:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from services.scheduler.config import SchedulerConfig
-from services.scheduler.request import Request, RequestStatus
+from pagedserve.services.scheduler.config import SchedulerConfig
+from pagedserve.services.scheduler.request import Request, RequestStatus
 
 
 class QueueFullError(RuntimeError):

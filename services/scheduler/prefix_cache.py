@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from shared.block_hashing import BlockHash, extend_block_hashes, hash_block_tokens
+from pagedserve.shared.block_hashing import BlockHash, extend_block_hashes, hash_block_tokens
 
 __all__ = ["BlockHash", "PrefixCacheEvent", "extend_block_hashes", "hash_block_tokens"]
 

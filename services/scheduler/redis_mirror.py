@@ -28,10 +28,10 @@ import time
 from dataclasses import dataclass, field
 import redis
 
-from services.scheduler.prefix_cache import PrefixCacheEvent
-from shared.redis_keys import REPLICAS_KEY, prefix_cache_key, replica_key
+from pagedserve.services.scheduler.prefix_cache import PrefixCacheEvent
+from pagedserve.shared.redis_keys import REPLICAS_KEY, prefix_cache_key, replica_key
 
-log = logging.getLogger("pagedserve.scheduler.redis")
+log = logging.getLogger(__name__)
 
 _MAX_BUFFERED_PREFIXES = 100_000  # pending prefix members while Redis is slow or down
 _SOCKET_TIMEOUT_S = 1.0

@@ -16,11 +16,11 @@ from __future__ import annotations
 from enum import IntEnum
 from typing import TYPE_CHECKING
 
-from shared.messages import CachedRequestData, NewRequestData, RequestDelta, SampledToken, TokenLogprobs
-from shared.sampling_params import SamplingParams
+from pagedserve.shared.messages import CachedRequestData, NewRequestData, RequestDelta, SampledToken, TokenLogprobs
+from pagedserve.shared.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from services.scheduler.beam_group import BeamGroup
+    from pagedserve.services.scheduler.beam_group import BeamGroup
 
 
 class RequestStatus(IntEnum):

@@ -38,12 +38,12 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterable
 
-from services.scheduler.beam_group import BeamGroup, gang_of, gang_size
-from services.scheduler.block_pool import BlockPool
-from services.scheduler.config import SchedulerConfig
-from services.scheduler.forking import ParallelSamples, fork_request
-from services.scheduler.kv_cache_manager import KVCacheManager
-from services.scheduler.policy import (
+from pagedserve.services.scheduler.beam_group import BeamGroup, gang_of, gang_size
+from pagedserve.services.scheduler.block_pool import BlockPool
+from pagedserve.services.scheduler.config import SchedulerConfig
+from pagedserve.services.scheduler.forking import ParallelSamples, fork_request
+from pagedserve.services.scheduler.kv_cache_manager import KVCacheManager
+from pagedserve.services.scheduler.policy import (
     QueueFullError,
     blocks_to_cover,
     ends_with_pending_tokens,
@@ -53,12 +53,12 @@ from services.scheduler.policy import (
     validate_request,
     waiting_order_key,
 )
-from services.scheduler.prefix_cache import PrefixCacheEvent
-from services.scheduler.request import Request, RequestStatus
-from services.scheduler.step_result import match_result
-from services.scheduler.steps_in_flight import StepsInFlight, count_as_scheduled
-from services.scheduler.swap_space import SwapSpace
-from shared.messages import (
+from pagedserve.services.scheduler.prefix_cache import PrefixCacheEvent
+from pagedserve.services.scheduler.request import Request, RequestStatus
+from pagedserve.services.scheduler.step_result import match_result
+from pagedserve.services.scheduler.steps_in_flight import StepsInFlight, count_as_scheduled
+from pagedserve.services.scheduler.swap_space import SwapSpace
+from pagedserve.shared.messages import (
     BeamFork,
     CachedRequestData,
     ExecuteStep,
@@ -69,7 +69,7 @@ from shared.messages import (
     SampledToken,
     StepResult,
 )
-from shared.sampling_params import SamplingParams
+from pagedserve.shared.sampling_params import SamplingParams
 
 
 class Scheduler:

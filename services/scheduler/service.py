@@ -46,10 +46,10 @@ from typing import Any
 import msgspec
 import zmq
 
-from services.scheduler.executor_group import ExecutorGroup, GroupAssembly
-from services.scheduler.redis_mirror import RedisMirror
-from services.scheduler.request import Request
-from services.scheduler.config import (
+from pagedserve.services.scheduler.executor_group import ExecutorGroup, GroupAssembly
+from pagedserve.services.scheduler.redis_mirror import RedisMirror
+from pagedserve.services.scheduler.request import Request
+from pagedserve.services.scheduler.config import (
     DEFAULT_ENABLE_PREFIX_CACHING,
     DEFAULT_MAX_NUM_BATCHED_TOKENS,
     DEFAULT_MAX_NUM_SEQS,
@@ -58,9 +58,9 @@ from services.scheduler.config import (
     PreemptionMode,
     SchedulerConfig,
 )
-from services.scheduler.scheduler import QueueFullError, Scheduler
-from services.scheduler.status import StepHistory, block_pool_status, request_status
-from shared.messages import (
+from pagedserve.services.scheduler.scheduler import QueueFullError, Scheduler
+from pagedserve.services.scheduler.status import StepHistory, block_pool_status, request_status
+from pagedserve.shared.messages import (
     AbortRequest,
     ExecuteStep,
     ExecutorEvent,
@@ -81,10 +81,10 @@ from shared.messages import (
     StepStats,
     SubmitRequest,
 )
-from shared.transport import decode, encode, make_socket
-from shared.zmq_security import curve_server, start_curve_authenticator
+from pagedserve.shared.transport import decode, encode, make_socket
+from pagedserve.shared.zmq_security import curve_server, start_curve_authenticator
 
-log = logging.getLogger("pagedserve.scheduler")
+log = logging.getLogger(__name__)
 
 
 class SchedulerServiceConfig(msgspec.Struct, forbid_unknown_fields=True):

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from services.scheduler.request import Request, RequestStatus
-from services.scheduler.scheduler import Scheduler
-from shared.messages import (
+from pagedserve.services.scheduler.request import Request, RequestStatus
+from pagedserve.services.scheduler.scheduler import Scheduler
+from pagedserve.shared.messages import (
     BlockPoolStatus,
     ExecutorStatus,
     RequestSummary,

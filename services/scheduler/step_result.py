@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from services.scheduler.request import Request, RequestStatus
-from shared.messages import ExecuteStep, ForkedRequest, SampledToken, StepResult
+from pagedserve.services.scheduler.request import Request, RequestStatus
+from pagedserve.shared.messages import ExecuteStep, ForkedRequest, SampledToken, StepResult
 
 
 @dataclass

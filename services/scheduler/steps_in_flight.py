@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from services.scheduler.request import Request
-from shared.messages import ExecuteStep
-from shared.step_rules import samples_this_step
+from pagedserve.services.scheduler.request import Request
+from pagedserve.shared.messages import ExecuteStep
+from pagedserve.shared.step_rules import samples_this_step
 
 
 def count_as_scheduled(scheduled: Iterable[tuple[Request, int]]) -> list[bool]:

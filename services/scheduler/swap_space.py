@@ -15,8 +15,8 @@ block is read once, by the request that wrote it).
 
 from __future__ import annotations
 
-from services.scheduler.block_pool import BlockPool
-from services.scheduler.request import Request
+from pagedserve.services.scheduler.block_pool import BlockPool
+from pagedserve.services.scheduler.request import Request
 
 
 class SwapSpace:

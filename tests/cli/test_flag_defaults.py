@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from services.cli import build_parser
-from services.executor.config import EngineConfig
-from services.scheduler.config import PREEMPTION_MODES, SchedulerConfig
-from services.scheduler.service import SchedulerServiceConfig
+from pagedserve.services.cli import build_parser
+from pagedserve.services.executor.config import EngineConfig
+from pagedserve.services.scheduler.config import PREEMPTION_MODES, SchedulerConfig
+from pagedserve.services.scheduler.service import SchedulerServiceConfig
 
 CORE = SchedulerConfig(max_model_len=1)  # the one field without a default
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from services.launcher import pagedserve_command
+from pagedserve.services.launcher import pagedserve_command
 
 pytestmark = pytest.mark.slow
 

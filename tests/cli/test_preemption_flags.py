@@ -3,8 +3,8 @@ own subcommands and through `pagedserve up`."""
 
 from __future__ import annotations
 
-from services.cli import build_parser, engine_config_from_args
-from services.launcher import service_commands
+from pagedserve.services.cli import build_parser, engine_config_from_args
+from pagedserve.services.launcher import service_commands
 
 
 def test_up_passes_the_preemption_mode_to_the_scheduler_and_the_swap_space_to_the_executor() -> None:

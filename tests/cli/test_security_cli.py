@@ -9,12 +9,12 @@ from urllib.parse import urlparse
 
 import pytest
 
-from services.cli import build_parser, main
-from services.executor.config import EngineConfig, ExecutorConfig
-from services.gateway.config import GatewayConfig, gateway_config_from_args
-from services.launcher import pagedserve_command, service_commands
-from services.scheduler.service import SchedulerServiceConfig
-from shared.zmq_security import curve_client, curve_server
+from pagedserve.services.cli import build_parser, main
+from pagedserve.services.executor.config import EngineConfig, ExecutorConfig
+from pagedserve.services.gateway.config import GatewayConfig, gateway_config_from_args
+from pagedserve.services.launcher import pagedserve_command, service_commands
+from pagedserve.services.scheduler.service import SchedulerServiceConfig
+from pagedserve.shared.zmq_security import curve_client, curve_server
 
 
 def run_cli(argv: list[str]) -> int:

@@ -24,8 +24,8 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from services.cli import build_parser
-from services.launcher import pagedserve_command, service_commands
+from pagedserve.services.cli import build_parser
+from pagedserve.services.launcher import pagedserve_command, service_commands
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"

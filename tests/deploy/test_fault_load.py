@@ -26,7 +26,7 @@ import httpx
 import psutil
 import pytest
 
-from services.launcher import free_port, pagedserve_command
+from pagedserve.services.launcher import free_port, pagedserve_command
 from tests.cluster import port_open, wait_until
 
 pytestmark = pytest.mark.slow

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from services.launcher import RestartPolicy, Supervisor, free_port, pagedserve_command
+from pagedserve.services.launcher import RestartPolicy, Supervisor, free_port, pagedserve_command
 from tests.cluster import port_open, wait_until
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]

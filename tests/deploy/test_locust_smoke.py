@@ -18,7 +18,7 @@ import pytest
 
 import httpx
 
-from services.launcher import free_port, pagedserve_command
+from pagedserve.services.launcher import free_port, pagedserve_command
 from tests.cluster import port_open, wait_until
 
 pytestmark = pytest.mark.slow

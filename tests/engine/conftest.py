@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from shared.model_source import ModelSource, default_model_source
-from shared.tokenizer import encode_chat, encode_prompt, load_tokenizer
+from pagedserve.shared.model_source import ModelSource, default_model_source
+from pagedserve.shared.tokenizer import encode_chat, encode_prompt, load_tokenizer
 from tests.engine.hf_reference import NUM_NEW_TOKENS, hf_greedy
 
 RAW_PROMPTS = [

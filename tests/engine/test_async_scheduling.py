@@ -19,11 +19,11 @@ from collections import deque
 
 import pytest
 
-from services.engine import LLMEngine
-from services.executor.config import EngineConfig
-from shared.messages import ExecuteStep, StepResult
-from shared.sampling_params import SamplingParams
-from shared.structured_output import GrammarSpec
+from pagedserve.services.engine import LLMEngine
+from pagedserve.services.executor.config import EngineConfig
+from pagedserve.shared.messages import ExecuteStep, StepResult
+from pagedserve.shared.sampling_params import SamplingParams
+from pagedserve.shared.structured_output import GrammarSpec
 
 pytestmark = pytest.mark.slow
 

@@ -14,10 +14,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.engine import LLMEngine
-from services.executor.config import EngineConfig
-from shared.model_source import default_model_source
-from shared.sampling_params import SamplingParams
+from pagedserve.services.engine import LLMEngine
+from pagedserve.services.executor.config import EngineConfig
+from pagedserve.shared.model_source import default_model_source
+from pagedserve.shared.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.slow
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from services.engine import LLMEngine
-from services.executor.config import EngineConfig
-from shared.sampling_params import SamplingParams
+from pagedserve.services.engine import LLMEngine
+from pagedserve.services.executor.config import EngineConfig
+from pagedserve.shared.sampling_params import SamplingParams
 from tests.engine.hf_reference import NUM_NEW_TOKENS, hf_greedy
 
 pytestmark = pytest.mark.slow

@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.engine import LLMEngine
-from services.executor.config import EngineConfig
-from shared.sampling_params import SamplingParams
-from shared.tokenizer import encode_chat, encode_prompt
+from pagedserve.services.engine import LLMEngine
+from pagedserve.services.executor.config import EngineConfig
+from pagedserve.shared.sampling_params import SamplingParams
+from pagedserve.shared.tokenizer import encode_chat, encode_prompt
 
 pytestmark = pytest.mark.slow
 

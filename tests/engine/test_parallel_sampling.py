@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import pytest
 
-from services.engine import LLMEngine
-from services.executor.config import EngineConfig
-from shared.sampling_params import SamplingParams
+from pagedserve.services.engine import LLMEngine
+from pagedserve.services.executor.config import EngineConfig
+from pagedserve.shared.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.slow
 

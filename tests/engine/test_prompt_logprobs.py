@@ -9,11 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.engine import LLMEngine
-from services.executor.config import EngineConfig
-from shared.sampling_params import SamplingParams
+from pagedserve.services.engine import LLMEngine
+from pagedserve.services.executor.config import EngineConfig
+from pagedserve.shared.sampling_params import SamplingParams
 from tests.engine.conftest import CHAT_PROMPTS
-from shared.tokenizer import encode_chat
+from pagedserve.shared.tokenizer import encode_chat
 
 pytestmark = pytest.mark.slow
 

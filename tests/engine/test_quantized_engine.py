@@ -14,11 +14,11 @@ import logging
 
 import pytest
 
-from services.engine import LLMEngine
-from services.executor.config import EngineConfig
-from services.executor.cpu_features import auto_cpu_dtype
-from services.executor.quantized_linear import Int4Linear, Int8Linear
-from shared.sampling_params import SamplingParams
+from pagedserve.services.engine import LLMEngine
+from pagedserve.services.executor.config import EngineConfig
+from pagedserve.services.executor.cpu_features import auto_cpu_dtype
+from pagedserve.services.executor.quantized_linear import Int4Linear, Int8Linear
+from pagedserve.shared.sampling_params import SamplingParams
 from tests.engine.hf_reference import NUM_NEW_TOKENS
 
 pytestmark = pytest.mark.slow

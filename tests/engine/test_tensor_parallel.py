@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from services.engine import LLMEngine
-from services.executor.config import EngineConfig
-from services.executor.model_config import load_model_config
-from services.executor.tensor_parallel import ShardPlan, valid_tensor_parallel_sizes
-from shared.sampling_params import SamplingParams
+from pagedserve.services.engine import LLMEngine
+from pagedserve.services.executor.config import EngineConfig
+from pagedserve.services.executor.model_config import load_model_config
+from pagedserve.services.executor.tensor_parallel import ShardPlan, valid_tensor_parallel_sizes
+from pagedserve.shared.sampling_params import SamplingParams
 from tests.engine.hf_reference import NUM_NEW_TOKENS, hf_greedy
 
 Outputs = dict[tuple[int, int], list[int]]  # (prompt index, sample index) -> tokens
@@ -75,7 +75,7 @@ def check_tensor_parallel(
 
 
 def test_shard_plan_refuses_heads_that_do_not_split(random_llama_dir: Path) -> None:
-    from shared.model_source import resolve_model_source
+    from pagedserve.shared.model_source import resolve_model_source
 
     random_llama = load_model_config(resolve_model_source(str(random_llama_dir)))  # 8 heads, 2 KV heads
     smollm2 = dataclasses.replace(random_llama, num_heads=9, num_kv_heads=3, head_dim=64, intermediate_size=1536)

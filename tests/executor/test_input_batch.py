@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from services.executor.input_batch import InputBatch, StepInputs
-from services.executor.request_state import RequestState, ScheduledRequest
-from shared.sampling_params import SamplingParams
+from pagedserve.services.executor.input_batch import InputBatch, StepInputs
+from pagedserve.services.executor.request_state import RequestState, ScheduledRequest
+from pagedserve.shared.sampling_params import SamplingParams
 
 BLOCK_SIZE = 4
 CPU = torch.device("cpu")

@@ -8,9 +8,9 @@ from types import SimpleNamespace
 
 import torch
 
-from services.executor.kv_cache import allocate_kv_cache, copy_blocks, kv_bytes_per_block, num_swap_blocks_for_budget
-from services.executor.model_runner import ModelRunner
-from shared.messages import ExecuteStep
+from pagedserve.services.executor.kv_cache import allocate_kv_cache, copy_blocks, kv_bytes_per_block, num_swap_blocks_for_budget
+from pagedserve.services.executor.model_runner import ModelRunner
+from pagedserve.shared.messages import ExecuteStep
 
 MODEL = SimpleNamespace(num_layers=3, num_kv_heads=2, head_dim=8)
 BLOCK_SIZE = 4

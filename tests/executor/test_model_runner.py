@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import torch
 
-from services.executor.input_batch import InputBatch
-from services.executor.model_runner import ModelRunner
-from services.executor.request_state import RequestState
-from services.executor.sampler import Sampler
-from shared.messages import CachedRequestData, ExecuteStep, ForkedRequest, NewRequestData
-from shared.sampling_params import SamplingParams
+from pagedserve.services.executor.input_batch import InputBatch
+from pagedserve.services.executor.model_runner import ModelRunner
+from pagedserve.services.executor.request_state import RequestState
+from pagedserve.services.executor.sampler import Sampler
+from pagedserve.shared.messages import CachedRequestData, ExecuteStep, ForkedRequest, NewRequestData
+from pagedserve.shared.sampling_params import SamplingParams
 
 NUM_LAYERS, NUM_BLOCKS, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM = 3, 6, 4, 2, 5
 VOCAB_SIZE = 50

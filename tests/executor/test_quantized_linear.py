@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import q8_matmul
-from services.executor.model_config import load_model_config
-from services.executor.quantized_linear import (
+from pagedserve.kernels import q8_matmul
+from pagedserve.services.executor.model_config import load_model_config
+from pagedserve.services.executor.quantized_linear import (
     INT4_MAX_ROWS_AUTO,
     INT8_LM_HEAD_MAX_ROWS,
     Int4Linear,
@@ -26,9 +26,9 @@ from services.executor.quantized_linear import (
     Int8Linear,
     int4_max_rows,
 )
-from services.executor.tensor_parallel import ShardPlan
-from services.executor.weight_loader import gguf_name_to_hf, iter_gguf_weights
-from shared.model_source import default_model_source
+from pagedserve.services.executor.tensor_parallel import ShardPlan
+from pagedserve.services.executor.weight_loader import gguf_name_to_hf, iter_gguf_weights
+from pagedserve.shared.model_source import default_model_source
 
 SOURCE = default_model_source()
 assert SOURCE.gguf_file is not None

@@ -3,9 +3,9 @@ independent copies, and the sampling rule it shares with the scheduler."""
 
 from __future__ import annotations
 
-from services.executor.request_state import RequestState, ScheduledRequest
-from shared.messages import NewRequestData
-from shared.sampling_params import SamplingParams
+from pagedserve.services.executor.request_state import RequestState, ScheduledRequest
+from pagedserve.shared.messages import NewRequestData
+from pagedserve.shared.sampling_params import SamplingParams
 
 
 def test_a_mirror_owns_its_lists_apart_from_the_message() -> None:

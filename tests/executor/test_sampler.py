@@ -16,7 +16,7 @@ import msgspec
 import pytest
 import torch
 
-from services.executor.sampler import (
+from pagedserve.services.executor.sampler import (
     Sampler,
     SamplingTensors,
     apply_min_p,
@@ -25,7 +25,7 @@ from services.executor.sampler import (
     mix_seed,
     token_counts,
 )
-from shared.sampling_params import SamplingParams
+from pagedserve.shared.sampling_params import SamplingParams
 
 VOCAB_SIZE = 1000
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -12,9 +12,9 @@ import msgspec
 import pytest
 import zmq
 
-from services.executor.scheduler_link import SchedulerLink
-from services.launcher import free_port
-from shared.messages import (
+from pagedserve.services.executor.scheduler_link import SchedulerLink
+from pagedserve.services.launcher import free_port
+from pagedserve.shared.messages import (
     ExecuteStep,
     ExecutorMessage,
     ExecutorReady,
@@ -24,7 +24,7 @@ from shared.messages import (
     StepResult,
     StepResultMessage,
 )
-from shared.transport import decode, encode
+from pagedserve.shared.transport import decode, encode
 
 READY = ExecutorReady("executor-link", 64, 16, "test-model", "cpu", 512, 2)
 

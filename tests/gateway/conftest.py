@@ -19,10 +19,10 @@ import pytest
 import uvicorn
 from transformers import PreTrainedTokenizerBase
 
-from services.gateway.app import create_app
-from services.gateway.config import GatewayConfig
-from shared.model_source import default_model_source
-from shared.tokenizer import load_tokenizer
+from pagedserve.services.gateway.app import create_app
+from pagedserve.services.gateway.config import GatewayConfig
+from pagedserve.shared.model_source import default_model_source
+from pagedserve.shared.tokenizer import load_tokenizer
 from tests.gateway.fake_scheduler import FakeScheduler
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import msgspec
 import zmq
 
-from shared.messages import (
+from pagedserve.shared.messages import (
     AbortRequest,
     BlockPoolStatus,
     GatewayHeartbeat,
@@ -41,7 +41,7 @@ from shared.messages import (
     SubmitRequest,
     TokenLogprobs,
 )
-from shared.transport import decode, encode
+from pagedserve.shared.transport import decode, encode
 
 # (steps of new token ids, finish reason once the steps run out)
 Script = Callable[[SubmitRequest], tuple[list[list[int]], str]]

@@ -9,7 +9,7 @@ import httpx
 import pytest
 from transformers import PreTrainedTokenizerBase
 
-from services.gateway.auth import bearer_token_matches
+from pagedserve.services.gateway.auth import bearer_token_matches
 from tests.gateway.conftest import gateway_config, running_gateway
 from tests.gateway.fake_scheduler import FakeScheduler, one_token_per_step
 from tests.gateway.test_validation import assert_openai_error

@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 from transformers import PreTrainedTokenizerBase
 
-from shared.tokenizer import encode_chat
+from pagedserve.shared.tokenizer import encode_chat
 from tests.gateway.fake_scheduler import FakeScheduler, one_token_per_step
 from tests.gateway.sse import sse_events
 

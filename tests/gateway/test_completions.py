@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 from transformers import PreTrainedTokenizerBase
 
-from shared.messages import SubmitRequest
+from pagedserve.shared.messages import SubmitRequest
 from tests.gateway.fake_scheduler import FakeScheduler, Script, one_token_per_step
 from tests.gateway.sse import sse_events
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from services.cli import build_parser
-from services.gateway.config import ADMIN_KEY_ENV, API_KEY_ENV, GatewayConfig, gateway_config_from_args
+from pagedserve.services.cli import build_parser
+from pagedserve.services.gateway.config import ADMIN_KEY_ENV, API_KEY_ENV, GatewayConfig, gateway_config_from_args
 
 
 def config_from(argv: list[str]) -> GatewayConfig:

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 from transformers import PreTrainedTokenizerBase
 
-from services.gateway.detokenizer import IncrementalDetokenizer, TokenTexts
-from shared.tokenizer import encode_chat
+from pagedserve.services.gateway.detokenizer import IncrementalDetokenizer, TokenTexts
+from pagedserve.shared.tokenizer import encode_chat
 
 TEXTS = ["héllo 你好世界 🎉🚀 ok", "日本語のテキスト、絵文字👨‍👩‍👧‍👦も。", "plain ascii, with  spaces\nand lines"]
 

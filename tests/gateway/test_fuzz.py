@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import PreTrainedTokenizerBase
 
-from services.gateway.config import GatewayConfig
-from services.gateway.openapi import openapi_document
+from pagedserve.services.gateway.config import GatewayConfig
+from pagedserve.services.gateway.openapi import openapi_document
 from tests.gateway.fake_scheduler import FakeScheduler, one_token_per_step
 from tests.gateway.sse import sse_events
 from tests.gateway.test_validation import assert_openai_error

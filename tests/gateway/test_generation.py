@@ -10,18 +10,18 @@ import msgspec
 import pytest
 from transformers import PreTrainedTokenizerBase
 
-from services.gateway.config import GatewayConfig
-from services.gateway.context import GatewayContext
-from services.gateway.detokenizer import TokenTexts
-from services.gateway.errors import GatewayError
-from services.gateway.generation import Generation
-from services.gateway.metrics import GatewayMetrics
-from services.gateway.replica_registry import Replica, RouteResult
-from services.gateway.request_records import RequestRecorder
-from services.gateway.router import RoutingDecision
-from services.gateway.scheduler_client import RequestEvent
-from shared.messages import RequestDelta, SchedulerInfo, StepStats, SubmitRequest
-from shared.sampling_params import SamplingParams
+from pagedserve.services.gateway.config import GatewayConfig
+from pagedserve.services.gateway.context import GatewayContext
+from pagedserve.services.gateway.detokenizer import TokenTexts
+from pagedserve.services.gateway.errors import GatewayError
+from pagedserve.services.gateway.generation import Generation
+from pagedserve.services.gateway.metrics import GatewayMetrics
+from pagedserve.services.gateway.replica_registry import Replica, RouteResult
+from pagedserve.services.gateway.request_records import RequestRecorder
+from pagedserve.services.gateway.router import RoutingDecision
+from pagedserve.services.gateway.scheduler_client import RequestEvent
+from pagedserve.shared.messages import RequestDelta, SchedulerInfo, StepStats, SubmitRequest
+from pagedserve.shared.sampling_params import SamplingParams
 
 class StubScheduler:
     def __init__(self) -> None:

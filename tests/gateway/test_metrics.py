@@ -54,7 +54,7 @@ def test_metrics_follow_requests_and_the_scheduler(client: httpx.Client, schedul
 
 
 def test_aborts_and_errors_are_counted(client: httpx.Client, scheduler: FakeScheduler, tokenizer: PreTrainedTokenizerBase) -> None:
-    from shared.messages import RequestError
+    from pagedserve.shared.messages import RequestError
 
     before = scrape(client)
     scheduler.refuse = RequestError("", 429, "full")

@@ -16,7 +16,7 @@ import msgspec
 import pytest
 from transformers import PreTrainedTokenizerBase
 
-from services.gateway.openai_protocol import ChatCompletionRequest, CompletionRequest
+from pagedserve.services.gateway.openai_protocol import ChatCompletionRequest, CompletionRequest
 from tests.gateway.conftest import gateway_config, running_gateway
 from tests.gateway.fake_scheduler import FakeScheduler
 

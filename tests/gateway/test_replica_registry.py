@@ -26,11 +26,11 @@ import pytest
 import redis
 from transformers import PreTrainedTokenizerBase
 
-from services.gateway.config import GatewayConfig
-from services.launcher import free_port
-from services.scheduler.prefix_cache import PrefixCacheEvent
-from services.scheduler.redis_mirror import RedisMirror
-from shared.block_hashing import prompt_block_hashes
+from pagedserve.services.gateway.config import GatewayConfig
+from pagedserve.services.launcher import free_port
+from pagedserve.services.scheduler.prefix_cache import PrefixCacheEvent
+from pagedserve.services.scheduler.redis_mirror import RedisMirror
+from pagedserve.shared.block_hashing import prompt_block_hashes
 from tests.cluster import wait_until
 from tests.gateway.conftest import running_gateway
 from tests.gateway.fake_scheduler import FakeScheduler, Script, one_token_per_step

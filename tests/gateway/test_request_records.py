@@ -12,8 +12,8 @@ import pytest
 import redis
 from transformers import PreTrainedTokenizerBase
 
-from services.gateway.request_records import RequestRecorder
-from services.launcher import free_port, redis_server_binary
+from pagedserve.services.gateway.request_records import RequestRecorder
+from pagedserve.services.launcher import free_port, redis_server_binary
 from tests.cluster import wait_until
 from tests.gateway.conftest import gateway_config, running_gateway
 from tests.gateway.fake_scheduler import FakeScheduler, one_token_per_step

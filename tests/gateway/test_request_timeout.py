@@ -13,7 +13,7 @@ import httpx
 import pytest
 from transformers import PreTrainedTokenizerBase
 
-from shared.messages import SubmitRequest
+from pagedserve.shared.messages import SubmitRequest
 from tests.gateway.conftest import gateway_config, running_gateway
 from tests.gateway.fake_scheduler import FakeScheduler, Script
 from tests.gateway.sse import sse_events

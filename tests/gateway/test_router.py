@@ -4,8 +4,8 @@ and the gateway's memory of where it just sent which blocks."""
 
 from __future__ import annotations
 
-from services.gateway.router import Candidate, RecentRoutes, RoundRobin, choose, longest_chain
-from shared.block_hashing import prompt_block_hashes
+from pagedserve.services.gateway.router import Candidate, RecentRoutes, RoundRobin, choose, longest_chain
+from pagedserve.shared.block_hashing import prompt_block_hashes
 
 
 def test_longest_chain_counts_only_leading_blocks() -> None:

@@ -8,10 +8,10 @@ import time
 import pytest
 import zmq
 
-from services.gateway.scheduler_client import SchedulerClient, SchedulerUnavailable
-from services.launcher import free_port
-from shared.messages import RequestDelta, RequestError, SubmitRequest
-from shared.sampling_params import SamplingParams
+from pagedserve.services.gateway.scheduler_client import SchedulerClient, SchedulerUnavailable
+from pagedserve.services.launcher import free_port
+from pagedserve.shared.messages import RequestDelta, RequestError, SubmitRequest
+from pagedserve.shared.sampling_params import SamplingParams
 from tests.gateway.fake_scheduler import FakeScheduler, one_token_per_step
 
 

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from transformers import PreTrainedTokenizerBase
 
-from shared.messages import RequestError
+from pagedserve.shared.messages import RequestError
 from tests.gateway.conftest import gateway_config, running_gateway
 from tests.gateway.fake_scheduler import FakeScheduler, one_token_per_step
 from tests.gateway.sse import sse_events

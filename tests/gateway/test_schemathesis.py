@@ -59,8 +59,8 @@ def test_document_states_the_bounds_found_before(client: httpx.Client, scheduler
     above 20, `top_logprobs` without `logprobs: true`, token ids beyond the vocabulary,
     integers written as floats, a prompt mixing strings and token ids, non-text content
     parts, `tool_choice` without tools. The document now says each, or the server takes it."""
-    from services.gateway.config import GatewayConfig
-    from services.gateway.openapi import openapi_document
+    from pagedserve.services.gateway.config import GatewayConfig
+    from pagedserve.services.gateway.openapi import openapi_document
 
     served = client.get("/openapi.json").json()["components"]["schemas"]
     detokenize = served["DetokenizeRequest"]["properties"]["tokens"]["items"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.gateway.stop_strings import StopStringMatcher
+from pagedserve.services.gateway.stop_strings import StopStringMatcher
 
 
 def _run(stop: list[str], pieces: list[str]) -> tuple[list[str], bool]:

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import cpu_ops, kernel_module, native_build, torch_ops
+from pagedserve.kernels import cpu_ops, native_build, torch_ops
+from pagedserve.kernels.dispatch import kernel_module
 from tests.kernels.paged_cache import paged_cache, seeded_generator, tolerance
 
 
@@ -240,9 +241,9 @@ def test_without_a_compiler_serving_falls_back_to_torch_with_a_warning(
     cache = paged_cache([12, 30], 2, 16, 8, torch.float32, gen)
     query = torch.randn(2, 4, 16, generator=gen)
     args = (query, cache.reference_key_cache, cache.reference_value_cache, cache.block_tables, cache.seq_lens, 0.25, 30)
-    with caplog.at_level(logging.WARNING, logger="kernels.cpu_ops"):
+    with caplog.at_level(logging.WARNING, logger="pagedserve.kernels.cpu_ops"):
         out = cpu_ops.paged_decode_attention(*args)
         cpu_ops.paged_decode_attention(*args)
     assert torch.equal(out, torch_ops.paged_decode_attention(*args))
-    warnings = [r.getMessage() for r in caplog.records if r.name == "kernels.cpu_ops"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "pagedserve.kernels.cpu_ops"]
     assert len(warnings) == 1 and "torch path" in warnings[0] and "no-such-compiler" in warnings[0]

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from kernels.fused_decode import (
+from pagedserve.kernels.fused_decode import (
     FusedDecoder,
     LayerWeights,
     Q4Tensor,

@@ -16,7 +16,9 @@ from types import ModuleType
 import pytest
 import torch
 
-from kernels import PagedAttentionOps, cpu_ops, kernel_module, torch_ops
+from pagedserve.kernels import cpu_ops, torch_ops
+from pagedserve.kernels.paged_attention_ops import PagedAttentionOps
+from pagedserve.kernels.dispatch import kernel_module
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -64,7 +66,7 @@ def test_protocol_lists_the_three_ops() -> None:
 @pytest.mark.parametrize("implementation", ["torch_ops", "cpu_ops", "triton_ops"])
 def test_implementation_matches_the_protocol(implementation: str) -> None:
     if implementation == "triton_ops":
-        from kernels import triton_ops as ops  # TRITON_INTERPRET is set by tests/conftest.py
+        from pagedserve.kernels import triton_ops as ops  # TRITON_INTERPRET is set by tests/conftest.py
     else:
         ops = {"torch_ops": torch_ops, "cpu_ops": cpu_ops}[implementation]
     problems = [problem for name in _protocol_members() for problem in _signature_mismatches(ops, name)]

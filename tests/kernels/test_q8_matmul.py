@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import q8_matmul
+from pagedserve.kernels import q8_matmul
 
 
 @pytest.mark.parametrize(("rows", "cols", "num_rows"), [(16, 32, 1), (48, 96, 2), (256, 576, 4), (160, 1536, 7)])

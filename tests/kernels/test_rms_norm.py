@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import rms_norm
+from pagedserve.kernels import rms_norm
 from tests.kernels.paged_cache import seeded_generator
 
 # (rows, hidden): one decode token, a batch under and over the kernel's threading cut-off,

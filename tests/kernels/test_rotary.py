@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from kernels import rotary
+from pagedserve.kernels import rotary
 from tests.kernels.paged_cache import seeded_generator
 
 # (tokens, query heads, KV heads, head_dim): one decode token of the embedded model (9 + 3

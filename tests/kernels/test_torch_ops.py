@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from kernels import torch_ops
+from pagedserve.kernels import torch_ops
 
 
 def _generator(request: pytest.FixtureRequest) -> torch.Generator:

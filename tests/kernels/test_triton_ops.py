@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 
-from kernels import torch_ops, triton_ops
+from pagedserve.kernels import torch_ops, triton_ops
 from tests.kernels.paged_cache import paged_cache, seeded_generator, tolerance
 
 @pytest.fixture(autouse=True)

@@ -4,12 +4,12 @@ are found together as a gang."""
 
 from __future__ import annotations
 
-from services.scheduler.beam_group import BeamGroup, gang_of, gang_size
-from services.scheduler.forking import fork_request
-from services.scheduler.kv_cache_manager import KVCacheManager
-from services.scheduler.request import Request
-from shared.messages import RequestDelta, SampledToken
-from shared.sampling_params import SamplingParams
+from pagedserve.services.scheduler.beam_group import BeamGroup, gang_of, gang_size
+from pagedserve.services.scheduler.forking import fork_request
+from pagedserve.services.scheduler.kv_cache_manager import KVCacheManager
+from pagedserve.services.scheduler.request import Request
+from pagedserve.shared.messages import RequestDelta, SampledToken
+from pagedserve.shared.sampling_params import SamplingParams
 
 EOS = 0
 

@@ -8,8 +8,8 @@ import math
 
 import pytest
 
-from services.scheduler.beam_search import BeamSearchState, LiveBeam, select_beams
-from shared.sampling_params import SamplingParams
+from pagedserve.services.scheduler.beam_search import BeamSearchState, LiveBeam, select_beams
+from pagedserve.shared.sampling_params import SamplingParams
 
 EOS = 0
 

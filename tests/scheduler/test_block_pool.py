@@ -7,8 +7,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from services.scheduler.block_pool import BlockPool, NoFreeBlocksError
-from services.scheduler.prefix_cache import PrefixCacheEvent
+from pagedserve.services.scheduler.block_pool import BlockPool, NoFreeBlocksError
+from pagedserve.services.scheduler.prefix_cache import PrefixCacheEvent
 
 
 def test_starts_all_free() -> None:

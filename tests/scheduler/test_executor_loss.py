@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import msgspec
 
-from services.scheduler.scheduler import Scheduler
-from shared.messages import ExecuteStep, StepResult
+from pagedserve.services.scheduler.scheduler import Scheduler
+from pagedserve.shared.messages import ExecuteStep, StepResult
 from tests.scheduler.test_scheduler import (
     FakeExecutor,
     Run,

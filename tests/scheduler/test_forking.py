@@ -4,12 +4,12 @@ remembered while any of them is alive."""
 
 from __future__ import annotations
 
-from services.scheduler.beam_group import BeamGroup
-from services.scheduler.forking import ParallelSamples, fork_request
-from services.scheduler.kv_cache_manager import KVCacheManager
-from services.scheduler.request import Request, RequestStatus
-from shared.messages import ForkedRequest
-from shared.sampling_params import SamplingParams
+from pagedserve.services.scheduler.beam_group import BeamGroup
+from pagedserve.services.scheduler.forking import ParallelSamples, fork_request
+from pagedserve.services.scheduler.kv_cache_manager import KVCacheManager
+from pagedserve.services.scheduler.request import Request, RequestStatus
+from pagedserve.shared.messages import ForkedRequest
+from pagedserve.shared.sampling_params import SamplingParams
 
 BLOCK_SIZE = 4
 

@@ -3,10 +3,10 @@ lookups and registration, sharing with forks and copy-on-write, on a real block 
 
 from __future__ import annotations
 
-from services.scheduler.kv_cache_manager import KVCacheManager
-from services.scheduler.prefix_cache import PrefixCacheEvent
-from services.scheduler.request import Request
-from shared.sampling_params import SamplingParams
+from pagedserve.services.scheduler.kv_cache_manager import KVCacheManager
+from pagedserve.services.scheduler.prefix_cache import PrefixCacheEvent
+from pagedserve.services.scheduler.request import Request
+from pagedserve.shared.sampling_params import SamplingParams
 
 BLOCK_SIZE = 4
 

@@ -23,11 +23,11 @@ import pytest
 from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from services.scheduler.request import Request
-from services.scheduler.config import SchedulerConfig
-from services.scheduler.scheduler import Scheduler
-from shared.messages import ExecuteStep, RequestDelta, SampledToken, StepResult
-from shared.sampling_params import SamplingParams
+from pagedserve.services.scheduler.request import Request
+from pagedserve.services.scheduler.config import SchedulerConfig
+from pagedserve.services.scheduler.scheduler import Scheduler
+from pagedserve.shared.messages import ExecuteStep, RequestDelta, SampledToken, StepResult
+from pagedserve.shared.sampling_params import SamplingParams
 from tests.scheduler.fake_kv_cache import FakeKVCache
 
 EOS = 0

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from services.scheduler.config import SchedulerConfig
-from services.scheduler.policy import (
+from pagedserve.services.scheduler.config import SchedulerConfig
+from pagedserve.services.scheduler.policy import (
     QueueFullError,
     blocks_to_cover,
     num_tokens_to_schedule,
@@ -16,8 +16,8 @@ from services.scheduler.policy import (
     validate_request,
     waiting_order_key,
 )
-from services.scheduler.request import Request, RequestStatus
-from shared.sampling_params import SamplingParams
+from pagedserve.services.scheduler.request import Request, RequestStatus
+from pagedserve.shared.sampling_params import SamplingParams
 
 EOS = 0
 

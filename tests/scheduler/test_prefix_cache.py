@@ -9,17 +9,17 @@ import random
 
 import pytest
 
-from services.scheduler.prefix_cache import (
+from pagedserve.services.scheduler.prefix_cache import (
     PrefixCacheEvent,
     extend_block_hashes,
     hash_block_tokens,
 )
-from services.scheduler.request import Request
-from services.scheduler.config import SchedulerConfig
-from services.scheduler.scheduler import Scheduler
-from services.scheduler.status import block_pool_status
-from shared.messages import NewRequestData, PrefixCacheStats
-from shared.sampling_params import SamplingParams
+from pagedserve.services.scheduler.request import Request
+from pagedserve.services.scheduler.config import SchedulerConfig
+from pagedserve.services.scheduler.scheduler import Scheduler
+from pagedserve.services.scheduler.status import block_pool_status
+from pagedserve.shared.messages import NewRequestData, PrefixCacheStats
+from pagedserve.shared.sampling_params import SamplingParams
 from tests.scheduler.test_scheduler import (
     EOS,
     FakeExecutor,

@@ -11,13 +11,13 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from services.launcher import free_port, redis_server_binary
-from services.scheduler.prefix_cache import PrefixCacheEvent
-from services.scheduler.redis_mirror import RedisMirror, prefix_cache_key, replica_key
-from services.scheduler.request import Request
-from services.scheduler.config import SchedulerConfig
-from services.scheduler.scheduler import Scheduler
-from shared.sampling_params import SamplingParams
+from pagedserve.services.launcher import free_port, redis_server_binary
+from pagedserve.services.scheduler.prefix_cache import PrefixCacheEvent
+from pagedserve.services.scheduler.redis_mirror import RedisMirror, prefix_cache_key, replica_key
+from pagedserve.services.scheduler.request import Request
+from pagedserve.services.scheduler.config import SchedulerConfig
+from pagedserve.services.scheduler.scheduler import Scheduler
+from pagedserve.shared.sampling_params import SamplingParams
 from tests.cluster import port_open, wait_until
 from tests.scheduler.test_scheduler import FakeExecutor, Run, run_to_completion
 

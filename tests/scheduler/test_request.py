@@ -3,9 +3,9 @@ and the messages built from it for the executor and the client."""
 
 from __future__ import annotations
 
-from services.scheduler.request import Request, RequestStatus
-from shared.messages import CachedRequestData, NewRequestData, RequestDelta, SampledToken, TokenLogprobs
-from shared.sampling_params import SamplingParams
+from pagedserve.services.scheduler.request import Request, RequestStatus
+from pagedserve.shared.messages import CachedRequestData, NewRequestData, RequestDelta, SampledToken, TokenLogprobs
+from pagedserve.shared.sampling_params import SamplingParams
 
 
 def make_request() -> Request:

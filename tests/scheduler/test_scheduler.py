@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from services.scheduler.config import SchedulerConfig
-from services.scheduler.request import Request, RequestStatus
-from services.scheduler.policy import QueueFullError, blocks_to_cover, stop_status
-from services.scheduler.scheduler import Scheduler
-from shared.messages import ExecuteStep, RequestDelta, SampledToken, StepResult
-from shared.sampling_params import SamplingParams
+from pagedserve.services.scheduler.config import SchedulerConfig
+from pagedserve.services.scheduler.request import Request, RequestStatus
+from pagedserve.services.scheduler.policy import QueueFullError, blocks_to_cover, stop_status
+from pagedserve.services.scheduler.scheduler import Scheduler
+from pagedserve.shared.messages import ExecuteStep, RequestDelta, SampledToken, StepResult
+from pagedserve.shared.sampling_params import SamplingParams
 from tests.scheduler.fake_kv_cache import FakeKVCache
 
 EOS = 0

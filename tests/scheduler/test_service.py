@@ -17,10 +17,10 @@ import msgspec
 import pytest
 import zmq
 
-from services.launcher import free_port
-from services.scheduler.service import SchedulerService, SchedulerServiceConfig
-from services.scheduler.request import Request
-from shared.messages import (
+from pagedserve.services.launcher import free_port
+from pagedserve.services.scheduler.service import SchedulerService, SchedulerServiceConfig
+from pagedserve.services.scheduler.request import Request
+from pagedserve.shared.messages import (
     AbortRequest,
     ExecutorReady,
     Heartbeat,
@@ -35,8 +35,8 @@ from shared.messages import (
     StepResultMessage,
     SubmitRequest,
 )
-from shared.sampling_params import SamplingParams
-from shared.transport import decode, encode
+from pagedserve.shared.sampling_params import SamplingParams
+from pagedserve.shared.transport import decode, encode
 from tests.cluster import wait_until
 from tests.scheduler.test_executor_loss import FreshExecutor
 from tests.scheduler.test_parallel_sampling import EOS, ForkingExecutor, separate_outputs

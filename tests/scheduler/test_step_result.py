@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from services.scheduler.request import Request, RequestStatus
-from services.scheduler.step_result import match_result
-from shared.messages import CachedRequestData, ExecuteStep, ForkedRequest, SampledToken, StepResult
-from shared.sampling_params import SamplingParams
+from pagedserve.services.scheduler.request import Request, RequestStatus
+from pagedserve.services.scheduler.step_result import match_result
+from pagedserve.shared.messages import CachedRequestData, ExecuteStep, ForkedRequest, SampledToken, StepResult
+from pagedserve.shared.sampling_params import SamplingParams
 
 
 def running(request_id: str, prompt_len: int, num_computed_tokens: int) -> Request:

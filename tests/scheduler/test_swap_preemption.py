@@ -11,13 +11,13 @@ import msgspec
 import pytest
 import zmq
 
-from services.launcher import free_port
-from services.scheduler.request import RequestStatus
-from services.scheduler.config import SchedulerConfig
-from services.scheduler.executor_group import ExecutorGroup
-from services.scheduler.service import SchedulerService, SchedulerServiceConfig
-from services.scheduler.status import block_pool_status, request_status
-from shared.messages import ExecuteStep, ExecutorReady, StepMessage
+from pagedserve.services.launcher import free_port
+from pagedserve.services.scheduler.request import RequestStatus
+from pagedserve.services.scheduler.config import SchedulerConfig
+from pagedserve.services.scheduler.executor_group import ExecutorGroup
+from pagedserve.services.scheduler.service import SchedulerService, SchedulerServiceConfig
+from pagedserve.services.scheduler.status import block_pool_status, request_status
+from pagedserve.shared.messages import ExecuteStep, ExecutorReady, StepMessage
 from tests.scheduler.test_scheduler import (
     FakeExecutor,
     Run,

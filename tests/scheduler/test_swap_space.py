@@ -3,9 +3,9 @@ back, and the copies each step carries, in order."""
 
 from __future__ import annotations
 
-from services.scheduler.request import Request
-from services.scheduler.swap_space import SwapSpace
-from shared.sampling_params import SamplingParams
+from pagedserve.services.scheduler.request import Request
+from pagedserve.services.scheduler.swap_space import SwapSpace
+from pagedserve.shared.sampling_params import SamplingParams
 
 
 def make_request(request_id: str, block_ids: list[int]) -> Request:

@@ -20,8 +20,8 @@ import httpx
 import pytest
 import torch
 
-from shared.model_source import default_model_source
-from shared.tokenizer import encode_chat, encode_prompt, load_tokenizer
+from pagedserve.shared.model_source import default_model_source
+from pagedserve.shared.tokenizer import encode_chat, encode_prompt, load_tokenizer
 from tests.cluster import Cluster
 
 pytestmark = pytest.mark.slow

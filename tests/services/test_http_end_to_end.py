@@ -19,9 +19,9 @@ import openai
 import pytest
 import redis
 
-from services.engine import LLMEngine
-from services.executor.config import EngineConfig
-from shared.sampling_params import SamplingParams
+from pagedserve.services.engine import LLMEngine
+from pagedserve.services.executor.config import EngineConfig
+from pagedserve.shared.sampling_params import SamplingParams
 from tests.cluster import Cluster, wait_until
 
 pytestmark = pytest.mark.slow

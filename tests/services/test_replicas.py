@@ -30,7 +30,7 @@ import httpx
 import pytest
 import redis
 
-from services.launcher import free_port, pagedserve_command, redis_server_binary
+from pagedserve.services.launcher import free_port, pagedserve_command, redis_server_binary
 from tests.cluster import ServiceProcess, port_open, wait_until
 
 pytestmark = pytest.mark.slow

@@ -13,9 +13,9 @@ import msgspec
 import pytest
 import zmq
 
-from services.engine import LLMEngine
-from services.executor.config import EngineConfig
-from shared.messages import (
+from pagedserve.services.engine import LLMEngine
+from pagedserve.services.executor.config import EngineConfig
+from pagedserve.shared.messages import (
     AbortRequest,
     RequestDeltas,
     RequestError,
@@ -24,8 +24,8 @@ from shared.messages import (
     StatusSnapshot,
     SubmitRequest,
 )
-from shared.sampling_params import SamplingParams
-from shared.transport import decode, encode
+from pagedserve.shared.sampling_params import SamplingParams
+from pagedserve.shared.transport import decode, encode
 from tests.cluster import Cluster, wait_until
 
 pytestmark = pytest.mark.slow
@@ -176,7 +176,7 @@ def test_the_replica_load_is_mirrored_to_redis_and_no_request_record(gateway: Fa
 def test_prefix_cache_hits_reported_and_mirrored_to_redis(gateway: FakeGatewaySocket, cluster: Cluster) -> None:
     import redis
 
-    from services.scheduler.prefix_cache import extend_block_hashes
+    from pagedserve.services.scheduler.prefix_cache import extend_block_hashes
 
     prompt = [1] + list(range(700, 740))  # 41 tokens: two full 16-token blocks can be reused
     params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)

@@ -22,9 +22,9 @@ import msgspec
 import pytest
 import zmq
 
-from services.launcher import free_port
-from services.scheduler.service import SchedulerService, SchedulerServiceConfig
-from shared.messages import (
+from pagedserve.services.launcher import free_port
+from pagedserve.services.scheduler.service import SchedulerService, SchedulerServiceConfig
+from pagedserve.shared.messages import (
     ExecutorReady,
     RequestDeltas,
     SampledToken,
@@ -36,8 +36,8 @@ from shared.messages import (
     StepResultMessage,
     SubmitRequest,
 )
-from shared.sampling_params import SamplingParams
-from shared.transport import encode
+from pagedserve.shared.sampling_params import SamplingParams
+from pagedserve.shared.transport import encode
 
 TIMEOUT_MS = 5000
 

@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
-from services.launcher import free_port
+from pagedserve.services.launcher import free_port
 from tests.cluster import wait_until
 from tests.services.test_faults import Streamer, completion_body, stream
 
@@ -37,8 +37,8 @@ def save_random_gqa_llama(directory: Path) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from shared.model_source import default_model_source
-    from shared.tokenizer import load_tokenizer
+    from pagedserve.shared.model_source import default_model_source
+    from pagedserve.shared.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(default_model_source())
     config = LlamaConfig(
@@ -61,7 +61,7 @@ class Up:
         self.log_path = workdir / "up.log"
         self.log_file = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "up", "--port", str(self.port), "--admin-key", ADMIN_KEY, *flags],
+            [sys.executable, "-m", "pagedserve.services.cli", "up", "--port", str(self.port), "--admin-key", ADMIN_KEY, *flags],
             stdout=self.log_file, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
         )
 

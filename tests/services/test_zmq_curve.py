@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 import zmq
 
-from services.executor.scheduler_link import SchedulerLink
-from services.gateway.scheduler_client import SchedulerClient
-from services.launcher import free_port
-from services.scheduler.service import SchedulerService, SchedulerServiceConfig
-from shared.messages import ExecutorReady, StatusSnapshot
-from shared.zmq_security import CurveEndpoint, curve_client, generate_curve_keys
+from pagedserve.services.executor.scheduler_link import SchedulerLink
+from pagedserve.services.gateway.scheduler_client import SchedulerClient
+from pagedserve.services.launcher import free_port
+from pagedserve.services.scheduler.service import SchedulerService, SchedulerServiceConfig
+from pagedserve.shared.messages import ExecutorReady, StatusSnapshot
+from pagedserve.shared.zmq_security import CurveEndpoint, curve_client, generate_curve_keys
 from tests.cluster import wait_until
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shared.sampling_params import SamplingParams
+from pagedserve.shared.sampling_params import SamplingParams
 
 
 def test_sample_i_is_one_sample_seeded_seed_plus_i() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shared.step_rules import samples_this_step
+from pagedserve.shared.step_rules import samples_this_step
 
 
 def test_a_sequence_samples_when_its_scheduled_tokens_reach_its_last_known_token() -> None:

@@ -14,8 +14,8 @@ import pytest
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from shared.transport import make_socket
-from shared.zmq_security import (
+from pagedserve.shared.transport import make_socket
+from pagedserve.shared.zmq_security import (
     CurveEndpoint,
     curve_client,
     curve_keys_exist,
