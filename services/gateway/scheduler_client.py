@@ -299,16 +299,25 @@ class SchedulerClient:
 
     async def _send(self, message: msgspec.Struct, timeout_s: float) -> None:
         """Send now if a scheduler is connected (and its queue has room), else wait for
-        one up to `timeout_s`. Never blocks the event loop."""
+        one up to `timeout_s`. Never blocks the event loop.
+
+        `connected` is asked before the socket, never after: once a connection is lost,
+        libzmq can report it (our monitor clears `connected` and fails the requests in
+        flight) before it tears the pipe down, and a send in that window is taken into the
+        dead pipe and silently lost: a submit would then wait for the stall timeout instead
+        of failing here. A send in the opposite window (pipe already dead, event not yet
+        read) is lost too, but only for a request registered before it, which the coming
+        event fails with a 503."""
         assert self._socket is not None and self._connected_event is not None, "SchedulerClient.start() was not called"
         frames = encode(message)
         deadline = asyncio.get_running_loop().time() + timeout_s
         while True:
-            try:
-                await self._socket.send_multipart(frames, flags=zmq.NOBLOCK)
-                return
-            except zmq.Again:
-                pass
+            if self.connected:
+                try:
+                    await self._socket.send_multipart(frames, flags=zmq.NOBLOCK)
+                    return
+                except zmq.Again:
+                    pass
             remaining_s = deadline - asyncio.get_running_loop().time()
             if remaining_s <= 0:
                 raise SchedulerUnavailable(f"no scheduler at {self.address} took the message within {timeout_s:g} s")
