@@ -42,10 +42,6 @@ class CurveEndpoint:
     secret_key: bytes
     server_key: bytes | None
 
-    @property
-    def is_server(self) -> bool:
-        return self.server_key is None
-
 
 def _key_files(directory: Path, name: str) -> tuple[Path, Path]:
     return directory / f"{name}.key", directory / f"{name}.key_secret"

@@ -33,10 +33,6 @@ class CpuFeatures:
         """The strongest native-bf16 feature present (a /proc/cpuinfo flag), if any."""
         return next((flag for flag in _BF16_FLAGS if flag in self.flags), None)
 
-    @property
-    def fast_bf16(self) -> bool:
-        return self.native_bf16_flag is not None and self.torch_bf16
-
 
 def _read_cpuinfo() -> tuple[str, frozenset[str]]:
     model, flags = "unknown CPU", frozenset[str]()

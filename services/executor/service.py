@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import signal
 import threading
 import uuid
 
@@ -114,8 +113,3 @@ def serve(config: ExecutorConfig, stop_event: threading.Event | None = None) -> 
         context.term()
         group.close()
 
-
-def install_signal_handlers(stop_event: threading.Event) -> None:
-    """SIGTERM/SIGINT end the step loop cleanly (the current step finishes first)."""
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop_event.set())

@@ -50,10 +50,6 @@ class RequestRecorder:
         self._healthy = True
         self.num_dropped = 0
 
-    @property
-    def enabled(self) -> bool:
-        return self._redis_url is not None
-
     async def start(self) -> None:
         if self._redis_url is None:
             return
