@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from pagedserve.services.scheduler.beam_search import BeamSearchState, BeamSelection, LiveBeam, select_beams
 from pagedserve.shared.messages import RequestDelta, SampledToken
+from pagedserve.shared.sequence_ids import beam_sequence_id
 
 if TYPE_CHECKING:
     from pagedserve.services.scheduler.request import Request
@@ -69,7 +70,7 @@ class BeamGroup:
 
     def next_fork_id(self) -> str:
         self.num_forked += 1
-        return f"{self.client_request_id}#b{self.num_forked}"
+        return beam_sequence_id(self.client_request_id, self.num_forked)
 
     def run_round(self, fork: Callable[[Request], Request]) -> tuple[bool, list[Request]]:
         """End a round: pick the next beams from the reports. Returns (done, beams to

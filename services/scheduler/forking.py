@@ -26,6 +26,7 @@ from pagedserve.services.scheduler.kv_cache_manager import KVCacheManager
 from pagedserve.services.scheduler.request import Request, RequestStatus
 from pagedserve.shared.messages import ForkedRequest
 from pagedserve.shared.sampling_params import SamplingParams
+from pagedserve.shared.sequence_ids import sample_sequence_id
 from pagedserve.shared.step_rules import samples_this_step
 
 
@@ -80,7 +81,7 @@ class ParallelSamples:
         for req, num_new in scheduled:
             if self.num_to_fork(req) and samples_this_step(req.num_computed_tokens, num_new, req.num_tokens):
                 request_id = req.request_id
-                forks += [ForkedRequest(f"{request_id}#{i}", request_id, i) for i in range(1, req.sampling_params.n)]
+                forks += [ForkedRequest(sample_sequence_id(request_id, i), request_id, i) for i in range(1, req.sampling_params.n)]
         return forks
 
     def add(self, sample: Request) -> None:

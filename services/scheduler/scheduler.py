@@ -70,6 +70,7 @@ from pagedserve.shared.messages import (
     StepResult,
 )
 from pagedserve.shared.sampling_params import SamplingParams
+from pagedserve.shared.sequence_ids import sample_sequence_id
 
 
 class Scheduler:
@@ -164,7 +165,7 @@ class Scheduler:
         finished ones."""
         deltas: list[RequestDelta] = []
         for sample_index in sample_indices:
-            req = self._requests.get(request_id if sample_index == 0 else f"{request_id}#{sample_index}")
+            req = self._requests.get(sample_sequence_id(request_id, sample_index))
             if req is None or req.beam_group is not None or req.client_request_id != request_id:
                 continue
             self._dequeue(req)

@@ -41,6 +41,7 @@ from pagedserve.shared.messages import (
     SubmitRequest,
     TokenLogprobs,
 )
+from pagedserve.shared.sequence_ids import sample_sequence_id
 from pagedserve.shared.transport import decode, encode
 
 # (steps of new token ids, finish reason once the steps run out)
@@ -70,7 +71,7 @@ class _Active:
     @property
     def sample_id(self) -> str:
         """The id the real scheduler gives a forked sample (f"{id}#{i}")."""
-        return f"{self.submit.request_id}#{self.sample_index}" if self.sample_index else self.submit.request_id
+        return sample_sequence_id(self.submit.request_id, self.sample_index)
 
 
 class FakeScheduler:

@@ -1,4 +1,4 @@
-"""Bad input, end to end: each case is one row of the README's "Bad input" table (the test
+"""Bad input, end to end: each case is one row of the "Bad input" table in docs/security.md (the test
 checks the table says what the server does), then the HTTP-level abuse a JSON client
 cannot produce: a body announced bigger than the limit (refused before it is sent), a
 body that stops arriving (408, not a connection held for ever), a Content-Length no HTTP
@@ -23,7 +23,7 @@ from tests.gateway.conftest import gateway_config, running_gateway
 from tests.gateway.fake_scheduler import FakeScheduler
 from tests.gateway.test_validation import assert_openai_error
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+README = Path(__file__).resolve().parents[2] / "docs" / "security.md"  # the bad-input table
 COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"
 JSON = "application/json"
