@@ -7,6 +7,13 @@ tokens twice, with and without the new ones, and emits the difference; while tha
 difference ends in U+FFFD the character is incomplete and nothing is emitted yet. The
 window also starts a few tokens back, so tokenizers whose decoding depends on the
 previous token (SentencePiece's leading-space rule) get the context they need.
+
+The held-back window is bounded: a UTF-8 character is at most 4 bytes and every token
+carries at least one, so an incomplete character spans at most the last
+`INCOMPLETE_CHARACTER_TOKENS` tokens. Tokens that keep decoding to U+FFFD (a logit_bias
+on a lone continuation byte) or to nothing (skipped special tokens) are released once
+more than `MAX_PENDING_TOKENS` wait; without that bound each push re-decoded the whole
+held-back tail, quadratic work on the gateway's event loop.
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ from transformers import PreTrainedTokenizerBase
 
 REPLACEMENT_CHARACTER = "\ufffd"
 PROMPT_CONTEXT_TOKENS = 5  # prompt tokens decoded as context before the first output token
+INCOMPLETE_CHARACTER_TOKENS = 3  # the most tokens an incomplete (<= 3-byte) character spans
+MAX_PENDING_TOKENS = 8  # held-back tokens past which the older ones are released as they decode
 
 
 class IncrementalDetokenizer:
@@ -42,13 +51,25 @@ class IncrementalDetokenizer:
         prefix_text = self._decode(self._token_ids[self._prefix_offset : self._read_offset])
         full_text = self._decode(self._token_ids[self._prefix_offset :])
         if len(full_text) <= len(prefix_text) or full_text.endswith(REPLACEMENT_CHARACTER):
-            return ""
+            if len(self._token_ids) - self._read_offset <= MAX_PENDING_TOKENS:
+                return ""
+            # Too many held back to be one character: release all but the tokens the last
+            # (incomplete) character spans. It starts in one of the last three tokens; the
+            # longest prefix that does not end in U+FFFD ends on a character boundary. If
+            # none does, the bytes there are broken anyway: release them as U+FFFD.
+            for read_offset in range(len(self._token_ids) - 1, len(self._token_ids) - INCOMPLETE_CHARACTER_TOKENS - 1, -1):
+                full_text = self._decode(self._token_ids[self._prefix_offset : read_offset])
+                if not full_text.endswith(REPLACEMENT_CHARACTER):
+                    break
+        else:
+            read_offset = len(self._token_ids)
         # Slide the window: the tokens just emitted become the next call's context, and
         # older ones are dropped so each call decodes a handful of tokens, not the whole output.
-        del self._token_ids[: self._prefix_offset]
-        self._prefix_offset = self._read_offset - self._prefix_offset
-        self._read_offset = len(self._token_ids)
-        return full_text[len(prefix_text) :]
+        dropped = self._prefix_offset
+        del self._token_ids[:dropped]
+        self._prefix_offset = self._read_offset - dropped
+        self._read_offset = read_offset - dropped
+        return full_text[len(prefix_text) :] if len(full_text) > len(prefix_text) else ""
 
     def flush(self) -> str:
         """At the end of the sequence: whatever was held back, even an incomplete

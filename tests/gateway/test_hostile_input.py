@@ -1,0 +1,170 @@
+"""Hostile input (issue #26): requests built so that the gateway's work grows faster than
+the request, or that got a 500 instead of a 4xx.
+
+Work is measured in-process at two sizes and compared as a ratio, never against a
+wall-clock bound: per-token (per-tool) work that is O(1) amortised keeps the ratio near 1
+when the size grows 8x, quadratic work makes it near 8. Counts are exact (tokens handed to
+the tokenizer); where only CPU time can tell, the best of a few rounds of `process_time`
+is compared with a generous factor.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import msgspec
+import pytest
+from transformers import PreTrainedTokenizerBase
+
+from pagedserve.services.gateway.detokenizer import IncrementalDetokenizer
+from pagedserve.services.gateway.openai_protocol import ChatCompletionRequest
+from pagedserve.services.gateway.tool_calls import ToolCallStream, ToolPlan, parse_tool_calls, tool_plan
+
+GROWTH = 8  # the larger size is this many times the smaller
+LINEAR_FACTOR = 3.0  # per-unit cost may grow this much (noise); quadratic grows ~GROWTH
+
+
+class _CountingTokenizer:
+    """The real tokenizer, counting the token ids it is asked to decode."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self._tokenizer = tokenizer
+        self.decoded_tokens = 0
+
+    def decode(self, token_ids: list[int], **kwargs: object) -> str:
+        self.decoded_tokens += len(token_ids)
+        return self._tokenizer.decode(token_ids, **kwargs)
+
+
+def _decode_work_per_token(tokenizer: PreTrainedTokenizerBase, token_ids: list[int]) -> tuple[float, str]:
+    counting = _CountingTokenizer(tokenizer)
+    detokenizer = IncrementalDetokenizer(counting, [1, 2, 3])  # type: ignore[arg-type]
+    text = "".join(detokenizer.push([token_id]) for token_id in token_ids) + detokenizer.flush()
+    return counting.decoded_tokens / len(token_ids), text
+
+
+@pytest.mark.parametrize(
+    "token_id",
+    [111, 0],  # 111: a lone UTF-8 continuation byte (U+FFFD forever); 0: a special token (decodes to "")
+)
+def test_detokenizer_work_per_token_does_not_grow_while_tokens_decode_to_nothing_complete(
+    tokenizer: PreTrainedTokenizerBase, token_id: int
+) -> None:
+    # The issue's repro: logit_bias {"111": 100}, max_tokens 8000 re-decoded a window as
+    # long as the output for every token (1.8 s of event loop per choice at 4k tokens).
+    short = 500
+    work_short, text_short = _decode_work_per_token(tokenizer, [token_id] * short)
+    work_long, text_long = _decode_work_per_token(tokenizer, [token_id] * (short * GROWTH))
+    assert work_long < work_short * LINEAR_FACTOR, (work_short, work_long)
+    assert work_long < 64, work_long  # a handful of tokens decoded per token, whatever the length
+    # The text released early is still the text the tokens decode to.
+    reference = tokenizer.decode([token_id] * (short * GROWTH), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    assert text_long == reference
+    assert text_short == tokenizer.decode([token_id] * short, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def test_a_character_split_across_tokens_after_a_run_of_broken_bytes_still_comes_out_whole(
+    tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    emoji_ids = tokenizer("🎉🚀 fin").input_ids
+    assert len(emoji_ids) >= 4, "the test needs a character split across tokens"
+    token_ids = [111] * 40 + emoji_ids
+    _, text = _decode_work_per_token(tokenizer, token_ids)
+    assert text == "\ufffd" * 40 + "🎉🚀 fin"
+
+
+def _best_cpu_seconds(work: Callable[[], object], rounds: int = 3) -> float:
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.process_time()
+        work()
+        best = min(best, time.process_time() - start)
+    return best
+
+
+_TOOLS = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+
+
+def _plan(mode: str, tools: list[dict] | None = None) -> ToolPlan:
+    body = {"messages": [{"role": "user", "content": "hi"}], "tools": tools or _TOOLS}
+    if mode == "named":
+        body["tool_choice"] = {"type": "function", "function": {"name": "add"}}
+    else:
+        body["tool_choice"] = mode
+    plan = tool_plan(msgspec.convert(body, ChatCompletionRequest))
+    assert plan is not None
+    return plan
+
+
+def _output(mode: str, argument_chars: int) -> str:
+    arguments = '{"a": "' + "x" * argument_chars + '", "b": [1, {"c": "}"}]}'
+    if mode == "named":
+        return arguments
+    if mode == "required":
+        return '[{"name": "add", "arguments": ' + arguments + "}]"
+    return 'Sure. <tool_call>\n{"name": "add", "arguments": ' + arguments + "}\n</tool_call>"
+
+
+@pytest.mark.parametrize("mode", ["auto", "required", "named"])
+def test_streamed_tool_call_work_per_chunk_does_not_grow_with_the_text(mode: str) -> None:
+    # One chunk per 4 characters, as tokens come: re-parsing the whole text per chunk made
+    # this quadratic.
+    plan = _plan(mode)
+
+    def stream(argument_chars: int) -> Callable[[], None]:
+        text = _output(mode, argument_chars)
+        pieces = [text[i : i + 4] for i in range(0, len(text), 4)]
+
+        def run() -> None:
+            tool_stream = ToolCallStream(plan)
+            sent = ""
+            for k, piece in enumerate(pieces):
+                _, deltas = tool_stream.update(piece, final=k == len(pieces) - 1)
+                sent += "".join(d.function.arguments or "" for d in deltas)
+            # Streamed fragments add up to the whole output's arguments.
+            _, calls = parse_tool_calls(plan, text)
+            assert sent == calls[0].function.arguments
+
+        return run
+
+    short = 4000
+    per_char_short = _best_cpu_seconds(stream(short)) / short
+    per_char_long = _best_cpu_seconds(stream(short * GROWTH)) / (short * GROWTH)
+    assert per_char_long < per_char_short * LINEAR_FACTOR, (per_char_short, per_char_long)
+
+
+def test_many_parallel_tool_calls_streamed_cost_o1_per_call() -> None:
+    # Settled calls are not revisited: 8x the calls costs ~8x, not ~64x.
+    plan = _plan("auto")
+
+    def stream(num_calls: int) -> Callable[[], None]:
+        text = "".join('<tool_call>{"name": "add", "arguments": {"a": %d}}</tool_call>' % i for i in range(num_calls))
+        pieces = [text[i : i + 4] for i in range(0, len(text), 4)]
+
+        def run() -> None:
+            tool_stream = ToolCallStream(plan)
+            indices = set()
+            for k, piece in enumerate(pieces):
+                for delta in tool_stream.update(piece, final=k == len(pieces) - 1)[1]:
+                    indices.add(delta.index)
+            assert indices == set(range(num_calls))
+
+        return run
+
+    short = 200
+    per_call_short = _best_cpu_seconds(stream(short)) / short
+    per_call_long = _best_cpu_seconds(stream(short * GROWTH)) / (short * GROWTH)
+    assert per_call_long < per_call_short * LINEAR_FACTOR, (per_call_short, per_call_long)
+
+
+def test_the_duplicate_tool_name_check_is_linear_in_the_number_of_tools() -> None:
+    def check(num_tools: int) -> Callable[[], None]:
+        tools = [{"type": "function", "function": {"name": f"f{i}"}} for i in range(num_tools)]
+        body = msgspec.convert({"messages": [{"role": "user", "content": "hi"}], "tools": tools}, ChatCompletionRequest)
+        return lambda: tool_plan(body)
+
+    short = 2000
+    per_tool_short = _best_cpu_seconds(check(short)) / short
+    per_tool_long = _best_cpu_seconds(check(short * GROWTH)) / (short * GROWTH)
+    assert per_tool_long < per_tool_short * LINEAR_FACTOR, (per_tool_short, per_tool_long)
