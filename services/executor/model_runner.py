@@ -18,7 +18,7 @@ from pagedserve.services.executor.config import EngineConfig
 from pagedserve.services.executor.distributed import TensorParallelGroup
 from pagedserve.services.executor.input_batch import InputBatch
 from pagedserve.services.executor.kv_cache import allocate_kv_cache, copy_blocks, num_blocks_for_budget, num_swap_blocks_for_budget
-from pagedserve.services.executor.llama import LlamaForCausalLM
+from pagedserve.services.executor.decoder import DecoderForCausalLM
 from pagedserve.services.executor.model_config import ModelConfig, load_model_config
 from pagedserve.services.executor.prompt_logprobs import collect_prompt_logprobs, wants_prompt_logprobs
 from pagedserve.services.executor.quantized_linear import int4_max_rows
@@ -49,7 +49,7 @@ class ModelRunner:
         whole_model = load_model_config(source)
         self.shard_plan = ShardPlan.for_model(whole_model, self.group.rank, self.group.world_size)
         self.model_config: ModelConfig = self.shard_plan.local_config(whole_model)
-        self.model = LlamaForCausalLM.build(
+        self.model = DecoderForCausalLM.build(
             self.model_config, iter_weights(source, whole_model, self.shard_plan, self.int4_max_rows > 0),
             self.dtype, self.device, self.group, self.int4_max_rows,
         )

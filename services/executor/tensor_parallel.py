@@ -4,7 +4,7 @@ Megatron-style: q/k/v and gate/up are column-parallel (each rank holds some outp
 its attention heads, its share of the MLP's intermediate columns), o and down are
 row-parallel (the matching input columns), so a rank's attention and MLP run start to
 finish on its own slice and only o's and down's outputs need a sum over ranks (one
-all-reduce each, in `llama.py`). Norms, embeddings and the LM head are replicated.
+all-reduce each, in `decoder.py`). Norms, embeddings and the LM head are replicated.
 
 Heads: rank r holds query heads [r * H/T, (r+1) * H/T). KV heads are split the same way
 when T divides their number K; when T exceeds K (T a multiple of K) each KV head is

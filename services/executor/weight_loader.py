@@ -20,22 +20,13 @@ import numpy as np
 import torch
 
 from pagedserve.services.executor.model_config import ModelConfig
+from pagedserve.services.executor.model_families import FAMILIES, Family
 from pagedserve.services.executor.quantized_linear import Int4Weight
 from pagedserve.services.executor.tensor_parallel import ShardPlan
 from pagedserve.shared.model_source import ModelSource
 
-# llama.cpp tensor name -> HF tensor name ({} = layer index)
-_GGUF_LAYER_NAMES = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
+# llama.cpp's names outside the blocks -> HF's (the names inside are per family:
+# `model_families.py`).
 _GGUF_GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -51,14 +42,37 @@ def _unpermute_rotary(weight: np.ndarray, num_heads: int) -> np.ndarray:
     return weight.reshape(num_heads, rows // num_heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
-def gguf_name_to_hf(name: str) -> str | None:
+def gguf_name_to_hf(name: str, family: Family = FAMILIES["llama"]) -> str | None:
     if name in _GGUF_GLOBAL_NAMES:
         return _GGUF_GLOBAL_NAMES[name]
     match = _GGUF_LAYER_RE.match(name)
-    if match is None or match.group(2) not in _GGUF_LAYER_NAMES:
+    if match is None:
         return None
     layer, part, kind = match.groups()
-    return f"model.layers.{layer}.{_GGUF_LAYER_NAMES[part]}.{kind}"
+    module = family.gguf_name(part)
+    return None if module is None else f"model.layers.{layer}.{module}.{kind}"
+
+
+def split_fused(name: str, config: ModelConfig) -> list[tuple[str, int, int]] | None:
+    """Phi-3's fused `qkv_proj` / `gate_up_proj` checkpoints as (HF name, first row,
+    rows) of their parts, so every family reaches sharding and loading with the same
+    q/k/v and gate/up names; None for any other weight."""
+    q, kv, mlp = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim, config.intermediate_size
+    if name.endswith("self_attn.qkv_proj.weight") or name.endswith("self_attn.qkv_proj.bias"):
+        prefix, kind = name.rsplit(".qkv_proj.", 1)
+        return [(f"{prefix}.q_proj.{kind}", 0, q), (f"{prefix}.k_proj.{kind}", q, kv), (f"{prefix}.v_proj.{kind}", q + kv, kv)]
+    if name.endswith("mlp.gate_up_proj.weight"):
+        prefix = name.removesuffix(".gate_up_proj.weight")
+        return [(f"{prefix}.gate_proj.weight", 0, mlp), (f"{prefix}.up_proj.weight", mlp, mlp)]
+    return None
+
+
+def _shard(array: object, shard: tuple[int, int, int] | None) -> object:
+    """A tensor's or array's slice (dim, start, length); the whole for None."""
+    if shard is None:
+        return array
+    dim, start, length = shard
+    return array[start : start + length] if dim == 0 else array[:, start : start + length]
 
 
 # Weights read by a matmul (not the embedding table, which is indexed by row).
@@ -85,33 +99,42 @@ def iter_gguf_weights(
 ) -> Iterator[tuple[str, torch.Tensor | Int4Weight]]:
     import gguf
 
+    family = config.family
     reader = gguf.GGUFReader(path)
     for tensor in reader.tensors:
-        hf_name = gguf_name_to_hf(tensor.name)
+        hf_name = gguf_name_to_hf(tensor.name, family)
         if hf_name is None:
             continue
         quantized = _decode_int4(tensor, gguf) if keep_int4 and _LINEAR_WEIGHT_RE.search(hf_name) else None
         heads = {"q_proj.weight": config.num_heads, "k_proj.weight": config.num_kv_heads}
-        num_heads = next((n for suffix, n in heads.items() if hf_name.endswith(suffix)), None)
-        shard = plan.slice_of(hf_name) if plan is not None else None
+        permuted = family.gguf_rotary_permuted
+        num_heads = next((n for suffix, n in heads.items() if permuted and hf_name.endswith(suffix)), None)
+        parts = split_fused(hf_name, config) or [(hf_name, 0, None)]
         if quantized is not None:
             if num_heads is not None:
                 quantized = quantized.take_rows(_rotary_row_order(quantized.shape[0], num_heads))
-            if shard is not None:
-                dim, start, length = shard
-                quantized = quantized.take_rows(slice(start, start + length)) if dim == 0 else quantized.take_cols(start, length)
-            yield hf_name, quantized
+            for name, first_row, rows in parts:
+                part = quantized if rows is None else quantized.take_rows(slice(first_row, first_row + rows))
+                shard = plan.slice_of(name) if plan is not None else None
+                if shard is not None:
+                    dim, start, length = shard
+                    part = part.take_rows(slice(start, start + length)) if dim == 0 else part.take_cols(start, length)
+                yield name, part
             continue
         array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         if num_heads is not None:
             array = _unpermute_rotary(array, num_heads)
-        if shard is not None:
-            dim, start, length = shard
-            array = array[start : start + length] if dim == 0 else array[:, start : start + length]
-        yield hf_name, torch.from_numpy(np.array(array, dtype=np.float32))  # a writable copy
+        if family.gguf_norm_offset and hf_name.endswith("norm.weight"):
+            array = array - family.gguf_norm_offset  # back to HF's w of (1 + w)
+        for name, first_row, rows in parts:
+            part = array if rows is None else array[first_row : first_row + rows]
+            part = _shard(part, plan.slice_of(name) if plan is not None else None)
+            yield name, torch.from_numpy(np.array(part, dtype=np.float32))  # a writable copy
 
 
-def iter_safetensors_weights(directory: str, plan: ShardPlan | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_safetensors_weights(
+    directory: str, config: ModelConfig, plan: ShardPlan | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
     from safetensors.torch import safe_open
 
     files = sorted(Path(directory).glob("*.safetensors"))
@@ -120,6 +143,13 @@ def iter_safetensors_weights(directory: str, plan: ShardPlan | None = None) -> I
     for file in files:
         with safe_open(os.fspath(file), framework="pt") as handle:
             for name in handle.keys():
+                parts = split_fused(name, config)
+                if parts is not None:  # read whole, then split (Phi-3 only)
+                    fused = handle.get_tensor(name)
+                    for part_name, first_row, rows in parts:
+                        part = fused[first_row : first_row + rows]
+                        yield part_name, _shard(part, plan.slice_of(part_name) if plan is not None else None)
+                    continue
                 shard = plan.slice_of(name) if plan is not None else None
                 if shard is None:
                     yield name, handle.get_tensor(name)
@@ -137,4 +167,4 @@ def iter_weights(
     slice of each sharded tensor. `config` is the whole model's."""
     if source.gguf_file is not None:
         return iter_gguf_weights(os.path.join(source.directory, source.gguf_file), config, plan, keep_int4)
-    return iter_safetensors_weights(source.directory, plan)
+    return iter_safetensors_weights(source.directory, config, plan)
