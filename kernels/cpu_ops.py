@@ -41,7 +41,7 @@ _NATIVE_DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}  # -> the C func
 def _decode_kernel(dtype: torch.dtype = torch.float32) -> ctypes._CFuncPtr:
     function = getattr(load_library("paged_attention_cpu"), f"pagedserve_decode_attention_{_NATIVE_DTYPES[dtype]}")
     function.restype = ctypes.c_int
-    function.argtypes = [_POINTER] * 5 + [_INT64, _POINTER] + [_INT64] * 5 + [ctypes.c_float]
+    function.argtypes = [_POINTER] * 5 + [_INT64, _POINTER] + [_INT64] * 6 + [ctypes.c_float]
     return function
 
 
@@ -117,6 +117,8 @@ def native_decode_attention(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    *,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """The C kernel itself (no fallback): raises NativeBuildError where it cannot be built
     and ValueError for inputs it does not take."""
@@ -128,6 +130,8 @@ def native_decode_attention(
     _, block_size, num_kv_heads, cache_head_dim = key_cache.shape
     if num_heads % num_kv_heads or head_dim != cache_head_dim or value_cache.shape != key_cache.shape:
         raise ValueError(f"query {tuple(query.shape)} does not fit the cache {tuple(key_cache.shape)}")
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"a sliding window holds at least 1 token, not {sliding_window}")
     if not query.is_contiguous():
         query = query.contiguous()
     if not (key_cache.is_contiguous() and value_cache.is_contiguous()):
@@ -140,7 +144,7 @@ def native_decode_attention(
     failed = _decode_kernel(query.dtype)(
         out.data_ptr(), query.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(),
         block_tables.data_ptr(), block_tables.shape[1] if block_tables.dim() == 2 else 0, seq_lens.data_ptr(),
-        num_seqs, num_heads, num_kv_heads, head_dim, block_size, scale,
+        num_seqs, num_heads, num_kv_heads, head_dim, block_size, sliding_window or 0, scale,
     )
     if failed:
         raise MemoryError("the C decode kernel could not allocate its workspace")
@@ -155,8 +159,14 @@ def paged_decode_attention(
     seq_lens: torch.Tensor,
     scale: float,
     max_seq_len: int,
+    *,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """One query token per sequence: query [num_seqs, num_heads, head_dim] -> same shape."""
     if query.shape[0] > 0 and _native_supports(query, key_cache, value_cache) and _decode_kernel_or_none():
-        return native_decode_attention(query, key_cache, value_cache, block_tables, seq_lens, scale)
-    return torch_ops.paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens, scale, max_seq_len)
+        return native_decode_attention(
+            query, key_cache, value_cache, block_tables, seq_lens, scale, sliding_window=sliding_window
+        )
+    return torch_ops.paged_decode_attention(
+        query, key_cache, value_cache, block_tables, seq_lens, scale, max_seq_len, sliding_window=sliding_window
+    )

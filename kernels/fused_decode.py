@@ -35,13 +35,14 @@ class _Q4Weight(ctypes.Structure):
 class _DecodeLayer(ctypes.Structure):
     _fields_ = [("input_norm", ctypes.c_void_p), ("post_attention_norm", ctypes.c_void_p),
                 ("qkv", _Q4Weight), ("o", _Q4Weight), ("gate_up", _Q4Weight), ("down", _Q4Weight),
-                ("key_cache", ctypes.c_void_p), ("value_cache", ctypes.c_void_p)]
+                ("key_cache", ctypes.c_void_p), ("value_cache", ctypes.c_void_p),
+                ("sliding_window", ctypes.c_int64), ("kv_group", ctypes.c_int64)]
 
 
 class _DecodeModel(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int64) for name in (
         "num_layers", "hidden", "num_heads", "num_kv_heads", "head_dim", "intermediate", "block_size", "num_slots",
-        "bf16")] + [("eps", ctypes.c_float), ("scale", ctypes.c_float),
+        "bf16", "num_kv_groups")] + [("eps", ctypes.c_float), ("scale", ctypes.c_float),
                     ("layers", ctypes.POINTER(_DecodeLayer)), ("final_norm", ctypes.c_void_p)]
 
 
@@ -147,21 +148,37 @@ def unavailable_reason(dtype: torch.dtype, weights: list[Q4Tensor], device: torc
 
 class FusedDecoder:
     """One model's decode step in C. Built once per model (and again where the KV caches
-    move); `__call__` takes one step's inputs."""
+    move); `__call__` takes one step's inputs.
+
+    `sliding_windows[l]`: layer l attends to the last that many tokens (None: all);
+    `kv_groups[l]`: the KV group whose slots and block tables layer l uses (layers sharing a
+    window share a group, see the scheduler's KV cache manager); by default one group, no
+    windows."""
 
     def __init__(
         self, layers: list[LayerWeights], final_norm: torch.Tensor, *, num_heads: int, num_kv_heads: int,
-        head_dim: int, eps: float, dtype: torch.dtype,
+        head_dim: int, eps: float, dtype: torch.dtype, sliding_windows: list[int | None] | None = None,
+        kv_groups: list[int] | None = None,
     ) -> None:
+        sliding_windows = sliding_windows or [None] * len(layers)
+        kv_groups = kv_groups or [0] * len(layers)
+        if len(sliding_windows) != len(layers) or len(kv_groups) != len(layers):
+            raise ValueError(
+                f"{len(layers)} layers but {len(sliding_windows)} sliding windows and {len(kv_groups)} KV groups"
+            )
+        if any(window is not None and window < 1 for window in sliding_windows) or min(kv_groups) < 0:
+            raise ValueError(f"windows must be >= 1 and KV groups >= 0: {sliding_windows}, {kv_groups}")
         self.layers, self.final_norm, self.dtype = layers, final_norm, dtype
+        self.num_kv_groups = max(kv_groups) + 1
         self._function = getattr(_library(), f"pagedserve_fused_decode_{_SUFFIX[dtype]}")
         self._model = _DecodeModel(
             num_layers=len(layers), hidden=final_norm.shape[0], num_heads=num_heads, num_kv_heads=num_kv_heads,
             head_dim=head_dim, intermediate=layers[0].down.cols, bf16=int(dtype == torch.bfloat16), eps=eps,
-            scale=head_dim**-0.5, final_norm=final_norm.data_ptr(),
+            scale=head_dim**-0.5, final_norm=final_norm.data_ptr(), num_kv_groups=self.num_kv_groups,
         )
         self._structs = (_DecodeLayer * len(layers))()
-        for struct, layer in zip(self._structs, layers):
+        for struct, layer, window, kv_group in zip(self._structs, layers, sliding_windows, kv_groups):
+            struct.sliding_window, struct.kv_group = window or 0, kv_group
             struct.input_norm, struct.post_attention_norm = layer.input_norm.data_ptr(), layer.post_attention_norm.data_ptr()
             struct.qkv, struct.o, struct.gate_up, struct.down = (
                 layer.qkv.struct(), layer.o.struct(), layer.gate_up.struct(), layer.down.struct()
@@ -191,10 +208,14 @@ class FusedDecoder:
         seq_lens: torch.Tensor,
     ) -> torch.Tensor:
         """embedded [rows, hidden] -> final normed hidden states [rows, hidden]; writes each
-        token's K/V into its slot on the way. slot_mapping int64, block_tables and seq_lens
-        int32, all contiguous, one row per token (every token a decode)."""
+        token's K/V into its slot on the way. slot_mapping int64 [num_kv_groups, rows],
+        block_tables int32 [num_kv_groups, rows, blocks] (the group dimension may be left out
+        with one group) and seq_lens int32 [rows], all contiguous, one row per token (every
+        token a decode)."""
         self._bind_caches(kv_caches)
         rows = embedded.shape[0]
+        if self.num_kv_groups == 1 and slot_mapping.dim() == 1:
+            slot_mapping, block_tables = slot_mapping[None], block_tables[None]
         half = self._model.head_dim // 2
         if not (
             embedded.dtype == cos.dtype == sin.dtype == self.dtype and embedded.shape == (rows, self._model.hidden)
@@ -204,14 +225,19 @@ class FusedDecoder:
             raise ValueError("fused decode: embeddings [rows, hidden] and cos/sin [rows, head_dim / 2], dense, in the model dtype")
         if not (
             slot_mapping.dtype == torch.int64 and block_tables.dtype == seq_lens.dtype == torch.int32
-            and slot_mapping.shape[0] == block_tables.shape[0] == seq_lens.shape[0] == rows
+            and slot_mapping.shape == (self.num_kv_groups, rows) and block_tables.dim() == 3
+            and block_tables.shape[:2] == (self.num_kv_groups, rows) and seq_lens.shape == (rows,)
             and block_tables.is_contiguous() and slot_mapping.is_contiguous() and seq_lens.is_contiguous()
         ):
-            raise ValueError("fused decode: one int64 slot, int32 block-table row and int32 length per token")
+            raise ValueError(
+                f"fused decode: one int64 slot and int32 block-table row per token in each of {self.num_kv_groups} "
+                f"KV groups, one int32 length per token; got slots {tuple(slot_mapping.shape)}, tables "
+                f"{tuple(block_tables.shape)}, lengths {tuple(seq_lens.shape)} for {rows} rows"
+            )
         out = torch.empty_like(embedded)
         failed = self._function(
             ctypes.byref(self._model), rows, embedded.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-            slot_mapping.data_ptr(), block_tables.data_ptr(), block_tables.shape[1], seq_lens.data_ptr(), out.data_ptr(),
+            slot_mapping.data_ptr(), block_tables.data_ptr(), block_tables.shape[2], seq_lens.data_ptr(), out.data_ptr(),
         )
         if failed == 1:
             raise IndexError(f"a slot in slot_mapping is past the KV cache's {self._model.num_slots:,} slots")

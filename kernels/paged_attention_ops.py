@@ -20,6 +20,14 @@ Shapes at this boundary:
   query_start_loc:        int32 [num_seqs + 1]; cumulative query lengths (varlen batch)
   query (decode):         [num_seqs, num_heads, head_dim]; one new token per sequence
   query (prefill):        [num_tokens, num_heads, head_dim]; sequences back to back
+  sliding_window:         int or None (keyword); a query at position p sees only keys at
+                          positions p - sliding_window < k <= p, the last `sliding_window`
+                          tokens including itself (Hugging Face's `sliding_window_overlay`,
+                          `kv_idx > q_idx - sliding_window`, shared by Mistral, Qwen2 and
+                          Gemma 2/3). None: every earlier position. Block-table entries for
+                          blocks wholly before every query's window may point anywhere
+                          valid (the scheduler frees those blocks and leaves block 0 there):
+                          kernels never read them, nor any slot outside a query's window.
 num_heads is a multiple of num_kv_heads (GQA: consecutive query heads share a KV head).
 Softmax runs in float32 at least, whatever the cache dtype; outputs have the query's
 shape and dtype.
@@ -59,12 +67,15 @@ class PagedAttentionOps(Protocol):
         seq_lens: torch.Tensor,
         scale: float,
         max_seq_len: int,
+        *,
+        sliding_window: int | None = None,
     ) -> torch.Tensor:
         """One query token per sequence: query [num_seqs, num_heads, head_dim] -> same shape.
 
         Sequence i attends over its first seq_lens[i] cached tokens (the current token's
-        K/V already written). `max_seq_len` (>= every seq_len) lets a device kernel size
-        its grid without reading seq_lens back to the host."""
+        K/V already written), or over the last `sliding_window` of them. `max_seq_len`
+        (>= every seq_len) lets a device kernel size its grid without reading seq_lens back
+        to the host."""
         ...
 
     def paged_prefill_attention(
@@ -78,12 +89,15 @@ class PagedAttentionOps(Protocol):
         scale: float,
         max_query_len: int,
         max_seq_len: int,
+        *,
+        sliding_window: int | None = None,
     ) -> torch.Tensor:
         """Varlen causal attention of each sequence's new tokens over its whole cached context.
 
         query [num_tokens, num_heads, head_dim]: the q_len = query_start_loc[i + 1] -
         query_start_loc[i] tokens of sequence i sit at positions seq_len - q_len ..
         seq_len - 1 and see every cached position up to their own (the cached prefix and
-        this step's tokens, which `reshape_and_cache` wrote first). `max_query_len` and
+        this step's tokens, which `reshape_and_cache` wrote first), within `sliding_window`
+        of their own position where it is set. `max_query_len` and
         `max_seq_len` bound every sequence's q_len and seq_len (for grid sizing)."""
         ...

@@ -64,6 +64,13 @@ def length_buckets(seq_lens: list[int], block_size: int, max_padding: float = 0.
     return groups
 
 
+def first_visible_position(seq_len: int, sliding_window: int | None) -> int:
+    """The first position a query at position seq_len - 1 sees: 0, or the start of its
+    window (Hugging Face's `kv_idx > q_idx - sliding_window`: the last `sliding_window`
+    tokens, the query's own included)."""
+    return 0 if sliding_window is None else max(0, seq_len - sliding_window)
+
+
 def paged_decode_attention(
     query: torch.Tensor,
     key_cache: torch.Tensor,
@@ -72,13 +79,17 @@ def paged_decode_attention(
     seq_lens: torch.Tensor,
     scale: float,
     max_seq_len: int,
+    *,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """One query token per sequence: query [num_seqs, num_heads, head_dim] -> same shape.
 
     Sequences of similar length are gathered together (see `length_buckets`); the query
     heads sharing a KV head ride as SDPA's query length ([seqs, kv_heads, group, head_dim]),
     so GQA never repeats K/V and the gathered blocks are read in place, without a
-    transposing copy.
+    transposing copy. With a sliding window only the blocks from each row's window start
+    on are gathered (the ones before may have been freed), and the length bucketed is the
+    window's span, not the whole context.
     """
     del max_seq_len  # only the Triton grid needs it
     num_seqs, num_heads, head_dim = query.shape
@@ -88,20 +99,38 @@ def paged_decode_attention(
     lens = seq_lens.tolist()
     out = torch.empty(num_seqs, num_kv_heads, group, head_dim, dtype=query.dtype, device=query.device)
     grouped_query = query.view(num_seqs, num_kv_heads, group, head_dim)
-    for rows in length_buckets(lens, block_size):
-        num_used_blocks = -(-lens[rows[0]] // block_size)
+    if sliding_window is None:
+        first_blocks = [0] * num_seqs
+        spans = lens
+    else:
+        first_blocks = [first_visible_position(n, sliding_window) // block_size for n in lens]
+        spans = [n - first * block_size for n, first in zip(lens, first_blocks)]
+    for rows in length_buckets(spans, block_size):
+        num_used_blocks = -(-spans[rows[0]] // block_size)
         length = num_used_blocks * block_size
-        if len(rows) == num_seqs:
-            index, tables = None, block_tables[:, :num_used_blocks]
+        index = None if len(rows) == num_seqs else torch.tensor(rows, device=query.device)
+        row_tables = block_tables if index is None else block_tables.index_select(0, index)
+        row_lens = (seq_lens if index is None else seq_lens.index_select(0, index)).to(torch.int64)
+        offsets = torch.arange(length, device=query.device)
+        if sliding_window is None:
+            tables = row_tables[:, :num_used_blocks]
+            positions = offsets[None, :]
+            visible = positions < row_lens[:, None]  # [n, T]
         else:
-            index = torch.tensor(rows, device=query.device)
-            tables = block_tables.index_select(0, index)[:, :num_used_blocks]
+            # Columns from each row's first window block on; a row shorter than the bucket's
+            # longest reads clamped (valid, masked) columns past its end.
+            row_first = torch.tensor(
+                first_blocks if index is None else [first_blocks[row] for row in rows], device=query.device
+            )
+            columns = (row_first[:, None] + torch.arange(num_used_blocks, device=query.device)[None, :]).clamp_(
+                max=block_tables.shape[1] - 1
+            )
+            tables = row_tables.gather(1, columns)
+            positions = row_first[:, None] * block_size + offsets[None, :]
+            visible = (positions < row_lens[:, None]) & (positions >= row_lens[:, None] - sliding_window)
         k = _gather_context(key_cache, tables, length).to(acc).transpose(1, 2)  # [n, kvh, T, d]
         v = _gather_context(value_cache, tables, length).to(acc).transpose(1, 2)
         q = grouped_query if index is None else grouped_query.index_select(0, index)
-        positions = torch.arange(length, device=query.device)
-        row_lens = seq_lens if index is None else seq_lens.index_select(0, index)
-        visible = positions[None, :] < row_lens.to(positions.dtype)[:, None]  # [n, T]
         o = F.scaled_dot_product_attention(q.to(acc), k, v, attn_mask=visible[:, None, None, :], scale=scale)
         if index is None:
             out.copy_(o)
@@ -120,11 +149,15 @@ def paged_prefill_attention(
     scale: float,
     max_query_len: int,
     max_seq_len: int,
+    *,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Varlen causal attention of each sequence's new tokens over its whole cached context.
 
     query [num_tokens, num_heads, head_dim]: the last `q_len` tokens of sequence i sit at
-    positions seq_len - q_len .. seq_len - 1 and see every cached position up to their own.
+    positions seq_len - q_len .. seq_len - 1 and see every cached position up to their own,
+    or (`sliding_window`) the last `sliding_window` of them; then only the blocks from the
+    first query's window on are gathered.
     """
     del max_query_len, max_seq_len  # only the Triton grid needs them
     num_heads, head_dim = query.shape[1], query.shape[2]
@@ -139,18 +172,23 @@ def paged_prefill_attention(
         if q_len == 0:
             continue
         num_used_blocks = (seq_len + block_size - 1) // block_size
-        table = block_tables[i, :num_used_blocks]
-        k = _gather_context(key_cache, table, seq_len).to(acc)  # [T, kvh, d]
-        v = _gather_context(value_cache, table, seq_len).to(acc)
+        # The first query's window start bounds what any query of this step reads.
+        first_block = first_visible_position(seq_len - q_len + 1, sliding_window) // block_size
+        context_start = first_block * block_size
+        table = block_tables[i, first_block:num_used_blocks]
+        k = _gather_context(key_cache, table, seq_len - context_start).to(acc)  # [T, kvh, d]
+        v = _gather_context(value_cache, table, seq_len - context_start).to(acc)
         q = query[q_start:q_end].to(acc)
-        if q_len == seq_len:
-            # No cached prefix: plain causal attention, which SDPA's fused kernel does
-            # without materialising a mask (several times faster on CPU).
+        if q_len == seq_len and (sliding_window is None or sliding_window >= seq_len):
+            # No cached prefix and no window cut: plain causal attention, which SDPA's fused
+            # kernel does without materialising a mask (several times faster on CPU).
             visible, causal = None, True
         else:
             q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)
-            k_pos = torch.arange(seq_len, device=query.device)
+            k_pos = torch.arange(context_start, seq_len, device=query.device)
             visible, causal = k_pos[None, :] <= q_pos[:, None], False  # [q_len, T]
+            if sliding_window is not None:
+                visible &= k_pos[None, :] > q_pos[:, None] - sliding_window
         o = F.scaled_dot_product_attention(
             q.transpose(0, 1)[None],
             k.transpose(0, 1)[None],

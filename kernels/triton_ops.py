@@ -91,6 +91,7 @@ def paged_decode_attention(
     scale: float,
     max_seq_len: int,
     *,
+    sliding_window: int | None = None,
     partition_size: int = DEFAULT_PARTITION_SIZE,
     partitions_per_reduce_iter: int = DEFAULT_PARTITIONS_PER_REDUCE_ITER,
 ) -> torch.Tensor:
@@ -99,12 +100,15 @@ def paged_decode_attention(
     Contexts longer than `partition_size` tokens are split into partitions reduced by
     parallel programs (so a batch of one long sequence still fills the device), then
     combined, `partitions_per_reduce_iter` partial results per loop iteration (a power
-    of two).
+    of two). With a sliding window the partitions cover the window only, so the grid and
+    the work are bounded by the window, not by the context.
     """
     if query.dtype == torch.float64:
         return torch_ops.paged_decode_attention(
-            query, key_cache, value_cache, block_tables, seq_lens, scale, max_seq_len
+            query, key_cache, value_cache, block_tables, seq_lens, scale, max_seq_len,
+            sliding_window=sliding_window,
         )
+    _check_window(sliding_window)
     _check_attention_inputs(query, key_cache, value_cache)
     num_seqs, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
@@ -114,7 +118,8 @@ def paged_decode_attention(
     if num_seqs == 0 or max_seq_len <= 0:
         return out.zero_()
 
-    num_partitions = triton.cdiv(max_seq_len, partition_size)
+    attended = max_seq_len if sliding_window is None else min(max_seq_len, sliding_window)
+    num_partitions = triton.cdiv(attended, partition_size)
     split = num_partitions > 1
     if split:
         partial_out = torch.empty(
@@ -140,6 +145,7 @@ def paged_decode_attention(
         seq_lens,
         scale,
         max_seq_len,
+        sliding_window or 0,
         *query.stride(),
         *out.stride(),
         *partial_out.stride()[:3],
@@ -165,6 +171,7 @@ def paged_decode_attention(
             partial_sum,
             seq_lens,
             max_seq_len,
+            sliding_window or 0,
             *out.stride(),
             *partial_out.stride()[:3],
             *partial_max.stride()[:2],
@@ -187,6 +194,8 @@ def paged_prefill_attention(
     scale: float,
     max_query_len: int,
     max_seq_len: int,
+    *,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Varlen causal attention of each sequence's new tokens over its whole cached context
     (see `PagedAttentionOps.paged_prefill_attention`). `max_query_len` sizes the grid, so
@@ -202,7 +211,9 @@ def paged_prefill_attention(
             scale,
             max_query_len,
             max_seq_len,
+            sliding_window=sliding_window,
         )
+    _check_window(sliding_window)
     del max_seq_len  # each program bounds its own loop by its sequence's length
     _check_attention_inputs(query, key_cache, value_cache)
     num_tokens, num_heads, head_dim = query.shape
@@ -226,6 +237,7 @@ def paged_prefill_attention(
         query_start_loc,
         seq_lens,
         scale,
+        sliding_window or 0,
         *query.stride(),
         *out.stride(),
         *key_cache.stride(),
@@ -238,6 +250,7 @@ def paged_prefill_attention(
         BLOCK_SIZE=block_size,
         TILE_TOKENS=max(_PREFILL_TILE_TOKENS, block_size),
         DOT_DTYPE=_dot_dtype(key_cache.dtype),
+        HAS_WINDOW=sliding_window is not None,
         num_warps=4,
     )
     return out
@@ -283,6 +296,11 @@ def _check_attention_inputs(
         raise ValueError(
             f"{num_heads} query heads cannot be grouped over {num_kv_heads} KV heads"
         )
+
+
+def _check_window(sliding_window: int | None) -> None:
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"a sliding window holds at least 1 token, not {sliding_window}")
 
 
 def _check_block_size(block_size: int) -> None:

@@ -24,8 +24,15 @@
  *
  *   embedded, out:           [rows, hidden]
  *   cos, sin:                [rows, head_dim / 2], each token's position looked up
- *   slot_mapping:            int64 [rows]: each new token's cache slot (< 0: not written)
- *   block_tables, seq_lens:  int32 [rows, block_table_stride], [rows] (this token included)
+ *   slot_mapping:            int64 [num_kv_groups, rows]: each new token's cache slot in
+ *                            each KV group (< 0: not written)
+ *   block_tables:            int32 [num_kv_groups, rows, block_table_stride]
+ *   seq_lens:                int32 [rows] (this token included)
+ *
+ * KV groups: layers that share an attention window share block tables (the scheduler's
+ * hybrid KV cache: a sliding-window group frees the blocks its window has left, so its
+ * tables and slots differ from the global layers'). Each layer names its group and its
+ * window (0: none; else it attends to the last sliding_window tokens, paged_attention.h).
  *
  * Returns 0; 1 when a slot is past the cache (nothing computed); 2 when memory for the
  * activations could not be allocated.
@@ -50,10 +57,12 @@ typedef struct {
     const void *input_norm, *post_attention_norm; /* [hidden] */
     Q4Weight qkv, o, gate_up, down;
     void *key_cache, *value_cache; /* [num_slots, num_kv_heads, head_dim] */
+    int64_t sliding_window, kv_group;
 } DecodeLayer;
 
 typedef struct {
-    int64_t num_layers, hidden, num_heads, num_kv_heads, head_dim, intermediate, block_size, num_slots, bf16;
+    int64_t num_layers, hidden, num_heads, num_kv_heads, head_dim, intermediate, block_size, num_slots, bf16,
+        num_kv_groups;
     float eps, scale;
     const DecodeLayer *layers;
     const void *final_norm;
@@ -116,7 +125,7 @@ static inline __attribute__((always_inline)) int fused_decode(
     const int64_t *slot_mapping, const int32_t *block_tables, int64_t block_table_stride, const int32_t *seq_lens,
     void *out, int bf16)
 {
-    for (int64_t t = 0; t < rows; ++t)
+    for (int64_t t = 0; t < m->num_kv_groups * rows; ++t)
         if (slot_mapping[t] >= m->num_slots)
             return 1;
     const int64_t hidden = m->hidden, head_dim = m->head_dim, group = m->num_heads / m->num_kv_heads;
@@ -153,6 +162,8 @@ static inline __attribute__((always_inline)) int fused_decode(
 #pragma omp barrier
         for (int64_t l = 0; l < m->num_layers && !failed; ++l) {
             const DecodeLayer *layer = m->layers + l;
+            const int64_t *slots = slot_mapping + layer->kv_group * rows;
+            const int32_t *tables = block_tables + layer->kv_group * rows * block_table_stride;
 #pragma omp single
             add_rms_norm(normed, residual, l ? sublayer : NULL, layer->input_norm, rows, hidden, m->eps, bf16);
             q4_matmul(qkv, normed, rows, &layer->qkv, xb, sums);
@@ -160,7 +171,7 @@ static inline __attribute__((always_inline)) int fused_decode(
             for (int64_t t = 0; t < rows; ++t) {
                 float *token = qkv + t * qkv_size;
                 rotate(token, m->num_heads + m->num_kv_heads, head_dim, cos, sin, t, bf16);
-                const int64_t slot = slot_mapping[t];
+                const int64_t slot = slots[t];
                 if (slot < 0)
                     continue;
                 for (int64_t i = 0; i < kv_size; ++i) {
@@ -173,8 +184,8 @@ static inline __attribute__((always_inline)) int fused_decode(
                 const int64_t t = work / m->num_kv_heads, kv_head = work % m->num_kv_heads;
                 const int64_t offset = kv_head * group * head_dim;
                 attend_kv_head(attention + t * q_size + offset, qkv + t * qkv_size + offset, layer->key_cache,
-                               layer->value_cache, block_tables + t * block_table_stride, seq_lens[t], kv_head, group,
-                               m->num_kv_heads, head_dim, m->block_size, m->scale, bf16, workspace);
+                               layer->value_cache, tables + t * block_table_stride, seq_lens[t], layer->sliding_window,
+                               kv_head, group, m->num_kv_heads, head_dim, m->block_size, m->scale, bf16, workspace);
             }
             q4_matmul(sublayer, attention, rows, &layer->o, xb, sums);
 #pragma omp single

@@ -39,14 +39,17 @@ static inline size_t attend_workspace_floats(int64_t group, int64_t head_dim, in
 /*
  * result[g, :] = softmax(q[g] . K^T * scale) V for the `group` query heads q ([group,
  * head_dim], float32) sharing KV head `kv_head`, over the first `seq_len` tokens of the
- * sequence whose block table is `table`. Caches: [num_blocks, block_size, num_kv_heads,
- * head_dim] of float32 (bf16 = 0) or bfloat16. An empty context (seq_len 0) gives zeros.
- * `result` may be `workspace` itself (the accumulators come first).
+ * sequence whose block table is `table`, or with `sliding_window` > 0 over the last
+ * `sliding_window` of them (the query sits at seq_len - 1 and sees positions p >
+ * seq_len - 1 - sliding_window, Hugging Face's rule). Blocks before the window are never
+ * read, nor their table entries (the scheduler may have freed them). Caches: [num_blocks,
+ * block_size, num_kv_heads, head_dim] of float32 (bf16 = 0) or bfloat16. An empty context
+ * (seq_len 0) gives zeros. `result` may be `workspace` itself (the accumulators come first).
  */
 static inline __attribute__((always_inline)) void attend_kv_head(
     float *result, const float *q, const void *key_cache, const void *value_cache, const int32_t *table,
-    int64_t seq_len, int64_t kv_head, int64_t group, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
-    float scale, int bf16, float *workspace)
+    int64_t seq_len, int64_t sliding_window, int64_t kv_head, int64_t group, int64_t num_kv_heads, int64_t head_dim,
+    int64_t block_size, float scale, int bf16, float *workspace)
 {
     const int64_t element_size = bf16 ? 2 : 4;
     const int64_t token_stride = num_kv_heads * head_dim; /* elements between a block's rows */
@@ -65,14 +68,18 @@ static inline __attribute__((always_inline)) void attend_kv_head(
     }
     for (int64_t i = 0; i < group * head_dim; ++i)
         acc[i] = 0.0f;
-    for (int64_t start = 0; start < seq_len; start += block_size) {
-        const int64_t rows = seq_len - start < block_size ? seq_len - start : block_size;
-        const int64_t block_offset = (int64_t)table[start / block_size] * block_stride + kv_head * head_dim;
-        if (start + block_size < seq_len) {
+    const int64_t first = sliding_window > 0 && seq_len > sliding_window ? seq_len - sliding_window : 0;
+    /* One iteration per block from the window's first (maybe partial) block on: `rows`
+     * tokens from slot `offset` of block `block`. */
+    for (int64_t start = first, rows; start < seq_len; start += rows) {
+        const int64_t block = start / block_size, offset = start % block_size;
+        rows = seq_len - start < block_size - offset ? seq_len - start : block_size - offset;
+        const int64_t block_offset = (int64_t)table[block] * block_stride + offset * token_stride + kv_head * head_dim;
+        if ((block + 1) * block_size < seq_len) {
             /* Blocks lie anywhere in the pool, so the hardware prefetcher cannot
              * guess the next one; asking for it now hides its latency behind this
              * block's arithmetic (measured: about 1.4x faster from DRAM). */
-            const int64_t next = (int64_t)table[start / block_size + 1] * block_stride + kv_head * head_dim;
+            const int64_t next = (int64_t)table[block + 1] * block_stride + kv_head * head_dim;
             for (int64_t t = 0; t < block_size; ++t) {
                 for (int64_t d = 0; d < head_dim * element_size; d += 64) {
                     __builtin_prefetch(keys + (next + t * token_stride) * element_size + d);
@@ -107,7 +114,7 @@ static inline __attribute__((always_inline)) void attend_kv_head(
             }
             const float new_max = block_max > running_max[g] ? block_max : running_max[g];
             /* The first block has nothing to rescale. */
-            const float correction = start == 0 ? 0.0f : expf(running_max[g] - new_max);
+            const float correction = start == first ? 0.0f : expf(running_max[g] - new_max);
             float block_sum = 0.0f;
 #pragma omp simd reduction(+ : block_sum)
             for (int64_t t = 0; t < rows; ++t) {

@@ -18,6 +18,7 @@
  *   key_cache, value_cache:   [num_blocks, block_size, num_kv_heads, head_dim], contiguous
  *   block_tables:             int32 [num_seqs, block_table_stride] (row-major)
  *   seq_lens:                 int32 [num_seqs], tokens in the cache including this step's
+ *   sliding_window:           > 0: each query sees only the last sliding_window tokens; 0: all
  *
  * One work item is a (sequence, KV head) pair, spread over OpenMP threads (the runtime is
  * the one torch loaded, so torch.set_num_threads applies); what a work item computes is
@@ -38,7 +39,7 @@ static inline __attribute__((always_inline)) int decode_attention(
     void *out, const void *query, const void *key_cache, const void *value_cache,
     const int32_t *block_tables, int64_t block_table_stride, const int32_t *seq_lens,
     int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-    int64_t block_size, float scale, int bf16)
+    int64_t block_size, int64_t sliding_window, float scale, int bf16)
 {
     const int64_t element_size = bf16 ? 2 : 4;
     const int64_t group = num_heads / num_kv_heads;
@@ -70,7 +71,8 @@ static inline __attribute__((always_inline)) int decode_attention(
                 q = (const float *)query + q_offset;
             }
             attend_kv_head(workspace, q, key_cache, value_cache, block_tables + seq * block_table_stride,
-                           seq_lens[seq], kv_head, group, num_kv_heads, head_dim, block_size, scale, bf16, workspace);
+                           seq_lens[seq], sliding_window, kv_head, group, num_kv_heads, head_dim, block_size, scale,
+                           bf16, workspace);
             for (int64_t i = 0; i < group * head_dim; ++i) {
                 if (bf16)
                     ((uint16_t *)out)[q_offset + i] = f32_to_bf16(workspace[i]);
@@ -87,10 +89,10 @@ int pagedserve_decode_attention_f32(
     float *out, const float *query, const float *key_cache, const float *value_cache,
     const int32_t *block_tables, int64_t block_table_stride, const int32_t *seq_lens,
     int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-    int64_t block_size, float scale)
+    int64_t block_size, int64_t sliding_window, float scale)
 {
     return decode_attention(out, query, key_cache, value_cache, block_tables, block_table_stride, seq_lens,
-                            num_seqs, num_heads, num_kv_heads, head_dim, block_size, scale, 0);
+                            num_seqs, num_heads, num_kv_heads, head_dim, block_size, sliding_window, scale, 0);
 }
 
 /* The same over bfloat16 tensors (passed as their raw 16-bit patterns). */
@@ -98,8 +100,8 @@ int pagedserve_decode_attention_bf16(
     uint16_t *out, const uint16_t *query, const uint16_t *key_cache, const uint16_t *value_cache,
     const int32_t *block_tables, int64_t block_table_stride, const int32_t *seq_lens,
     int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-    int64_t block_size, float scale)
+    int64_t block_size, int64_t sliding_window, float scale)
 {
     return decode_attention(out, query, key_cache, value_cache, block_tables, block_table_stride, seq_lens,
-                            num_seqs, num_heads, num_kv_heads, head_dim, block_size, scale, 1);
+                            num_seqs, num_heads, num_kv_heads, head_dim, block_size, sliding_window, scale, 1);
 }

@@ -19,11 +19,13 @@ def online_softmax_step(scores, value, running_max, running_sum, acc, DOT_DTYPE:
     -inf), value [TILE, HEAD_DIM_PAD] in DOT_DTYPE; returns the new (running_max,
     running_sum, acc).
 
-    A row's running max must be finite after its first tile (each caller guarantees its
-    first tile holds a token every row may see), else exp(-inf - -inf) is NaN."""
+    A row that has seen no visible token yet (all its scores so far -inf: a sliding-window
+    row whose window starts after the tile, a padding row) keeps a zero state: its max is
+    taken as 0 for the exponentials, so exp(-inf - -inf) never makes a NaN."""
     new_max = tl.maximum(running_max, tl.max(scores, 1))
-    rescale = tl.exp(running_max - new_max)
-    probs = tl.exp(scores - new_max[:, None])
+    finite_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+    rescale = tl.exp(running_max - finite_max)
+    probs = tl.exp(scores - finite_max[:, None])
     running_sum = running_sum * rescale + tl.sum(probs, 1)
     acc = acc * rescale[:, None] + tl.dot(probs.to(DOT_DTYPE), value, input_precision="ieee")
     return new_max, running_sum, acc

@@ -23,6 +23,7 @@ def paged_decode_kernel(
     seq_lens_ptr,  # int32 [num_seqs]
     scale,
     max_seq_len,
+    sliding_window,  # > 0: each query sees the last sliding_window tokens; 0: all
     stride_query_seq,
     stride_query_head,
     stride_query_dim,
@@ -57,13 +58,16 @@ def paged_decode_kernel(
     # Clamped like the torch path, which never looks past max_seq_len; this also keeps a
     # wrong max_seq_len from sending the reduction past the partial buffers.
     seq_len = tl.minimum(tl.load(seq_lens_ptr + seq), max_seq_len)
+    # Partitions tile the window (the whole context without one) from its first token, so
+    # blocks before it, which the scheduler may have freed, are never read.
+    window_start = tl.where(sliding_window > 0, tl.maximum(seq_len - sliding_window, 0), 0)
     if SPLIT:
-        context_start = partition * PARTITION_SIZE
+        context_start = window_start + partition * PARTITION_SIZE
         if context_start >= seq_len:  # a shorter sequence in a batch with a long one
             return
         context_end = tl.minimum(seq_len, context_start + PARTITION_SIZE)
     else:
-        context_start = 0
+        context_start = window_start
         context_end = seq_len
 
     group_rows = tl.arange(0, GROUP_PAD)
@@ -138,6 +142,7 @@ def reduce_partitions_kernel(
     partial_sum_ptr,  # fp32 [num_seqs, num_heads, max_partitions]
     seq_lens_ptr,  # int32 [num_seqs]
     max_seq_len,
+    sliding_window,  # as in the decode kernel
     stride_out_seq,
     stride_out_head,
     stride_out_dim,
@@ -157,7 +162,9 @@ def reduce_partitions_kernel(
     seq = tl.program_id(0)
     head = tl.program_id(1)
     seq_len = tl.minimum(tl.load(seq_lens_ptr + seq), max_seq_len)  # as in the decode kernel
-    num_partitions = tl.cdiv(seq_len, PARTITION_SIZE)  # partitions past it were never written
+    window_start = tl.where(sliding_window > 0, tl.maximum(seq_len - sliding_window, 0), 0)
+    # Partitions past these were never written.
+    num_partitions = tl.cdiv(seq_len - window_start, PARTITION_SIZE)
     stat_row = seq * stride_stat_seq + head * stride_stat_head
     partial_row = partial_out_ptr + seq * stride_partial_seq + head * stride_partial_head
     dims = tl.arange(0, HEAD_DIM_PAD)

@@ -19,6 +19,7 @@ def paged_prefill_kernel(
     query_start_loc_ptr,  # int32 [num_seqs + 1]
     seq_lens_ptr,  # int32 [num_seqs]
     scale,
+    sliding_window,  # read where HAS_WINDOW: a query at p sees keys at p - sliding_window < k <= p
     stride_query_token,
     stride_query_head,
     stride_query_dim,
@@ -38,6 +39,7 @@ def paged_prefill_kernel(
     BLOCK_SIZE: tl.constexpr,
     TILE_TOKENS: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
 ):
     # Grid: (cdiv(max_query_len, QUERIES_PER_PROGRAM), num_seqs, num_kv_heads). A program's
     # rows are QUERIES_PER_PROGRAM query tokens x GROUP_PAD heads of one KV head's group
@@ -71,9 +73,9 @@ def paged_prefill_kernel(
         other=0.0,
     ).to(DOT_DTYPE)
 
-    # The loop starts at position 0, which every row may see, so the running max is finite
-    # after the first tile even for rows whose later tiles are fully causally masked (what
-    # `online_softmax_step` needs).
+    # The loop starts at position 0, or with a window at the program's first query's window
+    # start: blocks before it (maybe freed) are never read. Rows that see nothing of a
+    # tile keep a zero state (`online_softmax_step`).
     running_max = tl.full([QUERIES_PER_PROGRAM * GROUP_PAD], float("-inf"), tl.float32)
     running_sum = tl.zeros([QUERIES_PER_PROGRAM * GROUP_PAD], tl.float32)
     acc = tl.zeros([QUERIES_PER_PROGRAM * GROUP_PAD, HEAD_DIM_PAD], tl.float32)
@@ -81,7 +83,10 @@ def paged_prefill_kernel(
     kv_head_offset = kv_head * stride_cache_head + dims * stride_cache_dim
     # Last position the program's last query token sees, plus one.
     context_end = prefix_len + tl.minimum(query_len, first_query + QUERIES_PER_PROGRAM)
-    for tile_start in range(0, context_end, TILE_TOKENS):
+    context_start = 0
+    if HAS_WINDOW:
+        context_start = tl.maximum(prefix_len + first_query - sliding_window + 1, 0)
+    for tile_start in range(context_start, context_end, TILE_TOKENS):
         tokens = tile_start + tl.arange(0, TILE_TOKENS)
         token_mask = tokens < context_end
         block_ids = tl.load(table_row + tokens // BLOCK_SIZE, mask=token_mask, other=0)
@@ -93,6 +98,8 @@ def paged_prefill_kernel(
         key = tl.load(key_cache_ptr + kv_offsets, mask=kv_mask, other=0.0).to(DOT_DTYPE)
         scores = tl.dot(query, tl.trans(key), input_precision="ieee") * scale
         visible = token_mask[None, :] & (tokens[None, :] <= query_position[:, None])
+        if HAS_WINDOW:
+            visible = visible & (tokens[None, :] > query_position[:, None] - sliding_window)
         scores = tl.where(visible, scores, float("-inf"))
         value = tl.load(value_cache_ptr + kv_offsets, mask=kv_mask, other=0.0).to(DOT_DTYPE)
         running_max, running_sum, acc = online_softmax_step(

@@ -1,7 +1,8 @@
 """Random paged KV caches for the kernel tests, poisoned where no real token sits.
 
 Every slot that holds no real token (block tails past seq_len, the padding block 0 of every
-block table, blocks nobody owns) is NaN in the cache a kernel under test reads, so a single
+block table, blocks nobody owns, and with a sliding window every slot before the window, whose
+wholly-outside blocks the table points at block 0 as the scheduler leaves them) is NaN in the cache a kernel under test reads, so a single
 unmasked read, or a masked NaN multiplied by a zero probability, turns its output NaN. The
 torch reference, which by design gathers whole blocks and masks scores, gets the same cache
 with those NaNs replaced by large finite garbage.
@@ -48,10 +49,15 @@ def paged_cache(
     dtype: torch.dtype,
     generator: torch.Generator,
     extra_table_columns: int = 1,
+    first_visible: list[int] | None = None,
 ) -> PagedCache:
     """Random contexts in shuffled, non-contiguous physical blocks (block 0 reserved as the
     padding target). Tables get `extra_table_columns` padding columns beyond the longest
-    sequence, so every row has padding entries a kernel could wrongly follow."""
+    sequence, so every row has padding entries a kernel could wrongly follow.
+
+    `first_visible[i]`: sequence i keeps real tokens only from that position on (what a
+    sliding-window layer's queries can still read); the slots before are NaN and the table
+    entries of blocks wholly before it point at block 0, as for blocks the scheduler freed."""
     blocks_per_seq = [math.ceil(n / block_size) for n in seq_lens]
     num_blocks = 1 + sum(blocks_per_seq) + 2  # + blocks nobody owns
     physical = torch.randperm(num_blocks - 1, generator=generator) + 1
@@ -71,6 +77,11 @@ def paged_cache(
         kv_shape = (seq_len, num_kv_heads, head_dim)
         key_cache[blocks, offsets] = torch.randn(kv_shape, generator=generator).to(dtype)
         value_cache[blocks, offsets] = torch.randn(kv_shape, generator=generator).to(dtype)
+        if first_visible is not None and first_visible[seq] > 0:
+            dropped = positions[: first_visible[seq]]
+            key_cache[blocks[dropped], offsets[dropped]] = float("nan")
+            value_cache[blocks[dropped], offsets[dropped]] = float("nan")
+            block_tables[seq, : first_visible[seq] // block_size] = 0
     return PagedCache(
         key_cache,
         value_cache,

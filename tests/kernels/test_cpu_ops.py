@@ -79,6 +79,67 @@ def test_native_decode_matches_torch(
     torch.testing.assert_close(out, expected, **tolerance(dtype))
 
 
+# (seq_lens, num_heads, num_kv_heads, head_dim, block_size, sliding_window): window 1, a
+# window inside one block, on a block boundary, across blocks, equal to the longest context,
+# larger than every context; blocks of 1 token.
+_WINDOW_CASES = [
+    ([1, 8, 13, 40], 2, 2, 16, 8, 1),
+    ([16, 21, 5, 200], 9, 3, 64, 16, 5),
+    ([3, 32, 40, 17], 8, 1, 64, 16, 16),
+    ([64, 127, 2, 300], 8, 2, 32, 32, 45),
+    ([64, 127, 2], 4, 2, 32, 16, 127),
+    ([64, 127, 2], 4, 2, 32, 16, 1000),
+    ([300, 45], 4, 4, 32, 1, 37),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    ("seq_lens", "num_heads", "num_kv_heads", "head_dim", "block_size", "sliding_window"), _WINDOW_CASES
+)
+def test_native_decode_with_sliding_window_matches_torch(
+    request: pytest.FixtureRequest,
+    seq_lens: list[int],
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    sliding_window: int,
+    dtype: torch.dtype,
+) -> None:
+    """Slots before each window are NaN and the blocks wholly before it are block 0 in the
+    table: the kernel must start at the window, mid-block where it starts mid-block."""
+    gen = seeded_generator(request)
+    first_visible = [max(0, n - sliding_window) for n in seq_lens]
+    cache = paged_cache(seq_lens, num_kv_heads, head_dim, block_size, dtype, gen, first_visible=first_visible)
+    query = torch.randn(len(seq_lens), num_heads, head_dim, generator=gen).to(dtype)
+    scale = head_dim**-0.5
+
+    out = cpu_ops.paged_decode_attention(
+        query, cache.key_cache, cache.value_cache, cache.block_tables, cache.seq_lens, scale, max(seq_lens),
+        sliding_window=sliding_window,
+    )
+    expected = torch_ops.paged_decode_attention(
+        query, cache.reference_key_cache, cache.reference_value_cache, cache.block_tables, cache.seq_lens,
+        scale, max(seq_lens), sliding_window=sliding_window,
+    )
+
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, expected, **tolerance(dtype))
+
+
+def test_native_decode_reads_outside_the_window_without_one(request: pytest.FixtureRequest) -> None:
+    """The poisoning is not vacuous: the same cache without the window gives NaN."""
+    gen = seeded_generator(request)
+    cache = paged_cache([40], 2, 16, 8, torch.float32, gen, first_visible=[30])
+    query = torch.randn(1, 2, 16, generator=gen)
+    args = (query, cache.key_cache, cache.value_cache, cache.block_tables, cache.seq_lens, 0.25)
+    assert not cpu_ops.native_decode_attention(*args, sliding_window=10).isnan().any()
+    assert cpu_ops.native_decode_attention(*args).isnan().all()
+    with pytest.raises(ValueError, match="at least 1 token, not 0"):
+        cpu_ops.native_decode_attention(*args, sliding_window=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_native_decode_on_a_serving_sized_batch(dtype: torch.dtype) -> None:
     """Fresh random lengths and data each run, at the embedded model's shape (9 query heads

@@ -75,7 +75,12 @@ def reference_step(model: dict, embedded, cos, sin, caches, slots, tables, seq_l
     residual = embedded.to(torch.float64)
     cos, sin = cos.to(torch.float64), sin.to(torch.float64)
     sublayer = None
-    for layer, (key_cache, value_cache) in zip(model["layers"], caches):
+    # Per layer: its window (None: all) and KV group (the index into 3-D slots/tables).
+    windows = model.get("windows") or [None] * len(caches)
+    kv_groups = model.get("kv_groups") or [0] * len(caches)
+    all_slots, all_tables = (slots, tables) if tables.dim() == 3 else (slots[None], tables[None])
+    for layer, (key_cache, value_cache), window, kv_group in zip(model["layers"], caches, windows, kv_groups):
+        slots, tables = all_slots[kv_group], all_tables[kv_group]
         if sublayer is not None:
             residual = residual + sublayer
         qkv = r(rms_norm(residual, layer["input_norm"], eps)) @ layer["qkv"].T
@@ -89,7 +94,8 @@ def reference_step(model: dict, embedded, cos, sin, caches, slots, tables, seq_l
         block_size = key_cache.shape[1]
         out = []
         for t in range(tokens):
-            positions = torch.arange(int(seq_lens[t]))
+            seq_len = int(seq_lens[t])
+            positions = torch.arange(0 if window is None else max(0, seq_len - window), seq_len)
             context = tables[t, positions // block_size].long() * block_size + positions % block_size
             keys = flat_k[context].to(torch.float64).repeat_interleave(heads // kv_heads, dim=1)  # [ctx, heads, d]
             values = flat_v[context].to(torch.float64).repeat_interleave(heads // kv_heads, dim=1)
@@ -165,6 +171,66 @@ def test_fused_decode_step_matches_a_float64_reference(dtype: torch.dtype, shape
     for (key, value), (ref_key, ref_value) in zip(caches, reference_caches):
         assert_close(key, ref_key)
         assert_close(value, ref_value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [1, 5, 8, 40])
+def test_fused_decode_with_sliding_window_layers_in_their_own_kv_group(dtype: torch.dtype, window: int) -> None:
+    """Layers 0 and 2 global (KV group 0), layer 1 a sliding window (group 1, its own slots and
+    tables). In the windowed layer every slot before a row's window is NaN and the table
+    entries of blocks wholly before it point at a NaN block, as the scheduler leaves freed
+    blocks: reading any of them turns the output NaN. Windows 1, inside a block, on a block
+    boundary (blocks of 4 and 8) and beyond every context."""
+    hidden, heads, kv_heads, head_dim, inter, block_size, rows = 128, 4, 2, 32, 256, 4, 5
+    generator = torch.Generator().manual_seed(7 * window + (dtype == torch.bfloat16))
+    layers, reference_layers = [], []
+    for _ in range(3):
+        qkv, qkv64 = random_q4((heads + 2 * kv_heads) * head_dim, hidden, generator)
+        o, o64 = random_q4(hidden, heads * head_dim, generator)
+        gate_up, gate_up64 = random_q4(2 * inter, hidden, generator)
+        down, down64 = random_q4(hidden, inter, generator)
+        norms = [(1 + 0.1 * torch.randn(hidden, generator=generator)).to(dtype) for _ in range(2)]
+        layers.append(LayerWeights(norms[0], qkv, o, norms[1], gate_up, down))
+        reference_layers.append(dict(input_norm=norms[0].double(), post_norm=norms[1].double(), qkv=qkv64, o=o64,
+                                     gate_up=gate_up64, down=down64))
+    final_norm = (1 + 0.1 * torch.randn(hidden, generator=generator)).to(dtype)
+    windows, kv_groups = [None, window, None], [0, 1, 0]
+    decoder = FusedDecoder(layers, final_norm, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, eps=1e-5,
+                           dtype=dtype, sliding_windows=windows, kv_groups=kv_groups)
+
+    num_blocks = 100  # block 0: the NaN stand-in for freed blocks
+    seq_lens = torch.tensor([1, 9, 16, 23, 33], dtype=torch.int32)
+    max_blocks = int((seq_lens.max() + block_size - 1) // block_size)
+    tables = (torch.randperm(num_blocks - 1, generator=generator)[: 2 * rows * max_blocks] + 1)
+    tables = tables.reshape(2, rows, max_blocks).to(torch.int32)
+    caches = [tuple(torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=generator).to(dtype)
+                    for _ in range(2)) for _ in range(3)]
+    for cache in caches[1]:
+        cache[0] = float("nan")
+        for t, n in enumerate(seq_lens.tolist()):
+            for position in range(max(0, n - window)):
+                cache[tables[1, t, position // block_size], position % block_size] = float("nan")
+    for t, n in enumerate(seq_lens.tolist()):
+        tables[1, t, : max(0, n - window) // block_size] = 0
+    slots = torch.tensor([[int(tables[g, t, (n - 1) // block_size]) * block_size + (n - 1) % block_size
+                           for t, n in enumerate(seq_lens.tolist())] for g in range(2)], dtype=torch.int64)
+    reference_caches = [tuple(c.clone() for c in pair) for pair in caches]
+    embedded = torch.randn(rows, hidden, generator=generator).to(dtype)
+    angles = torch.rand(rows, head_dim // 2, generator=generator) * 6.28
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+
+    got = decoder(embedded, cos, sin, caches, slots, tables, seq_lens)
+    expected = reference_step(
+        dict(layers=reference_layers, final_norm=final_norm.double(), heads=heads, kv_heads=kv_heads,
+             head_dim=head_dim, eps=1e-5, round_inputs=dtype == torch.bfloat16 and bf16_dot_products(),
+             windows=windows, kv_groups=kv_groups),
+        embedded, cos, sin, reference_caches, slots, tables, seq_lens,
+    )
+    assert not got.isnan().any()
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=tolerance * expected.abs().max().item())
+    with pytest.raises(ValueError, match="in each of 2 KV groups"):  # one group's metadata for a two-group model
+        decoder(embedded, cos, sin, caches, slots[0], tables[0], seq_lens)
 
 
 def test_a_slot_past_the_cache_is_refused_before_anything_is_written() -> None:

@@ -111,9 +111,9 @@ def test_signature_check_catches_a_departure() -> None:
     for function in (reshape_and_cache, paged_decode_attention, paged_prefill_attention):
         setattr(wrong, function.__name__, function)
     assert len(_signature_mismatches(wrong, "reshape_and_cache")) == 2  # key and value swapped
-    assert "lacks ['max_seq_len']" in " ".join(_signature_mismatches(wrong, "paged_decode_attention"))
+    assert "lacks ['max_seq_len', 'sliding_window']" in " ".join(_signature_mismatches(wrong, "paged_decode_attention"))
     prefill_problems = " ".join(_signature_mismatches(wrong, "paged_prefill_attention"))
-    assert "adds tile_tokens" in prefill_problems and "returns None" in prefill_problems
+    assert "tile_tokens: int = 64 where the Protocol has sliding_window" in prefill_problems and "returns None" in prefill_problems
 
 
 def test_dispatch_returns_protocol_implementations() -> None:
@@ -129,7 +129,7 @@ def test_cpu_path_never_imports_triton() -> None:
         "import sys, torch\n"
         "def tritonish(): return {m for m in sys.modules if m.split('.')[0] == 'triton' or 'triton_' in m}\n"
         "preloaded = tritonish()\n"
-        "from kernels import kernel_module\n"
+        "from pagedserve.kernels.dispatch import kernel_module\n"
         "kernel_module(torch.device('cpu'))\n"
         "assert tritonish() == preloaded, sorted(tritonish() - preloaded)\n"
     )

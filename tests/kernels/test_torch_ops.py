@@ -72,10 +72,12 @@ def _paged_contexts(
 
 
 def _naive_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, sliding_window: int | None = None
 ) -> torch.Tensor:
     """query [q_len, num_heads, d], key/value [seq_len, num_kv_heads, d]; the queries are
-    the last q_len positions and each sees positions 0..its own. Returns float64."""
+    the last q_len positions and each sees positions 0..its own, or with a sliding window
+    the positions p with position - sliding_window < p <= position (written from HF's rule,
+    `kv_idx > q_idx - sliding_window`). Returns float64."""
     q_len, num_heads, head_dim = query.shape
     seq_len, num_kv_heads, _ = key.shape
     group = num_heads // num_kv_heads
@@ -85,13 +87,31 @@ def _naive_attention(
         for head in range(num_heads):
             kv_head = head // group
             q = query[i, head].double()
-            scores = [float(q @ key[t, kv_head].double()) * scale for t in range(position + 1)]
+            seen = [t for t in range(position + 1) if sliding_window is None or t > position - sliding_window]
+            scores = [float(q @ key[t, kv_head].double()) * scale for t in seen]
             top = max(scores)
             weights = [math.exp(s - top) for s in scores]
             total = sum(weights)
-            for t, w in enumerate(weights):
+            for t, w in zip(seen, weights):
                 out[i, head] += (w / total) * value[t, kv_head].double()
     return out
+
+
+def _drop_outside_windows(
+    ctx: PagedContexts, first_visible: list[int], generator: torch.Generator
+) -> None:
+    """What the scheduler leaves of a sliding-window layer's cache: every slot before a
+    sequence's first visible position overwritten with large garbage, and the table entries
+    of blocks wholly before it pointed at block 0 (freed blocks go back to the pool, block
+    0 stands in), so an implementation that reads outside the window gets it wrong."""
+    block_size = ctx.key_cache.shape[1]
+    for seq, first in enumerate(first_visible):
+        for position in range(first):
+            block = int(ctx.block_tables[seq, position // block_size])
+            garbage = 1e3 * torch.randn(2, *ctx.key_cache.shape[2:], generator=generator)
+            ctx.key_cache[block, position % block_size] = garbage[0].to(ctx.key_cache.dtype)
+            ctx.value_cache[block, position % block_size] = garbage[1].to(ctx.value_cache.dtype)
+        ctx.block_tables[seq, : first // block_size] = 0
 
 
 def _tolerance(dtype: torch.dtype) -> dict[str, float]:
@@ -266,3 +286,95 @@ def test_paged_decode_of_many_mixed_lengths_matches_naive(request: pytest.Fixtur
     for seq in range(len(seq_lens)):
         expected = _naive_attention(query[seq : seq + 1], ctx.keys[seq], ctx.values[seq], 0.25)
         torch.testing.assert_close(out[seq].double(), expected[0], **_tolerance(torch.float32))
+
+
+# Windows: 1 (only the token itself), smaller than a block, a block boundary, mid-context,
+# equal to the longest context, larger than every context.
+@pytest.mark.parametrize(
+    ("seq_lens", "num_heads", "num_kv_heads", "block_size", "sliding_window", "dtype"),
+    [
+        ([1, 8, 13, 40], 2, 2, 8, 1, torch.float32),
+        ([16, 21, 5, 33], 6, 2, 8, 5, torch.float32),  # GQA 3
+        ([3, 32, 40, 17], 8, 1, 8, 16, torch.float32),  # MQA, window on a block boundary
+        ([9, 24, 64], 4, 2, 16, 23, torch.float16),
+        ([9, 24, 64], 4, 2, 16, 64, torch.float32),  # window = longest context
+        ([9, 24, 64], 4, 2, 16, 100, torch.float32),  # window > every context
+    ],
+)
+def test_paged_decode_with_sliding_window_matches_naive(
+    request: pytest.FixtureRequest,
+    seq_lens: list[int],
+    num_heads: int,
+    num_kv_heads: int,
+    block_size: int,
+    sliding_window: int,
+    dtype: torch.dtype,
+) -> None:
+    gen = _generator(request)
+    head_dim = 16
+    ctx = _paged_contexts(seq_lens, num_kv_heads, head_dim, block_size, dtype, gen)
+    _drop_outside_windows(ctx, [max(0, n - sliding_window) for n in seq_lens], gen)
+    query = torch.randn(len(seq_lens), num_heads, head_dim, generator=gen).to(dtype)
+
+    out = torch_ops.paged_decode_attention(
+        query, ctx.key_cache, ctx.value_cache, ctx.block_tables, ctx.seq_lens, 0.25, max(seq_lens),
+        sliding_window=sliding_window,
+    )
+
+    for seq in range(len(seq_lens)):
+        expected = _naive_attention(query[seq : seq + 1], ctx.keys[seq], ctx.values[seq], 0.25, sliding_window)
+        torch.testing.assert_close(out[seq].double(), expected[0], **_tolerance(dtype))
+
+
+@pytest.mark.parametrize(
+    ("seq_and_query_lens", "num_heads", "num_kv_heads", "block_size", "sliding_window", "dtype"),
+    [
+        # a whole prompt longer than the window, an extension whose first query's window
+        # starts mid-block, a single token, no new tokens, a prompt shorter than the window
+        ([(40, 40), (37, 5), (29, 1), (12, 0), (6, 6)], 2, 2, 8, 10, torch.float32),
+        ([(48, 7), (5, 5), (33, 33)], 6, 2, 8, 16, torch.float32),  # GQA 3, window on a block edge
+        ([(20, 20), (17, 3)], 8, 1, 8, 1, torch.float32),  # MQA, window 1
+        ([(40, 9), (24, 24)], 4, 2, 16, 24, torch.bfloat16),  # window = a context
+        ([(40, 9), (24, 24)], 4, 2, 16, 64, torch.float32),  # window > every context
+    ],
+)
+def test_paged_prefill_with_sliding_window_matches_naive(
+    request: pytest.FixtureRequest,
+    seq_and_query_lens: list[tuple[int, int]],
+    num_heads: int,
+    num_kv_heads: int,
+    block_size: int,
+    sliding_window: int,
+    dtype: torch.dtype,
+) -> None:
+    gen = _generator(request)
+    head_dim = 16
+    seq_lens = [s for s, _ in seq_and_query_lens]
+    query_lens = [q for _, q in seq_and_query_lens]
+    ctx = _paged_contexts(seq_lens, num_kv_heads, head_dim, block_size, dtype, gen)
+    # Only what the first new token's window holds is still cached.
+    _drop_outside_windows(ctx, [max(0, s - q + 1 - sliding_window) for s, q in seq_and_query_lens], gen)
+    query = torch.randn(sum(query_lens), num_heads, head_dim, generator=gen).to(dtype)
+    query_start_loc = torch.tensor([0] + query_lens, dtype=torch.int32).cumsum(0).to(torch.int32)
+
+    out = torch_ops.paged_prefill_attention(
+        query, ctx.key_cache, ctx.value_cache, ctx.block_tables, query_start_loc, ctx.seq_lens, 0.25,
+        max(query_lens), max(seq_lens), sliding_window=sliding_window,
+    )
+
+    for seq, (start, end) in enumerate(zip(query_start_loc[:-1].tolist(), query_start_loc[1:].tolist())):
+        expected = _naive_attention(query[start:end], ctx.keys[seq], ctx.values[seq], 0.25, sliding_window)
+        torch.testing.assert_close(out[start:end].double(), expected, **_tolerance(dtype))
+
+
+def test_a_window_changes_the_output(request: pytest.FixtureRequest) -> None:
+    """The window tests are not vacuous: with the window, a long context's output differs
+    from full causal attention over the same cache."""
+    gen = _generator(request)
+    ctx = _paged_contexts([40], 2, 16, 8, torch.float32, gen)
+    query = torch.randn(1, 2, 16, generator=gen)
+    args = (query, ctx.key_cache, ctx.value_cache, ctx.block_tables, ctx.seq_lens, 0.25, 40)
+    windowed = torch_ops.paged_decode_attention(*args, sliding_window=8)
+    whole = torch_ops.paged_decode_attention(*args)
+    assert not torch.allclose(windowed, whole, atol=1e-3)
+    assert torch.equal(torch_ops.paged_decode_attention(*args, sliding_window=40), whole)

@@ -317,3 +317,115 @@ def test_float64_falls_back_to_torch(request: pytest.FixtureRequest) -> None:
         triton_ops.paged_prefill_attention(*prefill_args),
         torch_ops.paged_prefill_attention(*prefill_args),
     )
+
+
+# ----------------------------------------------------------------------------------------
+# sliding windows: caches NaN before each window, blocks wholly before it are block 0
+
+# (seq_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, partition_size or None,
+# sliding_window): window 1, mid-block, on a block boundary, equal to and larger than the
+# longest context; split partitions that tile the window from its (mid-block) start.
+_WINDOW_DECODE_CASES = [
+    ([1, 16, 37, 100], 2, 2, 64, 16, torch.float32, None, 1),
+    ([8, 23, 64], 6, 2, 64, 8, torch.float16, None, 13),  # GQA 3
+    ([32, 45, 5], 8, 1, 64, 16, torch.bfloat16, None, 16),  # MQA, block boundary
+    ([1, 31, 150, 160], 3, 1, 64, 16, torch.float32, 32, 70),  # split over the window
+    ([200, 3, 64], 4, 2, 64, 8, torch.float32, 16, 200),  # split, window = longest
+    ([96, 17], 2, 2, 64, 16, torch.float16, 32, 500),  # split, window > every context
+]
+
+
+@pytest.mark.parametrize(
+    ("seq_lens", "num_heads", "num_kv_heads", "head_dim", "block_size", "dtype", "partition_size", "sliding_window"),
+    _WINDOW_DECODE_CASES,
+)
+def test_paged_decode_with_sliding_window_matches_torch(
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+    seq_lens: list[int],
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    dtype: torch.dtype,
+    partition_size: int | None,
+    sliding_window: int,
+) -> None:
+    gen = seeded_generator(request)
+    decode_kernel = _LaunchRecorder(triton_ops.paged_decode_kernel)
+    monkeypatch.setattr(triton_ops, "paged_decode_kernel", decode_kernel)
+    split_args = {} if partition_size is None else {"partition_size": partition_size}
+    first_visible = [max(0, n - sliding_window) for n in seq_lens]
+    cache = paged_cache(seq_lens, num_kv_heads, head_dim, block_size, dtype, gen, first_visible=first_visible)
+    query = torch.randn(len(seq_lens), num_heads, head_dim, generator=gen).to(dtype)
+    args = (cache.block_tables, cache.seq_lens, head_dim**-0.5, max(seq_lens))
+
+    out = triton_ops.paged_decode_attention(
+        query, cache.key_cache, cache.value_cache, *args, sliding_window=sliding_window, **split_args
+    )
+    expected = torch_ops.paged_decode_attention(
+        query, cache.reference_key_cache, cache.reference_value_cache, *args, sliding_window=sliding_window
+    )
+
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, expected, **tolerance(dtype))
+    # The grid covers the window, not the whole context.
+    attended = min(max(seq_lens), sliding_window)
+    num_partitions = math.ceil(attended / (partition_size or triton_ops.DEFAULT_PARTITION_SIZE))
+    assert decode_kernel.grids == [(len(seq_lens), num_kv_heads, num_partitions)]
+
+
+# (seq_and_query_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, sliding_window):
+# prompts longer than the window (whose later queries see nothing of the first tiles), an
+# extension whose first window starts mid-block, one token, no tokens, window 1, window equal
+# to a context and larger than every one.
+_WINDOW_PREFILL_CASES = [
+    ([(40, 40), (37, 5), (29, 1), (20, 0), (6, 6)], 2, 2, 64, 8, torch.float32, 10),
+    ([(70, 20), (33, 33)], 6, 2, 64, 16, torch.float16, 16),  # GQA 3
+    ([(48, 17), (30, 30)], 8, 1, 64, 8, torch.bfloat16, 1),  # MQA
+    ([(130, 70), (8, 8)], 4, 1, 64, 16, torch.float32, 100),  # many query programs
+    ([(40, 9), (24, 24)], 2, 2, 64, 8, torch.float32, 24),
+    ([(40, 9), (24, 24)], 2, 2, 64, 8, torch.float32, 64),
+]
+
+
+@pytest.mark.parametrize(
+    ("seq_and_query_lens", "num_heads", "num_kv_heads", "head_dim", "block_size", "dtype", "sliding_window"),
+    _WINDOW_PREFILL_CASES,
+)
+def test_paged_prefill_with_sliding_window_matches_torch(
+    request: pytest.FixtureRequest,
+    seq_and_query_lens: list[tuple[int, int]],
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    dtype: torch.dtype,
+    sliding_window: int,
+) -> None:
+    gen = seeded_generator(request)
+    seq_lens = [s for s, _ in seq_and_query_lens]
+    query_lens = [q for _, q in seq_and_query_lens]
+    # What the first new token's window holds is all that is cached.
+    first_visible = [max(0, s - q + 1 - sliding_window) for s, q in seq_and_query_lens]
+    cache = paged_cache(seq_lens, num_kv_heads, head_dim, block_size, dtype, gen, first_visible=first_visible)
+    query = torch.randn(sum(query_lens), num_heads, head_dim, generator=gen).to(dtype)
+    query_start_loc = torch.tensor([0] + query_lens).cumsum(0).to(torch.int32)
+    args = (cache.block_tables, query_start_loc, cache.seq_lens, head_dim**-0.5, max(query_lens), max(seq_lens))
+
+    out = triton_ops.paged_prefill_attention(
+        query, cache.key_cache, cache.value_cache, *args, sliding_window=sliding_window
+    )
+    expected = torch_ops.paged_prefill_attention(
+        query, cache.reference_key_cache, cache.reference_value_cache, *args, sliding_window=sliding_window
+    )
+
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, expected, **tolerance(dtype))
+
+
+def test_window_kernels_refuse_an_empty_window() -> None:
+    cache = torch.zeros(2, 16, 1, 64)
+    args = (torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32), 1.0, 1)
+    with pytest.raises(ValueError, match="at least 1 token, not 0"):
+        triton_ops.paged_decode_attention(torch.zeros(1, 2, 64), cache, cache, *args, sliding_window=0)
