@@ -122,6 +122,7 @@ def test_the_wheel_holds_only_the_pagedserve_package(installed: InstalledWheel) 
     # Package data: the C kernels are compiled on first use from the installed sources.
     c_sources = {Path(name).name for name in names if name.startswith("pagedserve/kernels/csrc/") and name.endswith(".c")}
     assert c_sources == {path.name for path in (REPO / "kernels" / "csrc").glob("*.c")}
+    assert "pagedserve/services/gateway/admin_page.html" in names  # the /admin page, package data too
     # The links were followed: the wheel holds the files, under pagedserve/.
     for module in ("services/cli.py", "shared/messages.py", "kernels/dispatch.py"):
         assert f"pagedserve/{module}" in names, module
@@ -195,6 +196,10 @@ def test_up_serves_a_streamed_completion_from_the_wheel(installed: InstalledWhee
             assert len([c for c in chunks if c["choices"]]) >= 2, "streamed, not one piece"
             assert text.strip()
             assert usage and usage[-1]["completion_tokens"] <= MAX_TOKENS and usage[-1]["prompt_tokens"] > 0
+
+            # The admin page is package data, read from the installed package.
+            admin = httpx.get(f"http://127.0.0.1:{port}/admin", timeout=10)
+            assert admin.status_code == 200 and "/admin/scheduler" in admin.text
         finally:
             process.terminate()
             code = process.wait(timeout=60)
