@@ -27,10 +27,11 @@ import torch
 from torch import nn
 
 from pagedserve.services.engine import LLMEngine
-from pagedserve.services.executor.config import EngineConfig
+from pagedserve.services.engine.config import EngineConfig
 from pagedserve.services.executor.cpu_features import auto_cpu_dtype, detect
 from pagedserve.services.executor.quantized_linear import Int4Linear
 from pagedserve.shared.sampling_params import SamplingParams
+from pagedserve.shared.scheduling_limits import SchedulingLimits
 
 KV_CACHE_BYTES = 512 << 20  # per engine: room for 32 sequences of 512 tokens in fp32
 
@@ -126,7 +127,8 @@ def main() -> None:
     for name in formats:
         dtype, weight_format = FORMATS[name]
         engine = LLMEngine(EngineConfig(
-            dtype=dtype, weight_format=weight_format, max_num_seqs=max(batches), kv_cache_memory_bytes=KV_CACHE_BYTES,
+            dtype=dtype, weight_format=weight_format, kv_cache_memory_bytes=KV_CACHE_BYTES,
+            limits=SchedulingLimits(max_num_seqs=max(batches)),
         ))
         weight_bytes, num_weights = matmul_weights(engine.runner.model, 1)
         compute_dtypes[name] = torch.bfloat16 if dtype == "bfloat16" or weight_format == "quantized" else torch.float32

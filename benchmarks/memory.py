@@ -37,12 +37,13 @@ import statistics
 import time
 from dataclasses import dataclass
 
-from pagedserve.services.scheduler.request import Request
 from pagedserve.services.scheduler.config import SchedulerConfig
 from pagedserve.services.scheduler.policy import blocks_to_cover
+from pagedserve.services.scheduler.request import Request
 from pagedserve.services.scheduler.scheduler import Scheduler
 from pagedserve.shared.messages import ExecuteStep, SampledToken, StepResult
 from pagedserve.shared.sampling_params import SamplingParams
+from pagedserve.shared.scheduling_limits import SchedulingLimits
 
 CONTEXT_LEN = 2048
 BLOCK_SIZE = 16
@@ -105,10 +106,10 @@ class SteadyState:
 def measure_steady_state(lengths: list[tuple[int, int]], kv_tokens: int) -> SteadyState:
     num_requests = len(lengths)
     scheduler = Scheduler(
-        SchedulerConfig(
+        SchedulerConfig(limits=SchedulingLimits(
             max_model_len=CONTEXT_LEN, max_num_seqs=num_requests, max_num_batched_tokens=max(4096, num_requests),
             max_num_waiting=num_requests, enable_prefix_caching=False,
-        ),
+        )),
         num_blocks=kv_tokens // BLOCK_SIZE,
         block_size=BLOCK_SIZE,
     )
@@ -142,10 +143,10 @@ def roomy_scheduler(lengths: list[tuple[int, int]], seqs_per_prompt: int) -> Sch
     num_seqs = len(lengths) * seqs_per_prompt
     num_blocks = sum(blocks_to_cover(p + o, BLOCK_SIZE) for p, o in lengths) * seqs_per_prompt + 1
     return Scheduler(
-        SchedulerConfig(
+        SchedulerConfig(limits=SchedulingLimits(
             max_model_len=CONTEXT_LEN, max_num_seqs=num_seqs, max_num_batched_tokens=max(8192, num_seqs),
             max_num_waiting=num_seqs, enable_prefix_caching=False,
-        ),
+        )),
         num_blocks=num_blocks,
         block_size=BLOCK_SIZE,
     )
@@ -184,9 +185,9 @@ def measure_beam_sharing_on_model(lengths: list[tuple[int, int]], width: int, ma
     prompts of the given lengths, `max_tokens` each, EOS allowed), so the candidates are
     the model's own."""
     from pagedserve.services.engine import LLMEngine
-    from pagedserve.services.executor.config import EngineConfig
+    from pagedserve.services.engine.config import EngineConfig
 
-    engine = LLMEngine(EngineConfig(enable_prefix_caching=False, kv_cache_memory_bytes=256 << 20))
+    engine = LLMEngine(EngineConfig(kv_cache_memory_bytes=256 << 20, limits=SchedulingLimits(enable_prefix_caching=False)))
     rng = random.Random(4)
     for prompt_len, _ in lengths:
         prompt = [rng.randrange(100, 30000) for _ in range(prompt_len)]
@@ -236,9 +237,11 @@ def measure_prefix_ttft(enable_prefix_caching: bool, num_requests: int, system_p
     system prompt plus its own short question; the first one, which fills the cache, is
     not timed. TTFT = from `add_request` to the step that returns its first token."""
     from pagedserve.services.engine import LLMEngine
-    from pagedserve.services.executor.config import EngineConfig
+    from pagedserve.services.engine.config import EngineConfig
 
-    engine = LLMEngine(EngineConfig(enable_prefix_caching=enable_prefix_caching, kv_cache_memory_bytes=256 << 20))
+    engine = LLMEngine(EngineConfig(
+        kv_cache_memory_bytes=256 << 20, limits=SchedulingLimits(enable_prefix_caching=enable_prefix_caching)
+    ))
     rng = random.Random(2)
     system = [rng.randrange(100, 30000) for _ in range(system_prompt_len)]
     params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)

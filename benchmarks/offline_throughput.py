@@ -25,10 +25,13 @@ import time
 import httpx
 import torch
 
+from pagedserve.services.cli import subcommand_parser
+from pagedserve.services.config_flags import config_argv
 from pagedserve.services.engine import LLMEngine
-from pagedserve.services.executor.config import EngineConfig
+from pagedserve.services.engine.config import EngineConfig
 from pagedserve.services.launcher import up_in_background
 from pagedserve.shared.sampling_params import SamplingParams
+from pagedserve.shared.scheduling_limits import SchedulingLimits
 
 
 def make_requests(vocab_size: int, num_requests: int, seed: int = 0) -> list[tuple[list[int], int]]:
@@ -64,9 +67,7 @@ async def _complete_all(url: str, requests: list[tuple[list[int], int]]) -> tupl
 
 
 def bench_services(config: EngineConfig, requests: list[tuple[list[int], int]]) -> tuple[float, int]:
-    args = ["--max-num-seqs", str(config.max_num_seqs), "--dtype", config.dtype, "--weight-format", config.weight_format,
-            "--kv-cache-memory", str(config.kv_cache_memory_bytes)]
-    with up_in_background(args) as url:
+    with up_in_background(config_argv(config, subcommand_parser("up"))) as url:
         return asyncio.run(_complete_all(url, requests))
 
 
@@ -103,7 +104,7 @@ def main() -> None:
     parser.add_argument("--weight-format", default="auto", choices=["auto", "quantized", "dequantized"])
     args = parser.parse_args()
 
-    config = EngineConfig(max_num_seqs=args.max_num_seqs, dtype=args.dtype, weight_format=args.weight_format)
+    config = EngineConfig(dtype=args.dtype, weight_format=args.weight_format, limits=SchedulingLimits(max_num_seqs=args.max_num_seqs))
     engine = LLMEngine(config)
     requests = make_requests(engine.runner.model_config.vocab_size, args.num_requests)
     print(f"{len(requests)} requests, prompts 16-512 tokens, outputs 8-256 tokens (EOS ignored), "

@@ -26,6 +26,7 @@ from pagedserve.services.scheduler.request import Request
 from pagedserve.services.scheduler.scheduler import Scheduler
 from pagedserve.shared.messages import ExecutorMessage, SampledToken, StepMessage, StepResult, StepResultMessage
 from pagedserve.shared.sampling_params import SamplingParams
+from pagedserve.shared.scheduling_limits import SchedulingLimits
 from pagedserve.shared.transport import encode
 
 PROMPT_LEN = 128
@@ -45,7 +46,7 @@ def decode_steps(batch: int) -> tuple[Scheduler, list[float]]:
     """A scheduler with `batch` requests past their prefill; per decode step, the time of
     schedule + update (fake result: token 7 for each)."""
     params = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
-    sched = Scheduler(SchedulerConfig(max_model_len=8192, max_num_seqs=batch, max_num_batched_tokens=8192), 4096, 16)
+    sched = Scheduler(SchedulerConfig(limits=SchedulingLimits(max_model_len=8192, max_num_seqs=batch, max_num_batched_tokens=8192)), 4096, 16)
     for i in range(batch):
         sched.add_request(Request(f"cmpl-{i:032x}", list(range(100, 100 + PROMPT_LEN)), params, arrival_time=float(i)))
     times = []
@@ -95,9 +96,9 @@ def zmq_round_trip_us(request_frames: list[bytes], reply_frames: list[bytes]) ->
 
 def model_decode_step_us(batch: int) -> float:
     from pagedserve.services.engine import LLMEngine
-    from pagedserve.services.executor.config import EngineConfig
+    from pagedserve.services.engine.config import EngineConfig
 
-    engine = LLMEngine(EngineConfig(kv_cache_memory_bytes=256 << 20, max_num_seqs=batch))
+    engine = LLMEngine(EngineConfig(kv_cache_memory_bytes=256 << 20, limits=SchedulingLimits(max_num_seqs=batch)))
     params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
     for i in range(batch):
         engine.add_request(list(range(100 + i, 100 + i + PROMPT_LEN)), params)

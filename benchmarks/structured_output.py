@@ -23,9 +23,10 @@ import json
 import time
 
 from pagedserve.services.engine import LLMEngine
+from pagedserve.services.engine.config import EngineConfig
 from pagedserve.services.executor import structured_output as structured_output_module
-from pagedserve.services.executor.config import EngineConfig
 from pagedserve.shared.sampling_params import SamplingParams
+from pagedserve.shared.scheduling_limits import SchedulingLimits
 from pagedserve.shared.structured_output import GrammarSpec
 
 SCHEMAS: dict[str, dict] = {
@@ -105,7 +106,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="runs of each kind, alternating; the best counts")
     args = parser.parse_args()
 
-    engine = LLMEngine(EngineConfig(dtype=args.dtype, kv_cache_memory_bytes=512 << 20, max_num_seqs=max(32, args.num_streams)))
+    engine = LLMEngine(EngineConfig(
+        dtype=args.dtype, kv_cache_memory_bytes=512 << 20, limits=SchedulingLimits(max_num_seqs=max(32, args.num_streams))
+    ))
     compiler = engine.runner.structured_output.compiler
     spec = GrammarSpec("json_schema", json.dumps(SCHEMAS["person"]))
     start = time.perf_counter()

@@ -31,9 +31,10 @@ import httpx
 import torch
 
 from pagedserve.services.engine import LLMEngine
-from pagedserve.services.executor.config import EngineConfig
+from pagedserve.services.engine.config import EngineConfig
 from pagedserve.services.launcher import up_in_background
 from pagedserve.shared.sampling_params import SamplingParams
+from pagedserve.shared.scheduling_limits import SchedulingLimits
 
 KV_CACHE_MEMORY = 512 << 20
 
@@ -45,7 +46,7 @@ def make_prompts(vocab_size: int, num_streams: int, seed: int = 0) -> list[list[
 
 
 def bench_engine(prompts: list[list[int]], max_tokens: int, max_num_seqs: int) -> tuple[float, int]:
-    engine = LLMEngine(EngineConfig(kv_cache_memory_bytes=KV_CACHE_MEMORY, max_num_seqs=max_num_seqs))
+    engine = LLMEngine(EngineConfig(kv_cache_memory_bytes=KV_CACHE_MEMORY, limits=SchedulingLimits(max_num_seqs=max_num_seqs)))
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     engine.generate([prompts[0]], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))  # warm-up
     start = time.perf_counter()

@@ -1,7 +1,13 @@
 """The `pagedserve` command: one subcommand per job, each building its typed config from
-flags in one place. Flags take their defaults from those configs (EngineConfig,
-SchedulerServiceConfig, GatewayConfig), the scheduling limits from
-services/scheduler/config.py, their one owner.
+flags in one place. Flags take their defaults from those configs (EngineConfig and its
+SchedulingLimits, SchedulerServiceConfig, GatewayConfig, ExecutorConfig).
+
+The rule for every flag: its argparse `dest` is the name of the config field it sets
+(`dest="kv_cache_memory_bytes"` for `--kv-cache-memory`). `config_from_args` then builds a
+config from any subcommand's flags, and the launcher turns configs back into each child's
+argv (`config_argv`, services/config_flags.py); tests/cli/test_up_flags.py checks that
+every `pagedserve up` flag reaches the process that uses it. A new setting is a field plus
+one `add_argument` here (and, if `up` should offer it, in a group `up` adds).
 
 Importing this module loads no torch: the scheduler and gateway processes run it too.
 The executor, engine and gateway app are imported by the subcommand that runs them.
@@ -18,23 +24,22 @@ import sys
 import threading
 from collections.abc import Sequence
 
-import msgspec
-
-from pagedserve.services.executor.config import DTYPES, WEIGHT_FORMATS, EngineConfig, ExecutorConfig
-from pagedserve.services.gateway.config import GatewayConfig, add_gateway_flags, gateway_config_from_args
-from pagedserve.services.scheduler.config import (
-    DEFAULT_ENABLE_PREFIX_CACHING,
-    DEFAULT_MAX_NUM_BATCHED_TOKENS,
-    DEFAULT_MAX_NUM_SEQS,
-    DEFAULT_MAX_NUM_WAITING,
-    DEFAULT_PREEMPTION_MODE,
-    PREEMPTION_MODES,
+from pagedserve.services.config_flags import config_from_args
+from pagedserve.services.engine.config import DTYPES, WEIGHT_FORMATS, EngineConfig
+from pagedserve.services.executor.config import ExecutorConfig
+from pagedserve.services.gateway.config import (
+    GatewayConfig,
+    add_gateway_flags,
+    add_gateway_serving_flags,
+    gateway_config_from_args,
 )
 from pagedserve.services.scheduler.service import SchedulerServiceConfig, serve as serve_scheduler
 from pagedserve.shared.sampling_params import SamplingParams
+from pagedserve.shared.scheduling_limits import PREEMPTION_MODES, SchedulingLimits
 
 
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    """EngineConfig's own fields (its limits are `add_scheduling_limit_flags`)."""
     defaults = EngineConfig()
     parser.add_argument("--model", default=None, help="GGUF file or HF folder (default: embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:N (default: %(default)s)")
@@ -42,81 +47,57 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
         "--dtype", default=defaults.dtype, choices=DTYPES,
         help="model and KV cache dtype (auto: bfloat16 on CUDA and on CPUs with AMX or AVX512-BF16, else float32)",
     )
-    add_weight_format_flag(parser)
-    parser.add_argument("--block-size", type=int, default=defaults.block_size, help="tokens per KV block")
-    parser.add_argument("--kv-cache-memory", type=int, default=defaults.kv_cache_memory_bytes, help="KV cache bytes on CPU")
-    parser.add_argument("--gpu-memory-utilization", type=float, default=defaults.gpu_memory_utilization)
-    parser.add_argument("--num-kv-blocks", type=int, default=None, help="force the number of KV blocks")
-    parser.add_argument("--max-model-len", type=int, default=None)
-    add_batch_limit_flags(parser)
     parser.add_argument(
-        "--swap-space", type=int, default=defaults.swap_space_bytes, metavar="BYTES",
+        "--weight-format", default=defaults.weight_format, choices=WEIGHT_FORMATS,
+        help="GGUF models: keep 4-bit weights packed for int4 matmuls (quantized) or expand them to the "
+        "dtype at load (dequantized); auto: quantized on CPU in bf16/fp32 (default: %(default)s)",
+    )
+    parser.add_argument("--block-size", type=int, default=defaults.block_size, help="tokens per KV block")
+    parser.add_argument(
+        "--kv-cache-memory", dest="kv_cache_memory_bytes", type=int, default=defaults.kv_cache_memory_bytes,
+        metavar="BYTES", help="KV cache bytes on CPU",
+    )
+    parser.add_argument("--gpu-memory-utilization", type=float, default=defaults.gpu_memory_utilization)
+    parser.add_argument("--num-kv-blocks", type=int, default=defaults.num_kv_blocks, help="force the number of KV blocks")
+    parser.add_argument(
+        "--swap-space", dest="swap_space_bytes", type=int, default=defaults.swap_space_bytes, metavar="BYTES",
         help="CPU swap pool for --preemption-mode swap (default 0: every preemption recomputes)",
     )
-    add_tensor_parallel_flag(parser)
     parser.add_argument(
-        "--collective-timeout", type=float, default=defaults.collective_timeout_s, metavar="SECONDS",
+        "--tensor-parallel-size", type=int, default=defaults.tensor_parallel_size, metavar="T",
+        help="ranks (processes, one per device) that split the model's heads and MLP between them (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--collective-timeout", dest="collective_timeout_s", type=float, default=defaults.collective_timeout_s,
+        metavar="SECONDS",
         help="tensor parallel: a collective not done in this time fails the step and the group is restarted",
     )
 
 
-def add_weight_format_flag(parser: argparse.ArgumentParser) -> None:
+def add_scheduling_limit_flags(parser: argparse.ArgumentParser) -> None:
+    """SchedulingLimits, one flag per field, its defaults (shared/scheduling_limits.py)."""
+    defaults = SchedulingLimits()
     parser.add_argument(
-        "--weight-format", default=EngineConfig().weight_format, choices=WEIGHT_FORMATS,
-        help="GGUF models: keep 4-bit weights packed for int4 matmuls (quantized) or expand them to the "
-        "dtype at load (dequantized); auto: quantized on CPU in bf16/fp32 (default: %(default)s)",
+        "--max-model-len", type=int, default=defaults.max_model_len,
+        help="prompt + output tokens of one request (default: the model's max positions)",
     )
-
-
-def add_tensor_parallel_flag(parser: argparse.ArgumentParser, *aliases: str) -> None:
+    parser.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs, help="requests running at once")
     parser.add_argument(
-        "--tensor-parallel-size", *aliases, type=int, default=EngineConfig().tensor_parallel_size, metavar="T",
-        dest="tensor_parallel_size",
-        help="ranks (processes, one per device) that split the model's heads and MLP between them (default: %(default)s)",
-    )
-
-
-def add_batch_limit_flags(parser: argparse.ArgumentParser) -> None:
-    """The scheduler core's per-step limits, with its defaults (services/scheduler/config.py)."""
-    parser.add_argument("--max-num-seqs", type=int, default=DEFAULT_MAX_NUM_SEQS, help="requests running at once")
-    parser.add_argument(
-        "--max-num-batched-tokens", type=int, default=DEFAULT_MAX_NUM_BATCHED_TOKENS,
+        "--max-num-batched-tokens", type=int, default=defaults.max_num_batched_tokens,
         help="tokens computed in one step, over all requests",
     )
-
-
-def add_preemption_mode_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--preemption-mode", choices=PREEMPTION_MODES, default=DEFAULT_PREEMPTION_MODE,
+        "--max-num-waiting", type=int, default=defaults.max_num_waiting, help="bound of the waiting queue (then 429)"
+    )
+    parser.add_argument(
+        "--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=defaults.enable_prefix_caching,
+        help="reuse the KV cache of full blocks shared with earlier prompts "
+        f"(default: {'on' if defaults.enable_prefix_caching else 'off'})",
+    )
+    parser.add_argument(
+        "--preemption-mode", choices=PREEMPTION_MODES, default=defaults.preemption_mode,
         help="when KV blocks run out, drop a request's K/V and recompute it later, or swap it "
         "to the executor's CPU swap pool (--swap-space) and back (default: %(default)s)",
-    )
-
-
-def add_prefix_caching_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=DEFAULT_ENABLE_PREFIX_CACHING,
-        help="reuse the KV cache of full blocks shared with earlier prompts "
-        f"(default: {'on' if DEFAULT_ENABLE_PREFIX_CACHING else 'off'})",
-    )
-
-
-def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(
-        model=args.model,
-        device=args.device,
-        dtype=args.dtype,
-        weight_format=args.weight_format,
-        block_size=args.block_size,
-        kv_cache_memory_bytes=args.kv_cache_memory,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        num_kv_blocks=args.num_kv_blocks,
-        max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        swap_space_bytes=args.swap_space,
-        tensor_parallel_size=args.tensor_parallel_size,
-        collective_timeout_s=args.collective_timeout,
     )
 
 
@@ -127,8 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate completions offline with the in-process engine")
     gen.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompts (default: read lines from stdin)")
     add_engine_flags(gen)
-    add_prefix_caching_flag(gen)  # the scheduler's: an executor has no use for it
-    add_preemption_mode_flag(gen)  # the scheduler's too
+    add_scheduling_limit_flags(gen)
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     gen.add_argument("--top-p", type=float, default=1.0)
@@ -144,25 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     sched.set_defaults(handler=run_scheduler)
 
     ex = sub.add_parser("executor", help="run an executor (model + KV cache) for a scheduler")
-    add_engine_flags(ex)
-    executor_defaults = ExecutorConfig(EngineConfig())
-    ex.add_argument("--scheduler-address", default=os.environ.get("PAGEDSERVE_EXECUTOR_ADDRESS", executor_defaults.scheduler_address))
-    ex.add_argument("--executor-id", default=executor_defaults.executor_id)
-    ex.add_argument("--heartbeat-interval", type=float, default=executor_defaults.heartbeat_interval_s, help="seconds between heartbeats")
-    ex.add_argument(
-        "--world-size", type=int, dest="tensor_parallel_size",
-        help="tensor parallel: the group's number of ranks (same as --tensor-parallel-size; default: $WORLD_SIZE or 1)",
-    )
-    ex.set_defaults(tensor_parallel_size=int(os.environ.get("WORLD_SIZE", 1)))
-    ex.add_argument(
-        "--rank", type=int, default=int(os.environ.get("RANK", executor_defaults.rank)),
-        help="tensor parallel: this executor's rank in its group, 0 .. T-1 (default: $RANK or 0)",
-    )
-    ex.add_argument(
-        "--dist-init-address", default=os.environ.get("PAGEDSERVE_DIST_INIT_ADDRESS"), metavar="tcp://HOST:PORT",
-        help="tensor parallel: the group's rendezvous, rank 0 listens there (default: torch's MASTER_ADDR/MASTER_PORT)",
-    )
-    add_curve_flag(ex)
+    add_executor_flags(ex)
     ex.set_defaults(handler=run_executor)
 
     gw = sub.add_parser("gateway", help="run the OpenAI-compatible HTTP gateway")
@@ -184,90 +146,113 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def subcommand_parser(name: str) -> argparse.ArgumentParser:
+    """The parser of `pagedserve <name>` (the launcher spells its children's argv by it)."""
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return subparsers.choices[name]
+
+
 def add_curve_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--zmq-curve-keys", default=None, metavar="DIR",
+        "--zmq-curve-keys", dest="curve_keys_dir", default=None, metavar="DIR",
         help="encrypt and authenticate the ZeroMQ links with the CURVE keys in DIR (from `pagedserve keys DIR`)",
     )
+
+
+def add_executor_flags(parser: argparse.ArgumentParser) -> None:
+    add_engine_flags(parser)
+    add_scheduling_limit_flags(parser)  # it sizes its batch by them
+    defaults = ExecutorConfig(EngineConfig())
+    parser.add_argument(
+        "--scheduler-address", default=os.environ.get("PAGEDSERVE_EXECUTOR_ADDRESS", defaults.scheduler_address)
+    )
+    parser.add_argument("--executor-id", default=defaults.executor_id)
+    parser.add_argument(
+        "--heartbeat-interval", dest="heartbeat_interval_s", type=float, default=defaults.heartbeat_interval_s,
+        metavar="SECONDS", help="seconds between heartbeats",
+    )
+    parser.add_argument(
+        "--world-size", type=int, dest="tensor_parallel_size",
+        help="tensor parallel: the group's number of ranks (same as --tensor-parallel-size; default: $WORLD_SIZE or 1)",
+    )
+    parser.set_defaults(tensor_parallel_size=int(os.environ.get("WORLD_SIZE", defaults.engine.tensor_parallel_size)))
+    parser.add_argument(
+        "--rank", type=int, default=int(os.environ.get("RANK", defaults.rank)),
+        help="tensor parallel: this executor's rank in its group, 0 .. T-1 (default: $RANK or 0)",
+    )
+    parser.add_argument(
+        "--dist-init-address", default=os.environ.get("PAGEDSERVE_DIST_INIT_ADDRESS"), metavar="tcp://HOST:PORT",
+        help="tensor parallel: the group's rendezvous, rank 0 listens there (default: torch's MASTER_ADDR/MASTER_PORT)",
+    )
+    add_curve_flag(parser)
 
 
 def add_scheduler_flags(parser: argparse.ArgumentParser) -> None:
     defaults = SchedulerServiceConfig()
     parser.add_argument("--gateway-address", default=defaults.gateway_address, help="ZMQ address to bind for gateways")
     parser.add_argument("--executor-address", default=defaults.executor_address, help="ZMQ address to bind for executors")
-    add_batch_limit_flags(parser)
-    parser.add_argument("--max-num-waiting", type=int, default=DEFAULT_MAX_NUM_WAITING, help="bound of the waiting queue (then 429)")
-    parser.add_argument(
-        "--heartbeat-timeout", type=float, default=defaults.heartbeat_timeout_s, metavar="SECONDS",
-        help="an executor silent this long is lost: its running requests are requeued for recompute",
-    )
-    parser.add_argument(
-        "--executor-timeout", type=float, default=defaults.executor_timeout_s, metavar="SECONDS",
-        help="how long requeued requests wait for an executor to (re)join before failing with 503 "
-        "(a restarted executor reloads the model: ~25 s for the embedded one on a busy 2-core CPU)",
-    )
     parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL"))
     parser.add_argument("--replica-id", default=defaults.replica_id)
     parser.add_argument(
-        "--advertise-address", default=None,
+        "--advertise-address", default=defaults.advertise_address,
         help="the gateway address registered in Redis for gateways to connect to (default: --gateway-address, "
         "a wildcard host replaced by this host's name)",
     )
-    parser.add_argument(
-        "--gateway-timeout", type=float, default=defaults.gateway_timeout_s, metavar="SECONDS",
-        help="a gateway silent this long (it beats every second) is gone: its requests are aborted, their blocks freed",
-    )
-    add_prefix_caching_flag(parser)
-    add_preemption_mode_flag(parser)
-    add_async_scheduling_flag(parser)
+    add_scheduling_limit_flags(parser)
+    add_scheduler_serving_flags(parser)
     add_curve_flag(parser)
 
 
-def add_async_scheduling_flag(parser: argparse.ArgumentParser) -> None:
+def add_scheduler_serving_flags(parser: argparse.ArgumentParser) -> None:
+    """How the scheduler service runs (beyond its limits): `pagedserve up` offers these as
+    they are, and hands them to its schedulers."""
+    defaults = SchedulerServiceConfig()
     parser.add_argument(
-        "--async-scheduling", action=argparse.BooleanOptionalAction, default=SchedulerServiceConfig().async_scheduling,
+        "--heartbeat-timeout", dest="heartbeat_timeout_s", type=float, default=defaults.heartbeat_timeout_s,
+        metavar="SECONDS",
+        help="an executor silent this long is lost: its running requests are requeued for recompute",
+    )
+    parser.add_argument(
+        "--executor-timeout", dest="executor_timeout_s", type=float, default=defaults.executor_timeout_s,
+        metavar="SECONDS",
+        help="how long requeued requests wait for an executor to (re)join before failing with 503 "
+        "(a restarted executor reloads the model: ~25 s for the embedded one on a busy 2-core CPU)",
+    )
+    parser.add_argument(
+        "--gateway-timeout", dest="gateway_timeout_s", type=float, default=defaults.gateway_timeout_s, metavar="SECONDS",
+        help="a gateway silent this long (it beats every second) is gone: its requests are aborted, their blocks freed",
+    )
+    parser.add_argument(
+        "--async-scheduling", action=argparse.BooleanOptionalAction, default=defaults.async_scheduling,
         help="schedule step n+1 while the executor runs step n, hiding the scheduler and both ZeroMQ hops "
         "behind the model (outputs are identical either way)",
     )
 
 
 def add_up_flags(parser: argparse.ArgumentParser) -> None:
+    """`up`'s own flags, then every setting of the services it starts: the engine's and its
+    limits (executor, scheduler), the scheduler's and the gateway's serving flags. The
+    launcher hands each child the ones it parses (services/launcher.py)."""
     gateway_defaults = GatewayConfig(gateway_id="")
     parser.add_argument("--host", default=gateway_defaults.host)
     parser.add_argument("--port", type=int, default=gateway_defaults.port)
-    parser.add_argument("--model", default=None)
     parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL"), help="default: start a local redis-server")
-    parser.add_argument("--api-key", default=None)
-    parser.add_argument("--admin-key", default=None)
-    engine_defaults = EngineConfig()
-    parser.add_argument("--kv-cache-memory", type=int, default=engine_defaults.kv_cache_memory_bytes)
-    parser.add_argument("--block-size", type=int, default=engine_defaults.block_size)
-    add_batch_limit_flags(parser)
-    parser.add_argument("--dtype", default=engine_defaults.dtype, choices=DTYPES)
-    add_weight_format_flag(parser)
-    add_prefix_caching_flag(parser)
-    add_preemption_mode_flag(parser)
-    add_async_scheduling_flag(parser)
-    parser.add_argument("--swap-space", type=int, default=engine_defaults.swap_space_bytes, metavar="BYTES", help="passed to the executor")
-    add_tensor_parallel_flag(parser)
+    parser.add_argument("--api-key", default=None, help="require this Bearer token on /v1 (passed to the gateway by environment)")
+    parser.add_argument("--admin-key", default=None, help="require this Bearer token on /admin/scheduler (likewise)")
     parser.add_argument(
         "--replicas", type=int, default=1, metavar="R",
         help="copies of the model, each a scheduler with its executor; the gateway routes each request to the "
         "replica holding the longest cached prefix of its prompt, discounted by load (default: %(default)s)",
     )
-    scheduler_defaults = SchedulerServiceConfig()
     parser.add_argument(
-        "--heartbeat-timeout", type=float, default=scheduler_defaults.heartbeat_timeout_s, metavar="SECONDS",
-        help="passed to the scheduler",
-    )
-    parser.add_argument(
-        "--executor-timeout", type=float, default=scheduler_defaults.executor_timeout_s, metavar="SECONDS",
-        help="passed to the scheduler",
-    )
-    parser.add_argument(
-        "--zmq-curve-keys", default=None, metavar="DIR",
+        "--zmq-curve-keys", dest="curve_keys_dir", default=None, metavar="DIR",
         help="CURVE-secure the services' ZeroMQ links with the keys in DIR (generated there if missing)",
     )
+    add_engine_flags(parser)
+    add_scheduling_limit_flags(parser)
+    add_scheduler_serving_flags(parser)
+    add_gateway_serving_flags(parser)
 
 
 def _configure_logging() -> None:
@@ -283,26 +268,7 @@ def _stop_on_signals() -> threading.Event:
 
 def run_scheduler(args: argparse.Namespace) -> int:
     _configure_logging()
-    serve_scheduler(
-        SchedulerServiceConfig(
-            gateway_address=args.gateway_address,
-            executor_address=args.executor_address,
-            max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            max_num_waiting=args.max_num_waiting,
-            heartbeat_timeout_s=args.heartbeat_timeout,
-            executor_timeout_s=args.executor_timeout,
-            redis_url=args.redis_url,
-            replica_id=args.replica_id,
-            advertise_address=args.advertise_address,
-            gateway_timeout_s=args.gateway_timeout,
-            enable_prefix_caching=args.enable_prefix_caching,
-            preemption_mode=args.preemption_mode,
-            async_scheduling=args.async_scheduling,
-            curve_keys_dir=args.zmq_curve_keys,
-        ),
-        _stop_on_signals(),
-    )
+    serve_scheduler(config_from_args(SchedulerServiceConfig, args), _stop_on_signals())
     return 0
 
 
@@ -310,18 +276,7 @@ def run_executor(args: argparse.Namespace) -> int:
     from pagedserve.services.executor.service import serve
 
     _configure_logging()
-    serve(
-        ExecutorConfig(
-            engine=engine_config_from_args(args),
-            scheduler_address=args.scheduler_address,
-            executor_id=args.executor_id,
-            heartbeat_interval_s=args.heartbeat_interval,
-            curve_keys_dir=args.zmq_curve_keys,
-            rank=args.rank,
-            dist_init_address=args.dist_init_address,
-        ),
-        _stop_on_signals(),
-    )
+    serve(config_from_args(ExecutorConfig, args), _stop_on_signals())
     return 0
 
 
@@ -386,13 +341,7 @@ def run_generate(args: argparse.Namespace) -> int:
         print(f"pagedserve generate: {error}", file=sys.stderr)
         return 2
     try:
-        engine = LLMEngine(
-            msgspec.structs.replace(
-                engine_config_from_args(args),
-                enable_prefix_caching=args.enable_prefix_caching,
-                preemption_mode=args.preemption_mode,
-            )
-        )
+        engine = LLMEngine(config_from_args(EngineConfig, args))
         inputs: list[str | list[int]] = (
             [encode_chat(engine.tokenizer, [{"role": "user", "content": p}]) for p in prompts] if args.chat else list(prompts)
         )

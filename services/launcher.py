@@ -31,6 +31,11 @@ from typing import Any
 
 import httpx
 
+from pagedserve.services.cli import subcommand_parser
+from pagedserve.services.config_flags import config_argv, config_from_args
+from pagedserve.services.executor.config import ExecutorConfig
+from pagedserve.services.gateway.config import ADMIN_KEY_ENV, API_KEY_ENV, GatewayConfig
+from pagedserve.services.scheduler.service import SchedulerServiceConfig
 from pagedserve.shared.zmq_security import generate_curve_keys
 
 log = logging.getLogger(__name__)
@@ -125,7 +130,12 @@ class ServiceCommands:
 
 
 def service_commands(args: argparse.Namespace) -> ServiceCommands:
-    """The command line of every service for these `up` flags (pure, tested)."""
+    """The command line of every service for these `up` flags (pure, tested).
+
+    Each child's config is built from `up`'s flags by the child's own rule
+    (`config_from_args`), with what the launcher assigns (ports, ids, the rendezvous)
+    filled in, and turned into argv by the child's parser (`config_argv`): every setting
+    `up` offers reaches each child that has it, with no list of flags kept here."""
     base = pagedserve_command()
     redis_cmd = None
     redis_url = args.redis_url
@@ -137,58 +147,61 @@ def service_commands(args: argparse.Namespace) -> ServiceCommands:
         raise ValueError(f"--replicas must be at least 1, got {args.replicas}")
     if args.tensor_parallel_size < 1:
         raise ValueError(f"--tensor-parallel-size must be at least 1, got {args.tensor_parallel_size}")
-    model = ["--model", args.model] if args.model else []
-    curve = ["--zmq-curve-keys", args.zmq_curve_keys] if args.zmq_curve_keys else []
+    parsers = {name: subcommand_parser(name) for name in ("scheduler", "executor", "gateway")}
     schedulers, executors, gateway_addresses = [], [], []
     for index in range(args.replicas):
         gateway_zmq = f"tcp://127.0.0.1:{free_port()}"
         executor_zmq = f"tcp://127.0.0.1:{free_port()}"
         gateway_addresses.append(gateway_zmq)
-        schedulers.append(base + [
-            "scheduler", "--gateway-address", gateway_zmq, "--executor-address", executor_zmq,
-            "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
-            "--redis-url", redis_url, "--heartbeat-timeout", str(args.heartbeat_timeout),
-            "--executor-timeout", str(args.executor_timeout), *curve,
-            "--enable-prefix-caching" if args.enable_prefix_caching else "--no-enable-prefix-caching",
-            "--preemption-mode", args.preemption_mode, "--replica-id", f"replica-{index}",
-            "--async-scheduling" if args.async_scheduling else "--no-async-scheduling",
-        ])
+        scheduler = config_from_args(
+            SchedulerServiceConfig, args, gateway_address=gateway_zmq, executor_address=executor_zmq,
+            redis_url=redis_url, replica_id=f"replica-{index}",
+        )
+        schedulers.append(base + ["scheduler", *config_argv(scheduler, parsers["scheduler"])])
         # Tensor parallel: T rank processes per replica, meeting at a rendezvous of their own.
         size = args.tensor_parallel_size
-        rendezvous = f"tcp://127.0.0.1:{free_port()}" if size > 1 else ""
+        rendezvous = f"tcp://127.0.0.1:{free_port()}" if size > 1 else None
         for rank in range(size):
-            parallel = ["--tensor-parallel-size", str(size), "--rank", str(rank), "--dist-init-address", rendezvous] if size > 1 else []
-            executors.append(base + [
-                "executor", "--scheduler-address", executor_zmq, "--kv-cache-memory", str(args.kv_cache_memory),
-                "--block-size", str(args.block_size), "--dtype", args.dtype, "--weight-format", args.weight_format, "--swap-space", str(args.swap_space),
-                "--executor-id", f"executor-{index}", *parallel, *model, *curve,
-            ])
-    gateway = base + [
-        "gateway", "--host", args.host, "--port", str(args.port), "--scheduler-address", ",".join(gateway_addresses),
-        "--redis-url", redis_url, "--no-log-health-checks", *model, *curve,
-    ]
+            executor = config_from_args(
+                ExecutorConfig, args, scheduler_address=executor_zmq, executor_id=f"executor-{index}",
+                rank=rank, dist_init_address=rendezvous,
+            )
+            executors.append(base + ["executor", *config_argv(executor, parsers["executor"])])
+    gateway = config_from_args(GatewayConfig, args, scheduler_address=",".join(gateway_addresses), redis_url=redis_url)
+    # The keys travel by environment (`service_env`), the gateway picks its own random id.
+    gateway_argv = config_argv(gateway, parsers["gateway"], exclude=GATEWAY_FIELDS_NOT_IN_ARGV)
     return ServiceCommands(
-        redis_cmd, redis_url, schedulers, executors, gateway, f"http://{args.host}:{args.port}", args.tensor_parallel_size
+        redis_cmd, redis_url, schedulers, executors, base + ["gateway", *gateway_argv, "--no-log-health-checks"],
+        f"http://{args.host}:{args.port}", args.tensor_parallel_size,
     )
 
 
+GATEWAY_FIELDS_NOT_IN_ARGV = ("api_key", "admin_key", "gateway_id")
+
+
+def service_env(args: argparse.Namespace, environ: dict[str, str]) -> dict[str, str]:
+    """The services' environment: `environ` plus the keys, which travel by environment and
+    not argv (argv is visible to every local user in `ps`)."""
+    env = dict(environ)
+    if args.api_key:
+        env[API_KEY_ENV] = args.api_key
+    if args.admin_key:
+        env[ADMIN_KEY_ENV] = args.admin_key
+    return env
+
+
 def launch(args: argparse.Namespace) -> int:
-    if args.zmq_curve_keys:
+    if args.curve_keys_dir:
         try:
-            if generate_curve_keys(args.zmq_curve_keys):
-                log.info("generated CURVE keys in %s", args.zmq_curve_keys)
+            if generate_curve_keys(args.curve_keys_dir):
+                log.info("generated CURVE keys in %s", args.curve_keys_dir)
         except OSError as error:
             log.error("CURVE keys: %s", error)
             return 1
     commands = service_commands(args)
     # httpx logs each request at INFO: a line per health poll, twice a second.
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    env = dict(os.environ)
-    # Keys travel by environment, not argv: argv is visible to every local user in `ps`.
-    if args.api_key:
-        env["PAGEDSERVE_API_KEY"] = args.api_key
-    if args.admin_key:
-        env["PAGEDSERVE_ADMIN_KEY"] = args.admin_key
+    env = service_env(args, dict(os.environ))
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -1,7 +1,9 @@
 """Tensors only where tensors are: torch belongs to the executor (and the in-process
 engine built on it). Importing the gateway, the scheduler, anything in shared/, or the CLI
 and launcher that start those processes must not load it: it costs each process seconds
-and hundreds of MB for nothing.
+and hundreds of MB for nothing. And the executor never makes scheduling decisions: it
+imports nothing of the scheduler (what both read, `EngineConfig` and its
+`SchedulingLimits`, lives in the engine package and shared/).
 
 Each package is imported with all its modules in a fresh interpreter, since an import
 made earlier in the test session would hide the culprit; the first module after whose
@@ -28,29 +30,48 @@ TORCH_FREE = [
 ]
 
 # Prints the modules it imported, one a line, and exits 1 right after the first import
-# that left torch in sys.modules (that module's name is then the last line).
+# that left the forbidden module (argv[2]) or one of its submodules in sys.modules (that
+# module's name is then the last line).
 IMPORT_ALL = """
 import importlib, pkgutil, sys
 root = importlib.import_module(sys.argv[1])
+forbidden = sys.argv[2]
 names = [root.__name__]
 if hasattr(root, "__path__"):
     names += [info.name for info in pkgutil.walk_packages(root.__path__, root.__name__ + ".")]
 for name in names:
     importlib.import_module(name)
     print(name)
-    if "torch" in sys.modules:
+    if any(loaded == forbidden or loaded.startswith(forbidden + ".") for loaded in sys.modules):
         raise SystemExit(1)
 """
 
 
+def _import_all(package: str, forbidden: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", IMPORT_ALL, package, forbidden], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+
+
 @pytest.mark.parametrize("package", TORCH_FREE)
 def test_importing_loads_no_torch(package: str) -> None:
-    result = subprocess.run(
-        [sys.executable, "-c", IMPORT_ALL, package], cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
+    result = _import_all(package, "torch")
     imported = result.stdout.split()
     assert result.returncode != 1, f"importing {imported[-1]} loads torch"
     assert result.returncode == 0, result.stderr
+
+
+def test_the_executor_imports_nothing_of_the_scheduler() -> None:
+    result = _import_all("pagedserve.services.executor", "pagedserve.services.scheduler")
+    imported = result.stdout.split()
+    assert result.returncode != 1, f"importing {imported[-1]} imports the scheduler"
+    assert result.returncode == 0, result.stderr
+    assert "pagedserve.services.executor.model_runner" in imported  # it walked the whole package
+
+
+def test_the_boundary_check_catches_what_it_is_for() -> None:
+    result = _import_all("pagedserve.services.engine", "pagedserve.services.scheduler")
+    assert result.returncode == 1 and result.stdout.split()[-1] == "pagedserve.services.engine.llm_engine"
 
 
 # A bare top-level `services`, `shared` or `kernels` import would resolve against whatever

@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from pagedserve.services.executor.config import EngineConfig
+from pagedserve.services.engine.config import EngineConfig
 from pagedserve.services.executor.distributed import TensorParallelGroup
 from pagedserve.services.executor.model_config import load_model_config
 from pagedserve.services.executor.model_runner import ModelRunner
@@ -100,15 +100,7 @@ class LLMEngine:
         self.max_model_len = self.runner.max_model_len
         self.eos_token_id = self.runner.eos_token_id
         self.scheduler = Scheduler(
-            SchedulerConfig(
-                max_num_seqs=self.config.max_num_seqs,
-                max_num_batched_tokens=self.config.max_num_batched_tokens,
-                max_model_len=self.max_model_len,
-                max_num_waiting=self.config.max_num_waiting,
-                enable_prefix_caching=self.config.enable_prefix_caching,
-                model=self.model_source.name,
-                preemption_mode=self.config.preemption_mode,
-            ),
+            SchedulerConfig(limits=self.config.limits.resolved(self.max_model_len), model=self.model_source.name),
             num_blocks=self.runner.num_blocks,
             block_size=self.config.block_size,
             num_swap_blocks=self.runner.num_swap_blocks,

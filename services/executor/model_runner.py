@@ -14,7 +14,7 @@ import logging
 import torch
 
 from pagedserve.kernels.dispatch import kernel_module
-from pagedserve.services.executor.config import EngineConfig
+from pagedserve.services.engine.config import EngineConfig
 from pagedserve.services.executor.distributed import TensorParallelGroup
 from pagedserve.services.executor.input_batch import InputBatch
 from pagedserve.services.executor.kv_cache import allocate_kv_cache, copy_blocks, num_blocks_for_budget, num_swap_blocks_for_budget
@@ -54,7 +54,9 @@ class ModelRunner:
             self.dtype, self.device, self.group, self.int4_max_rows,
         )
         mc = self.model_config
-        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        limits = config.limits.resolved(mc.max_position_embeddings)
+        assert limits.max_model_len is not None  # resolved
+        self.max_model_len = limits.max_model_len
         self.eos_token_id: int | None = mc.eos_token_ids[0] if mc.eos_token_ids else None
         self.kernels = kernel_module(self.device, config.use_triton)
         # A block id must exist on every rank: the group agrees on the smallest capacity.
@@ -73,9 +75,9 @@ class ModelRunner:
         self.requests: dict[str, RequestState] = {}
         # Sized for the scheduler's limits; it grows if a step brings more.
         self.input_batch = InputBatch(
-            num_rows=config.max_num_seqs,
+            num_rows=limits.max_num_seqs,
             max_blocks_per_row=-(-self.max_model_len // self.block_size),
-            max_num_tokens=config.max_num_batched_tokens,
+            max_num_tokens=limits.max_num_batched_tokens,
             block_size=self.block_size,
             device=self.device,
         )

@@ -18,7 +18,7 @@ from typing import Any
 import msgspec
 import zmq
 
-from pagedserve.services.executor.config import EngineConfig
+from pagedserve.services.engine.config import EngineConfig
 from pagedserve.shared.messages import ExecuteStep, StepMessage
 from pagedserve.shared.transport import decode, encode, make_socket
 

@@ -13,6 +13,8 @@ from typing import Literal
 
 import msgspec
 
+from pagedserve.services.config_flags import config_from_args
+
 API_KEY_ENV = "PAGEDSERVE_API_KEY"
 ADMIN_KEY_ENV = "PAGEDSERVE_ADMIN_KEY"
 
@@ -83,6 +85,8 @@ class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True):
 
 
 def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
+    """Every gateway flag. Each flag's dest is its GatewayConfig field's name
+    (services/config_flags.py): `gateway_config_from_args` and `pagedserve up` rely on it."""
     defaults = GatewayConfig(gateway_id="")
     parser.add_argument("--host", default=defaults.host)
     parser.add_argument("--port", type=int, default=defaults.port)
@@ -91,29 +95,43 @@ def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
         help="the scheduler's gateway ROUTER; several replicas: comma-separated (with --redis-url, replicas "
         "registered in Redis are discovered too)",
     )
-    parser.add_argument(
-        "--routing", default=defaults.routing, choices=["cache_aware", "round_robin"],
-        help="how requests pick a replica: the longest cached prefix discounted by load, or in turn (a baseline)",
-    )
-    parser.add_argument(
-        "--routing-load-penalty", type=int, default=defaults.routing_load_penalty_tokens, metavar="TOKENS",
-        help="routing score: cached prompt tokens on a replica minus this per request running or waiting there",
-    )
     parser.add_argument("--model", default=None, help="GGUF file or HF folder (default: embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL"), help="request metadata mirror (default: $REDIS_URL, else none)")
     parser.add_argument("--api-key", default=None, help=f"require this Bearer token on /v1 (default: ${API_KEY_ENV})")
     parser.add_argument("--admin-key", default=None, help=f"require this Bearer token on /admin/scheduler (default: ${ADMIN_KEY_ENV})")
     parser.add_argument("--gateway-id", default=None, help="ZMQ identity, unique per gateway (default: random)")
+    parser.add_argument(
+        "--zmq-curve-keys", dest="curve_keys_dir", default=None, metavar="DIR",
+        help="CURVE keys from `pagedserve keys DIR`: encrypt and authenticate the scheduler link",
+    )
+    add_gateway_serving_flags(parser)
+
+
+def add_gateway_serving_flags(parser: argparse.ArgumentParser) -> None:
+    """How the gateway serves (routing, request limits, timeouts): `pagedserve up` offers
+    these as they are, and hands them to its gateway."""
+    defaults = GatewayConfig(gateway_id="")
+    parser.add_argument(
+        "--routing", default=defaults.routing, choices=["cache_aware", "round_robin"],
+        help="how requests pick a replica: the longest cached prefix discounted by load, or in turn (a baseline)",
+    )
+    parser.add_argument(
+        "--routing-load-penalty", dest="routing_load_penalty_tokens", type=int,
+        default=defaults.routing_load_penalty_tokens, metavar="TOKENS",
+        help="routing score: cached prompt tokens on a replica minus this per request running or waiting there",
+    )
     parser.add_argument("--max-n", type=int, default=defaults.max_n)
     parser.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes, help="larger request bodies are a 413")
-    parser.add_argument("--body-timeout", type=float, default=defaults.body_timeout_s, metavar="SECONDS", help="a request body not received by then is a 408")
-    parser.add_argument("--max-logprobs", type=int, default=defaults.max_logprobs)
-    parser.add_argument("--stall-timeout", type=float, default=defaults.stall_timeout_s, metavar="SECONDS")
     parser.add_argument(
-        "--request-timeout", type=float, default=defaults.request_timeout_s, metavar="SECONDS",
+        "--body-timeout", dest="body_timeout_s", type=float, default=defaults.body_timeout_s, metavar="SECONDS",
+        help="a request body not received by then is a 408",
+    )
+    parser.add_argument("--max-logprobs", type=int, default=defaults.max_logprobs)
+    parser.add_argument("--stall-timeout", dest="stall_timeout_s", type=float, default=defaults.stall_timeout_s, metavar="SECONDS")
+    parser.add_argument(
+        "--request-timeout", dest="request_timeout_s", type=float, default=defaults.request_timeout_s, metavar="SECONDS",
         help="default and ceiling of a request's deadline (its `timeout` field may shorten it)",
     )
-    parser.add_argument("--zmq-curve-keys", default=None, metavar="DIR", help="CURVE keys from `pagedserve keys DIR`: encrypt and authenticate the scheduler link")
     parser.add_argument("--log-level", default=defaults.log_level, choices=["critical", "error", "warning", "info", "debug"])
     parser.add_argument(
         "--tool-chat-template", default=defaults.tool_chat_template, choices=["auto", "hermes", "model"],
@@ -123,26 +141,15 @@ def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def gateway_config_from_args(args: argparse.Namespace) -> GatewayConfig:
-    config = GatewayConfig(
-        host=args.host,
-        port=args.port,
-        scheduler_address=args.scheduler_address,
-        routing_load_penalty_tokens=args.routing_load_penalty,
-        routing=args.routing,
-        model=args.model,
+    """The flags' config; the keys fall back to the environment (a flag wins), the id to a
+    fresh random one."""
+    config = config_from_args(
+        GatewayConfig,
+        args,
         redis_url=args.redis_url or None,
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         admin_key=args.admin_key or os.environ.get(ADMIN_KEY_ENV) or None,
-        gateway_id=args.gateway_id or default_gateway_id(),
-        max_n=args.max_n,
-        max_body_bytes=args.max_body_bytes,
-        body_timeout_s=args.body_timeout,
-        max_logprobs=args.max_logprobs,
-        stall_timeout_s=args.stall_timeout,
-        request_timeout_s=args.request_timeout,
-        curve_keys_dir=args.zmq_curve_keys,
-        log_level=args.log_level,
-        tool_chat_template=args.tool_chat_template,
+        gateway_id=getattr(args, "gateway_id", None) or default_gateway_id(),
     )
     config.validate()
     return config

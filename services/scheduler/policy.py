@@ -119,5 +119,5 @@ def validate_request(req: Request, config: SchedulerConfig, num_blocks: int, blo
         raise ValueError(
             f"request {req.request_id}: {what} but at most "
             f"{config.max_num_running} sequences run at once (max_num_seqs "
-            f"{config.max_num_seqs}, max_num_batched_tokens {config.max_num_batched_tokens})"
+            f"{config.limits.max_num_seqs}, max_num_batched_tokens {config.limits.max_num_batched_tokens})"
         )

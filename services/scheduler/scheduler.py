@@ -82,18 +82,21 @@ class Scheduler:
         *,
         num_swap_blocks: int = 0,
         record_prefix_cache_events: bool = False,
+        kv_group_windows: tuple[int | None, ...] = (None,),
     ) -> None:
         """`num_swap_blocks`: the executor's CPU swap pool, for preemption by swap (0: none,
         so every preemption recomputes). `record_prefix_cache_events`: keep the prefix-cache
         events for `take_prefix_cache_events` (only when something drains them, e.g. a Redis
-        mirror)."""
+        mirror). `kv_group_windows`: the model's KV groups, each one's sliding window or
+        None (`kv_groups.py`; one global group for a model without windows)."""
         self.config = config
         self._kv = KVCacheManager(
             num_blocks,
             block_size,
-            enable_prefix_caching=config.enable_prefix_caching,
+            enable_prefix_caching=config.limits.enable_prefix_caching,
             hash_extra_keys=(config.model,),
             record_events=record_prefix_cache_events,
+            group_windows=kv_group_windows,
         )
         self._swap = SwapSpace(num_swap_blocks, block_size)
         self._requests: dict[str, Request] = {}  # alive: waiting, running or swapped
@@ -121,9 +124,10 @@ class Scheduler:
             raise ValueError(f"request {req.request_id} is already queued or running")
         if req.status != RequestStatus.WAITING or req.block_ids or req.num_computed_tokens:
             raise ValueError(f"request {req.request_id} is not fresh: {req!r}")
-        validate_request(req, self.config, self._kv.num_blocks, self._kv.block_size)
-        if len(self._waiting) >= self.config.max_num_waiting:
-            raise QueueFullError(len(self._waiting), self.config.max_num_waiting)
+        # Every group holds at most a whole table: a request that fits one group's share fits.
+        validate_request(req, self.config, self._kv.num_blocks // self._kv.num_groups, self._kv.block_size)
+        if len(self._waiting) >= self.config.limits.max_num_waiting:
+            raise QueueFullError(len(self._waiting), self.config.limits.max_num_waiting)
         req.arrival_seq = self._take_arrival_seq()
         self._kv.hash_blocks(req)
         if req.sampling_params.use_beam_search:
@@ -207,7 +211,7 @@ class Scheduler:
         """Decide the next step: running requests first (so decodes are never starved by
         a long prompt), then admissions from the waiting queue with what budget, sequence
         slots and blocks are left."""
-        token_budget = self.config.max_num_batched_tokens
+        token_budget = self.config.limits.max_num_batched_tokens
         num_preemptions_before = self._num_preemptions_total
         cached_requests, cached_counts = self._schedule_running(token_budget)
         token_budget -= sum(cached_counts)
@@ -258,7 +262,7 @@ class Scheduler:
         to schedule but requests whose pending tokens end them."""
         if not self._in_flight.one_without_forks() or self._beam_groups:
             return False
-        token_budget = self.config.max_num_batched_tokens
+        token_budget = self.config.limits.max_num_batched_tokens
         num_blocks = 0
         for req in self._running:
             if token_budget <= 0:
@@ -268,7 +272,7 @@ class Scheduler:
             num_new = num_tokens_to_schedule(req, token_budget)
             num_blocks += self._kv.num_blocks_to_schedule(req, num_new)
             token_budget -= num_new
-        something_to_run = token_budget < self.config.max_num_batched_tokens or self._waiting or self._swapped
+        something_to_run = token_budget < self.config.limits.max_num_batched_tokens or self._waiting or self._swapped
         return bool(something_to_run) and num_blocks <= self._kv.num_free_blocks
 
     def update_from_output(self, step: ExecuteStep, result: StepResult) -> list[RequestDelta]:
@@ -508,8 +512,8 @@ class Scheduler:
                 if num_new == 0:  # a beam that reported, waiting for its group; or one ending
                     continue
                 # After _make_room: a preempted sharer may have left a block to it alone.
-                new_block_ids, num_replaced = self._kv.allocate_slots(member, num_new)
-                cached_requests.append(member.cached_request_data(new_block_ids, num_replaced))
+                new_block_ids, num_replaced, group_deltas = self._kv.allocate_slots(member, num_new)
+                cached_requests.append(member.cached_request_data(new_block_ids, num_replaced, group_deltas))
                 counts.append(num_new)
                 token_budget -= num_new
             index += len(gang)
@@ -615,7 +619,7 @@ class Scheduler:
         swap_space.py); never a beam. Full blocks keep their hashes, so they stay in the
         prefix cache until evicted. False (nothing done) when the caller must preempt by
         recompute instead."""
-        if self.config.preemption_mode != "swap" or req.beam_group is not None or not self._swap.can_hold(req):
+        if self.config.limits.preemption_mode != "swap" or req.beam_group is not None or not self._swap.can_hold(req):
             return False
         if req.sampling_params.prompt_logprobs is not None and req.num_output_tokens == 0:
             # The executor's mirror holds its prompt logprobs so far and is dropped on

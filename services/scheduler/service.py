@@ -49,15 +49,7 @@ import zmq
 from pagedserve.services.scheduler.executor_group import ExecutorGroup, GroupAssembly
 from pagedserve.services.scheduler.redis_mirror import RedisMirror
 from pagedserve.services.scheduler.request import Request
-from pagedserve.services.scheduler.config import (
-    DEFAULT_ENABLE_PREFIX_CACHING,
-    DEFAULT_MAX_NUM_BATCHED_TOKENS,
-    DEFAULT_MAX_NUM_SEQS,
-    DEFAULT_MAX_NUM_WAITING,
-    DEFAULT_PREEMPTION_MODE,
-    PreemptionMode,
-    SchedulerConfig,
-)
+from pagedserve.services.scheduler.config import SchedulerConfig
 from pagedserve.services.scheduler.scheduler import QueueFullError, Scheduler
 from pagedserve.services.scheduler.status import StepHistory, block_pool_status, request_status
 from pagedserve.shared.messages import (
@@ -81,6 +73,7 @@ from pagedserve.shared.messages import (
     StepStats,
     SubmitRequest,
 )
+from pagedserve.shared.scheduling_limits import SchedulingLimits
 from pagedserve.shared.transport import decode, encode, make_socket
 from pagedserve.shared.zmq_security import curve_server, start_curve_authenticator
 
@@ -90,10 +83,8 @@ log = logging.getLogger(__name__)
 class SchedulerServiceConfig(msgspec.Struct, forbid_unknown_fields=True):
     gateway_address: str = "tcp://127.0.0.1:5555"  # bound: gateways connect here
     executor_address: str = "tcp://127.0.0.1:5556"  # bound: executors connect here
-    # The scheduler core's limits (services/scheduler/config.py owns them and their defaults).
-    max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
-    max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
-    max_num_waiting: int = DEFAULT_MAX_NUM_WAITING
+    # The core's limits; max_model_len (None: the executor's) caps what the executor reports.
+    limits: SchedulingLimits = msgspec.field(default_factory=SchedulingLimits)
     heartbeat_timeout_s: float = 3.0  # an executor silent this long is lost (it beats every 1 s)
     executor_timeout_s: float = 60.0  # requeued requests wait this long for an executor to join
     redis_url: str | None = None
@@ -104,8 +95,6 @@ class SchedulerServiceConfig(msgspec.Struct, forbid_unknown_fields=True):
     # A gateway that owns requests and has sent nothing (it beats every second) for this
     # long is gone: its requests are aborted and their blocks freed.
     gateway_timeout_s: float = 5.0
-    enable_prefix_caching: bool = DEFAULT_ENABLE_PREFIX_CACHING
-    preemption_mode: PreemptionMode = DEFAULT_PREEMPTION_MODE  # "swap": into the executor's CPU swap pool
     curve_keys_dir: str | None = None  # CURVE-secure both sockets (shared/zmq_security.py)
     # Schedule step n+1 while the executor runs step n (see the module docstring). Off by
     # default: on 2 CPU cores, all of them the executor's, the overlap did not win.
@@ -309,15 +298,7 @@ class SchedulerService:
         if self.redis is not None:
             self.redis.clear_prefix_cache()  # a new core starts with an empty cache
         return Scheduler(
-            SchedulerConfig(
-                max_model_len=ready.max_model_len,
-                max_num_seqs=self.config.max_num_seqs,
-                max_num_batched_tokens=self.config.max_num_batched_tokens,
-                max_num_waiting=self.config.max_num_waiting,
-                enable_prefix_caching=self.config.enable_prefix_caching,
-                model=ready.model,
-                preemption_mode=self.config.preemption_mode,
-            ),
+            SchedulerConfig(limits=self.config.limits.resolved(ready.max_model_len), model=ready.model),
             num_blocks=ready.num_blocks,
             block_size=ready.block_size,
             num_swap_blocks=ready.num_swap_blocks,

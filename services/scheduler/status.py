@@ -88,7 +88,7 @@ def block_pool_status(scheduler: Scheduler) -> BlockPoolStatus:
         utilisation=scheduler.kv_utilisation(),
         block_owners=owners,
         # A copy: the core keeps counting into its own.
-        prefix_cache=msgspec.structs.replace(scheduler.prefix_cache_stats) if scheduler.config.enable_prefix_caching else None,
+        prefix_cache=msgspec.structs.replace(scheduler.prefix_cache_stats) if scheduler.config.limits.enable_prefix_caching else None,
         num_swap_blocks=swap_pool.num_blocks if swap_pool else 0,
         num_used_swap_blocks=swap_pool.num_used_blocks if swap_pool else 0,
         num_swap_outs=scheduler.num_swap_outs_total,

@@ -10,7 +10,8 @@ from urllib.parse import urlparse
 import pytest
 
 from pagedserve.services.cli import build_parser, main
-from pagedserve.services.executor.config import EngineConfig, ExecutorConfig
+from pagedserve.services.engine.config import EngineConfig
+from pagedserve.services.executor.config import ExecutorConfig
 from pagedserve.services.gateway.config import GatewayConfig, gateway_config_from_args
 from pagedserve.services.launcher import pagedserve_command, service_commands
 from pagedserve.services.scheduler.service import SchedulerServiceConfig
@@ -47,7 +48,7 @@ def test_keys_refuses_half_a_set(tmp_path: Path, capsys: pytest.CaptureFixture[s
 def test_every_service_takes_curve_keys(tmp_path: Path) -> None:
     parser = build_parser()
     for argv in (["scheduler"], ["executor"], ["gateway"], ["up"]):
-        assert parser.parse_args([*argv, "--zmq-curve-keys", str(tmp_path)]).zmq_curve_keys == str(tmp_path)
+        assert parser.parse_args([*argv, "--zmq-curve-keys", str(tmp_path)]).curve_keys_dir == str(tmp_path)
     gateway = gateway_config_from_args(parser.parse_args(["gateway", "--zmq-curve-keys", str(tmp_path)]))
     assert gateway.curve_keys_dir == str(tmp_path)
 
@@ -57,7 +58,7 @@ def test_up_passes_curve_keys_to_every_service(tmp_path: Path) -> None:
     commands = service_commands(args)
     prefix = len(pagedserve_command())
     for command in (commands.scheduler, commands.executor, commands.gateway):
-        assert build_parser().parse_args(command[prefix:]).zmq_curve_keys == str(tmp_path)
+        assert build_parser().parse_args(command[prefix:]).curve_keys_dir == str(tmp_path)
     plain = service_commands(build_parser().parse_args(["up", "--redis-url", "redis://127.0.0.1:6379/0"]))
     assert all("--zmq-curve-keys" not in command for command in (plain.scheduler, plain.executor, plain.gateway))
 

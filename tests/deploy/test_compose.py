@@ -237,7 +237,7 @@ def test_zmq_links_are_curve_secured(services: dict[str, dict[str, Any]]) -> Non
     assert keys_service["volumes"] == [volume]
     for name in PAGEDSERVE_SERVICES:
         service = services[name]
-        assert parse_pagedserve(service["command"]).zmq_curve_keys == keys.directory, name
+        assert parse_pagedserve(service["command"]).curve_keys_dir == keys.directory, name
         assert f"{volume}:ro" in service["volumes"], f"{name} must mount the keys read-only"
         assert service["depends_on"]["zmq-keys"]["condition"] == "service_completed_successfully", name
     # The image owns the mount point, so the volume starts writable by its unprivileged user.
@@ -421,7 +421,7 @@ def test_up_runs_commands_the_cli_accepts(up_flags: list[str]) -> None:
     assert gateway.redis_url == scheduler.redis_url == up_args.redis_url
     assert (gateway.host, int(gateway.port)) == (up_args.host, up_args.port)
     assert executor.model == up_args.model
-    assert scheduler.zmq_curve_keys == executor.zmq_curve_keys == gateway.zmq_curve_keys == up_args.zmq_curve_keys
+    assert scheduler.curve_keys_dir == executor.curve_keys_dir == gateway.curve_keys_dir == up_args.curve_keys_dir
     assert scheduler.enable_prefix_caching == up_args.enable_prefix_caching
     assert scheduler.async_scheduling == up_args.async_scheduling
     assert commands.url == f"http://{up_args.host}:{up_args.port}"

@@ -20,9 +20,10 @@ from collections import deque
 import pytest
 
 from pagedserve.services.engine import LLMEngine
-from pagedserve.services.executor.config import EngineConfig
+from pagedserve.services.engine.config import EngineConfig
 from pagedserve.shared.messages import ExecuteStep, StepResult
 from pagedserve.shared.sampling_params import SamplingParams
+from pagedserve.shared.scheduling_limits import SchedulingLimits
 from pagedserve.shared.structured_output import GrammarSpec
 
 pytestmark = pytest.mark.slow
@@ -71,7 +72,7 @@ def generate_ahead(engine: LLMEngine, prompts: list[list[int]], params: list[Sam
 def test_async_scheduling_equals_the_synchronous_order(smollm2_prompts: list[list[int]]) -> None:
     # The longest prompt (~130 tokens) plus its output needs 10 of the 11 blocks: the
     # others preempt it and each other.
-    engine = LLMEngine(EngineConfig(dtype="float64", num_kv_blocks=11, max_num_batched_tokens=64))
+    engine = LLMEngine(EngineConfig(dtype="float64", num_kv_blocks=11, limits=SchedulingLimits(max_num_batched_tokens=64)))
     prompts = smollm2_prompts[:6]
     params = mixed_params(stop_token=engine.tokenizer.convert_tokens_to_ids(","))
     completions = engine.generate(prompts, params)

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from pagedserve.services.engine import LLMEngine
-from pagedserve.services.executor.config import EngineConfig
-from pagedserve.shared.model_source import default_model_source
+from pagedserve.services.engine.config import EngineConfig
 from pagedserve.shared.sampling_params import SamplingParams
+from pagedserve.shared.scheduling_limits import SchedulingLimits
 
 pytestmark = pytest.mark.slow
 
@@ -35,11 +35,8 @@ SETTINGS = [
 
 
 @pytest.fixture(scope="module")
-def hf_model():  # type: ignore[no-untyped-def]
-    from transformers import AutoModelForCausalLM
-
-    source = default_model_source()
-    return AutoModelForCausalLM.from_pretrained(source.directory, gguf_file=source.gguf_file, dtype=torch.float64).eval()
+def hf_model(hf_model_float64):  # type: ignore[no-untyped-def]
+    return hf_model_float64  # the session's one float64 load (tests/conftest.py)
 
 
 def hf_beam_search(hf_model, prompt: list[int], params: SamplingParams, eos_token_id: int) -> list[list[int]]:  # type: ignore[no-untyped-def]
@@ -79,7 +76,7 @@ def run_and_check_blocks(engine: LLMEngine, prompts: list[str], params: list[Sam
 
 
 def test_beam_search_equals_hf(hf_model) -> None:  # type: ignore[no-untyped-def]
-    engine = LLMEngine(EngineConfig(dtype="float64", max_num_batched_tokens=32))
+    engine = LLMEngine(EngineConfig(dtype="float64", limits=SchedulingLimits(max_num_batched_tokens=32)))
     eos = engine.eos_token_id
     assert eos is not None
     prompts = [engine.tokenize(p) for p in PROMPTS]
@@ -97,7 +94,9 @@ def test_beam_search_survives_preemption(hf_model) -> None:  # type: ignore[no-u
     # 20 blocks of 16 tokens: three 4-beam searches cannot all hold their beams at once,
     # so whole groups are preempted and recompute every beam.
     engine = LLMEngine(
-        EngineConfig(dtype="float64", max_num_batched_tokens=64, num_kv_blocks=20, enable_prefix_caching=False)
+        EngineConfig(
+            dtype="float64", num_kv_blocks=20, limits=SchedulingLimits(max_num_batched_tokens=64, enable_prefix_caching=False)
+        )
     )
     eos = engine.eos_token_id
     assert eos is not None
@@ -109,7 +108,7 @@ def test_beam_search_survives_preemption(hf_model) -> None:  # type: ignore[no-u
 
 
 def test_unpicked_beams_free_their_blocks_at_once() -> None:
-    engine = LLMEngine(EngineConfig(dtype="float32", enable_prefix_caching=False))
+    engine = LLMEngine(EngineConfig(dtype="float32", limits=SchedulingLimits(enable_prefix_caching=False)))
     prompt = engine.tokenize(PROMPTS[1])
     request_id = engine.add_request(prompt, beam_params(4, 4, 1.0, False, 40))
     pool = engine.scheduler.block_pool

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from pagedserve.services.engine import LLMEngine
-from pagedserve.services.executor.config import EngineConfig
+from pagedserve.services.engine.config import EngineConfig
 from pagedserve.shared.sampling_params import SamplingParams
+from pagedserve.shared.scheduling_limits import SchedulingLimits
 from pagedserve.shared.tokenizer import encode_chat, encode_prompt
 
 pytestmark = pytest.mark.slow
@@ -40,7 +41,7 @@ def hf_generate(hf_model, prompt: list[int], max_new_tokens: int, stop_ids: list
 def test_logit_bias_and_min_tokens_equal_hf_processors(hf_model_float64) -> None:  # type: ignore[no-untyped-def]
     from transformers import MinNewTokensLengthLogitsProcessor, SequenceBiasLogitsProcessor
 
-    engine = LLMEngine(EngineConfig(dtype="float64", max_num_batched_tokens=64))
+    engine = LLMEngine(EngineConfig(dtype="float64", limits=SchedulingLimits(max_num_batched_tokens=64)))
     eos = engine.eos_token_id
     assert eos is not None
     tokenizer = engine.tokenizer

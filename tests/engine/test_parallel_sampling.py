@@ -13,8 +13,9 @@ from __future__ import annotations
 import pytest
 
 from pagedserve.services.engine import LLMEngine
-from pagedserve.services.executor.config import EngineConfig
+from pagedserve.services.engine.config import EngineConfig
 from pagedserve.shared.sampling_params import SamplingParams
+from pagedserve.shared.scheduling_limits import SchedulingLimits
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +31,10 @@ def engine() -> LLMEngine:
     # No prefix caching: separate requests would share their prompt's full blocks through
     # it, which would blur the block count comparison. A small budget chunks the prompt.
     return LLMEngine(
-        EngineConfig(dtype="float64", block_size=BLOCK_SIZE, max_num_batched_tokens=32, enable_prefix_caching=False)
+        EngineConfig(
+            dtype="float64", block_size=BLOCK_SIZE,
+            limits=SchedulingLimits(max_num_batched_tokens=32, enable_prefix_caching=False),
+        )
     )
 
 

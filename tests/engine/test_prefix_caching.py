@@ -12,8 +12,9 @@ from __future__ import annotations
 import pytest
 
 from pagedserve.services.engine import LLMEngine
-from pagedserve.services.executor.config import EngineConfig
+from pagedserve.services.engine.config import EngineConfig
 from pagedserve.shared.sampling_params import SamplingParams
+from pagedserve.shared.scheduling_limits import SchedulingLimits
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +48,8 @@ def run(enable_prefix_caching: bool) -> tuple[list[list[list[int]]], list[int], 
     # can already hit blocks their predecessors cached.
     engine = LLMEngine(
         EngineConfig(
-            dtype="float64", block_size=BLOCK_SIZE, max_num_batched_tokens=64, enable_prefix_caching=enable_prefix_caching
+            dtype="float64", block_size=BLOCK_SIZE,
+            limits=SchedulingLimits(max_num_batched_tokens=64, enable_prefix_caching=enable_prefix_caching),
         )
     )
     system = engine.tokenize(SYSTEM)

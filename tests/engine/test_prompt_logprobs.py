@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from pagedserve.services.engine import LLMEngine
-from pagedserve.services.executor.config import EngineConfig
+from pagedserve.services.engine.config import EngineConfig
 from pagedserve.shared.sampling_params import SamplingParams
+from pagedserve.shared.scheduling_limits import SchedulingLimits
 from tests.engine.conftest import CHAT_PROMPTS
 from pagedserve.shared.tokenizer import encode_chat
 
@@ -21,7 +22,7 @@ NUM_TOP = 3
 
 
 def test_prompt_logprobs_equal_hf_log_softmax_even_for_cached_prompts(hf_model_float64) -> None:  # type: ignore[no-untyped-def]
-    engine = LLMEngine(EngineConfig(dtype="float64", max_num_batched_tokens=32, enable_prefix_caching=True))
+    engine = LLMEngine(EngineConfig(dtype="float64", limits=SchedulingLimits(max_num_batched_tokens=32, enable_prefix_caching=True)))
     prompt = encode_chat(engine.tokenizer, [{"role": "user", "content": CHAT_PROMPTS[1]}])
     assert len(prompt) > 2 * 32
     with torch.no_grad():

@@ -15,7 +15,7 @@ import logging
 import pytest
 
 from pagedserve.services.engine import LLMEngine
-from pagedserve.services.executor.config import EngineConfig
+from pagedserve.services.engine.config import EngineConfig
 from pagedserve.services.executor.cpu_features import auto_cpu_dtype
 from pagedserve.services.executor.quantized_linear import Int4Linear, Int8Linear
 from pagedserve.shared.sampling_params import SamplingParams

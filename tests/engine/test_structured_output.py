@@ -15,8 +15,9 @@ import re
 import pytest
 
 from pagedserve.services.engine import LLMEngine
-from pagedserve.services.executor.config import EngineConfig
+from pagedserve.services.engine.config import EngineConfig
 from pagedserve.shared.sampling_params import SamplingParams
+from pagedserve.shared.scheduling_limits import SchedulingLimits
 from pagedserve.shared.structured_output import GrammarSpec
 
 pytestmark = pytest.mark.slow
@@ -36,7 +37,7 @@ SCHEMA = {
 MAX_TOKENS = 48
 # Two chat prompts (~40 tokens each) and four samples growing by ~25-40 tokens each need
 # more than 10 blocks of 16 at once: the pool must preempt (asserted).
-SMALL_POOL = dict(num_kv_blocks=10, max_num_batched_tokens=96)
+SMALL_POOL = dict(num_kv_blocks=10, limits=SchedulingLimits(max_num_batched_tokens=96))
 
 
 def valid(text: str) -> bool:
@@ -75,7 +76,10 @@ def test_parallel_samples_and_preemption_stay_valid(
     # that must preempt.
     prompts = [smollm2_prompts[i] for i in (4, 6)]
     if preemption_mode == "swap":
-        engine = LLMEngine(EngineConfig(preemption_mode="swap", swap_space_bytes=64 << 20, **SMALL_POOL))
+        engine = LLMEngine(EngineConfig(
+            num_kv_blocks=10, swap_space_bytes=64 << 20,
+            limits=SchedulingLimits(max_num_batched_tokens=96, preemption_mode="swap"),
+        ))
     else:
         engine = small_pool_engine
     structured = engine.runner.structured_output

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from pagedserve.services.engine import LLMEngine
-from pagedserve.services.executor.config import EngineConfig
+from pagedserve.services.engine.config import EngineConfig
 from pagedserve.shared.sampling_params import SamplingParams
+from pagedserve.shared.scheduling_limits import SchedulingLimits
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +23,7 @@ def test_triton_engine_matches_torch_engine(random_llama_dir: Path) -> None:
         engine = LLMEngine(
             EngineConfig(
                 model=str(random_llama_dir), dtype="float32", use_triton=use_triton, num_kv_blocks=32,
-                max_num_batched_tokens=24,
+                limits=SchedulingLimits(max_num_batched_tokens=24),
             )
         )
         assert engine.runner.kernels.__name__.endswith("triton_ops" if use_triton else "cpu_ops")

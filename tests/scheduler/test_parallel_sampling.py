@@ -23,11 +23,12 @@ import pytest
 from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from pagedserve.services.scheduler.request import Request
 from pagedserve.services.scheduler.config import SchedulerConfig
+from pagedserve.services.scheduler.request import Request
 from pagedserve.services.scheduler.scheduler import Scheduler
 from pagedserve.shared.messages import ExecuteStep, RequestDelta, SampledToken, StepResult
 from pagedserve.shared.sampling_params import SamplingParams
+from pagedserve.shared.scheduling_limits import SchedulingLimits
 from tests.scheduler.fake_kv_cache import FakeKVCache
 
 EOS = 0
@@ -124,9 +125,8 @@ class ForkingExecutor:
 def make_scheduler(num_blocks: int = 64, block_size: int = 4, num_swap_blocks: int = 0, **config: object) -> Scheduler:
     defaults: dict[str, object] = dict(max_model_len=256, max_num_batched_tokens=64, enable_prefix_caching=False)
     defaults.update(config)
-    return Scheduler(
-        SchedulerConfig(**defaults), num_blocks, block_size, num_swap_blocks=num_swap_blocks  # type: ignore[arg-type]
-    )
+    limits = SchedulingLimits(**defaults)  # type: ignore[arg-type]
+    return Scheduler(SchedulerConfig(limits=limits), num_blocks, block_size, num_swap_blocks=num_swap_blocks)
 
 
 def make_request(request_id: str, prompt_len: int, max_tokens: int = 8, **params: object) -> Request:

@@ -18,6 +18,7 @@ from pagedserve.services.scheduler.policy import (
 )
 from pagedserve.services.scheduler.request import Request, RequestStatus
 from pagedserve.shared.sampling_params import SamplingParams
+from pagedserve.shared.scheduling_limits import SchedulingLimits
 
 EOS = 0
 
@@ -92,7 +93,7 @@ def test_stop_status_in_order_of_precedence() -> None:
 
 
 def test_validation_rejects_with_numbers() -> None:
-    config = SchedulerConfig(max_model_len=64, max_num_seqs=4, max_num_batched_tokens=64)
+    config = SchedulerConfig(limits=SchedulingLimits(max_model_len=64, max_num_seqs=4, max_num_batched_tokens=64))
     with pytest.raises(ValueError, match="the prompt is empty"):
         validate_request(make_request(prompt_len=0), config, num_blocks=100, block_size=4)
     with pytest.raises(ValueError, match="has 64 tokens but max_model_len is 64"):

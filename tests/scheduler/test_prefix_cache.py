@@ -14,12 +14,13 @@ from pagedserve.services.scheduler.prefix_cache import (
     extend_block_hashes,
     hash_block_tokens,
 )
-from pagedserve.services.scheduler.request import Request
 from pagedserve.services.scheduler.config import SchedulerConfig
+from pagedserve.services.scheduler.request import Request
 from pagedserve.services.scheduler.scheduler import Scheduler
 from pagedserve.services.scheduler.status import block_pool_status
 from pagedserve.shared.messages import NewRequestData, PrefixCacheStats
 from pagedserve.shared.sampling_params import SamplingParams
+from pagedserve.shared.scheduling_limits import SchedulingLimits
 from tests.scheduler.test_scheduler import (
     EOS,
     FakeExecutor,
@@ -46,10 +47,12 @@ def make_scheduler(
     max_num_batched_tokens: int = 64,
 ) -> Scheduler:
     config = SchedulerConfig(
-        max_model_len=max_model_len,
-        max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=max_num_batched_tokens,
-        enable_prefix_caching=enable_prefix_caching,
+        limits=SchedulingLimits(
+            max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            enable_prefix_caching=enable_prefix_caching,
+        ),
         model="test-model",
     )
     return Scheduler(config, num_blocks, BLOCK_SIZE, record_prefix_cache_events=True)

@@ -12,12 +12,13 @@ import pytest
 import redis
 
 from pagedserve.services.launcher import free_port, redis_server_binary
+from pagedserve.services.scheduler.config import SchedulerConfig
 from pagedserve.services.scheduler.prefix_cache import PrefixCacheEvent
 from pagedserve.services.scheduler.redis_mirror import RedisMirror, prefix_cache_key, replica_key
 from pagedserve.services.scheduler.request import Request
-from pagedserve.services.scheduler.config import SchedulerConfig
 from pagedserve.services.scheduler.scheduler import Scheduler
 from pagedserve.shared.sampling_params import SamplingParams
+from pagedserve.shared.scheduling_limits import SchedulingLimits
 from tests.cluster import port_open, wait_until
 from tests.scheduler.test_scheduler import FakeExecutor, Run, run_to_completion
 
@@ -104,7 +105,7 @@ def test_prefix_events_become_a_sorted_set_by_last_use(mirror: RedisMirror) -> N
 
 def test_mirrored_set_equals_the_pool_after_hits_and_evictions(mirror: RedisMirror) -> None:
     sched = Scheduler(
-        SchedulerConfig(max_model_len=256, max_num_seqs=4, max_num_batched_tokens=32, model="m"),
+        SchedulerConfig(limits=SchedulingLimits(max_model_len=256, max_num_seqs=4, max_num_batched_tokens=32), model="m"),
         num_blocks=12,
         block_size=4,
         record_prefix_cache_events=True,

@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 import pytest
 
 from pagedserve.services.scheduler.config import SchedulerConfig
-from pagedserve.services.scheduler.request import Request, RequestStatus
 from pagedserve.services.scheduler.policy import QueueFullError, blocks_to_cover, stop_status
+from pagedserve.services.scheduler.request import Request, RequestStatus
 from pagedserve.services.scheduler.scheduler import Scheduler
 from pagedserve.shared.messages import ExecuteStep, RequestDelta, SampledToken, StepResult
 from pagedserve.shared.sampling_params import SamplingParams
+from pagedserve.shared.scheduling_limits import SchedulingLimits
 from tests.scheduler.fake_kv_cache import FakeKVCache
 
 EOS = 0
@@ -159,7 +160,7 @@ def check_pool(sched: Scheduler) -> None:
 
 
 def check_step(sched: Scheduler, step: ExecuteStep) -> None:
-    cfg, block_size = sched.config, sched.block_pool.block_size
+    cfg, block_size = sched.config.limits, sched.block_pool.block_size
     counts = step.num_scheduled_tokens
     ids = [r.request_id for r in step.new_requests + step.cached_requests]
     assert len(counts) == len(ids) == len(set(ids))
@@ -258,12 +259,14 @@ def make_scheduler(
     num_swap_blocks: int = 0,
 ) -> Scheduler:
     config = SchedulerConfig(
-        max_model_len=max_model_len,
-        max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=max_num_batched_tokens,
-        max_num_waiting=max_num_waiting,
-        enable_prefix_caching=enable_prefix_caching,
-        preemption_mode=preemption_mode,
+        limits=SchedulingLimits(
+            max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_num_waiting=max_num_waiting,
+            enable_prefix_caching=enable_prefix_caching,
+            preemption_mode=preemption_mode,  # type: ignore[arg-type]
+        )
     )
     return Scheduler(config, num_blocks, block_size, num_swap_blocks=num_swap_blocks)
 
@@ -616,7 +619,7 @@ def test_duplicate_request_id() -> None:
 
 def test_seq_cap_never_exceeds_the_token_budget() -> None:
     # More running requests than tokens per step would leave some without a decode.
-    config = SchedulerConfig(max_model_len=128, max_num_seqs=64, max_num_batched_tokens=4)
+    config = SchedulerConfig(limits=SchedulingLimits(max_model_len=128, max_num_seqs=64, max_num_batched_tokens=4))
     assert config.max_num_running == 4
     sched = Scheduler(config, num_blocks=256, block_size=4)
     for i in range(10):
@@ -624,7 +627,7 @@ def test_seq_cap_never_exceeds_the_token_budget() -> None:
     run = run_to_completion(sched, FakeExecutor(4))  # checks all running are scheduled
     assert max(len(s.num_scheduled_tokens) for s in run.steps) == 4
     with pytest.raises(ValueError, match="max_num_seqs"):
-        SchedulerConfig(max_model_len=128, max_num_seqs=0)
+        SchedulingLimits(max_model_len=128, max_num_seqs=0)
 
 
 def test_result_that_disagrees_with_the_step_is_rejected_untouched() -> None:

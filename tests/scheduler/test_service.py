@@ -18,8 +18,8 @@ import pytest
 import zmq
 
 from pagedserve.services.launcher import free_port
-from pagedserve.services.scheduler.service import SchedulerService, SchedulerServiceConfig
 from pagedserve.services.scheduler.request import Request
+from pagedserve.services.scheduler.service import SchedulerService, SchedulerServiceConfig
 from pagedserve.shared.messages import (
     AbortRequest,
     ExecutorReady,
@@ -36,6 +36,7 @@ from pagedserve.shared.messages import (
     SubmitRequest,
 )
 from pagedserve.shared.sampling_params import SamplingParams
+from pagedserve.shared.scheduling_limits import SchedulingLimits
 from pagedserve.shared.transport import decode, encode
 from tests.cluster import wait_until
 from tests.scheduler.test_executor_loss import FreshExecutor
@@ -170,7 +171,8 @@ class Service:
             # Asynchronous scheduling on: every test here then also checks that steps sent
             # ahead of a result change nothing (outputs, executor loss, aborts, samples).
             SchedulerServiceConfig(
-                self.gateway_address, self.executor_address, max_num_batched_tokens=8, async_scheduling=True, **config
+                self.gateway_address, self.executor_address, limits=SchedulingLimits(max_num_batched_tokens=8),
+                async_scheduling=True, **config,
             ),
             self.context,
         )

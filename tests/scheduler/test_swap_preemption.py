@@ -12,12 +12,13 @@ import pytest
 import zmq
 
 from pagedserve.services.launcher import free_port
-from pagedserve.services.scheduler.request import RequestStatus
 from pagedserve.services.scheduler.config import SchedulerConfig
 from pagedserve.services.scheduler.executor_group import ExecutorGroup
+from pagedserve.services.scheduler.request import RequestStatus
 from pagedserve.services.scheduler.service import SchedulerService, SchedulerServiceConfig
 from pagedserve.services.scheduler.status import block_pool_status, request_status
 from pagedserve.shared.messages import ExecuteStep, ExecutorReady, StepMessage
+from pagedserve.shared.scheduling_limits import SchedulingLimits
 from tests.scheduler.test_scheduler import (
     FakeExecutor,
     Run,
@@ -209,7 +210,7 @@ def test_executor_loss_sends_swapped_requests_back_to_recompute() -> None:
 
 def test_unknown_preemption_mode_is_rejected() -> None:
     with pytest.raises(ValueError, match="unknown preemption mode 'evict'"):
-        SchedulerConfig(max_model_len=64, preemption_mode="evict")
+        SchedulingLimits(max_model_len=64, preemption_mode="evict")  # type: ignore[arg-type]
 
 
 def test_service_sizes_the_swap_pool_from_the_executor_and_shows_swapped_requests() -> None:
@@ -218,8 +219,7 @@ def test_service_sizes_the_swap_pool_from_the_executor_and_shows_swapped_request
         SchedulerServiceConfig(
             gateway_address=f"tcp://127.0.0.1:{free_port()}",
             executor_address=f"tcp://127.0.0.1:{free_port()}",
-            enable_prefix_caching=False,
-            preemption_mode="swap",
+            limits=SchedulingLimits(enable_prefix_caching=False, preemption_mode="swap"),
         ),
         context,
     )
@@ -228,7 +228,7 @@ def test_service_sizes_the_swap_pool_from_the_executor_and_shows_swapped_request
         service._on_executor_ready(ExecutorGroup.single(b"ex-1", ready, 0.0), 0.0)
         core = service.core
         assert core is not None and core.swap_pool is not None and core.swap_pool.num_blocks == 8
-        assert core.config.preemption_mode == "swap"
+        assert core.config.limits.preemption_mode == "swap"
         for t, name in enumerate("abc"):
             core.add_request(make_request(name, prompt_len=8, max_tokens=10, arrival_time=t))
         executor, run = FakeExecutor(4), Run()

@@ -14,7 +14,7 @@ import pytest
 import zmq
 
 from pagedserve.services.engine import LLMEngine
-from pagedserve.services.executor.config import EngineConfig
+from pagedserve.services.engine.config import EngineConfig
 from pagedserve.shared.messages import (
     AbortRequest,
     RequestDeltas,
