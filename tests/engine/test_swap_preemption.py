@@ -12,14 +12,15 @@ from __future__ import annotations
 import pytest
 
 from pagedserve.services.engine import LLMEngine
-from pagedserve.services.executor.config import EngineConfig
+from pagedserve.services.engine.config import EngineConfig
 from pagedserve.shared.sampling_params import SamplingParams
+from pagedserve.shared.scheduling_limits import SchedulingLimits
 
 pytestmark = pytest.mark.slow
 
 # The preempting regime of the exactness test: 22 blocks of 16 tokens for eight prompts
 # of 5 to ~130 tokens that each grow by NUM_NEW_TOKENS.
-SMALL_POOL = dict(num_kv_blocks=22, max_num_batched_tokens=96)
+SMALL_POOL = dict(num_kv_blocks=22, limits=SchedulingLimits(max_num_batched_tokens=96))
 SWAP_SPACE_BYTES = 64 << 20  # ~45 blocks of SmolLM2 in float64: room for every victim
 # Fewer new tokens than the exactness test (three float64 engines run here); the prompts
 # plus 32 tokens each still need ~38 blocks, so the 22-block pool must preempt (asserted).
@@ -47,7 +48,10 @@ def test_swap_recompute_and_no_preemption_generate_the_same(smollm2_prompts: lis
     assert roomy.scheduler.num_preemptions_total == 0
 
     swap, swapped_outputs = generate(
-        EngineConfig(dtype="float64", preemption_mode="swap", swap_space_bytes=SWAP_SPACE_BYTES, **SMALL_POOL),
+        EngineConfig(
+            dtype="float64", num_kv_blocks=22, swap_space_bytes=SWAP_SPACE_BYTES,
+            limits=SchedulingLimits(max_num_batched_tokens=96, preemption_mode="swap"),
+        ),
         smollm2_prompts,
     )
     assert swap.runner.num_swap_blocks > 0
