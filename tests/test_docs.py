@@ -1,7 +1,8 @@
 """The documentation cannot rot silently: the MkDocs site builds with `--strict` (a broken
 link or anchor, a page missing from the nav, a bad config: each is a warning, so a failure),
-the README stays a front door (at most 200 lines) whose relative links all resolve, and the
-module map in docs/architecture.md names exactly the modules that exist.
+the README stays a front door (at most 200 lines) whose relative links all resolve, the
+module map in docs/architecture.md names exactly the modules that exist, and the flag
+tables of docs/configuration.md name exactly the flags each command takes.
 
 `mkdocs` comes with the `test` extra; the build runs in a subprocess into a temporary
 directory (`--site-dir`), so nothing is written into the checkout (`site/` is ignored anyway).
@@ -9,9 +10,11 @@ directory (`--site-dir`), so nothing is written into the checkout (`site/` is ig
 
 from __future__ import annotations
 
+import argparse
 import re
 import subprocess
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,3 +85,35 @@ def test_module_map_names_every_module() -> None:
     listed = _module_map_paths()
     assert sorted(sources - listed) == [], "modules missing from docs/architecture.md's module map"
     assert sorted(listed - sources) == [], "module map rows naming files that do not exist"
+
+
+def _flags_by_command() -> dict[str, set[str]]:
+    from pagedserve.services.cli import build_parser  # loads no torch
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    takes: dict[str, set[str]] = defaultdict(set)
+    for command, subparser in commands.choices.items():
+        for action in subparser._actions:
+            for option in action.option_strings:
+                if option.startswith("--") and option != "--help" and not option.startswith("--no-"):
+                    takes[option].add(command)
+    return takes
+
+
+def test_configuration_page_names_every_flag_and_its_commands() -> None:
+    """Each row of docs/configuration.md's flag tables: the flags in its first cell, the
+    commands that take them in its third; together they must be the parser's."""
+    documented: dict[str, set[str]] = {}
+    for line in (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8").splitlines():
+        if not line.startswith("| `--"):
+            continue
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        for flag in re.findall(r"`(--[a-z0-9-]+)", cells[0]):
+            if not flag.startswith("--no-"):
+                documented[flag] = {command.strip() for command in cells[2].split(",")}
+    takes = _flags_by_command()
+    assert sorted(set(takes) - set(documented)) == [], "flags missing from docs/configuration.md"
+    assert sorted(set(documented) - set(takes)) == [], "docs/configuration.md rows for flags no command takes"
+    wrong = {flag: (sorted(documented[flag]), sorted(takes[flag])) for flag in takes if documented[flag] != takes[flag]}
+    assert wrong == {}, "commands column (documented, actual) disagrees with the parser"
