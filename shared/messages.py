@@ -21,9 +21,12 @@ class NewRequestData(msgspec.Struct, **_PER_STEP):
     request_id: str
     token_ids: list[int]  # prompt + tokens generated so far (non-empty after a recompute)
     num_prompt_tokens: int
-    block_ids: list[int]  # the whole block table
+    block_ids: list[int]  # the whole block table (of KV group 0)
     num_computed_tokens: int  # tokens whose K/V are already in the cache (prefix hits)
     sampling_params: SamplingParams
+    # Models with more than one KV group (sliding-window layers beside global ones): the
+    # whole tables of groups 1, 2, ...; empty (and not sent) with one group.
+    group_block_ids: list[list[int]] = []
 
 
 class CachedRequestData(msgspec.Struct, **_PER_STEP):
@@ -39,6 +42,10 @@ class CachedRequestData(msgspec.Struct, **_PER_STEP):
     # Beam search: tokens the scheduler chose for this beam since the executor last saw
     # it (the executor never appends a beam's own argmax), appended before computing.
     new_token_ids: list[int] = []
+    # KV groups 1, 2, ... (none with one group): each group's table delta, as
+    # `new_block_ids` and `num_replaced_blocks` are group 0's.
+    group_new_block_ids: list[list[int]] = []
+    group_num_replaced_blocks: list[int] = []
 
 
 class ForkedRequest(msgspec.Struct, **_PER_STEP):

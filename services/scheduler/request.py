@@ -52,6 +52,8 @@ class Request:
         "output_token_ids",
         "num_computed_tokens",
         "block_ids",
+        "group_block_ids",
+        "num_dropped_blocks",
         "swap_block_ids",
         "status",
         "num_preemptions",
@@ -90,6 +92,11 @@ class Request:
         self.output_token_ids: list[int] = []
         self.num_computed_tokens = 0
         self.block_ids: list[int] = []  # the block table; the scheduler owns these refs
+        # More KV groups than one (`kv_groups.py`): the tables of groups 1.. (block_ids is
+        # group 0's), and per group how many leading entries a sliding window dropped
+        # (DROPPED there). Both empty with one global group, as for every Llama.
+        self.group_block_ids: list[list[int]] = []
+        self.num_dropped_blocks: list[int] = []
         # While SWAPPED: the swap blocks holding the K/V of `block_ids` as they were at
         # swap-out, in block-table order (the scheduler owns these too; `block_ids` is empty).
         self.swap_block_ids: list[int] = []
@@ -164,19 +171,28 @@ class Request:
         goes with it, so a beam has none left unsent."""
         assert not self.num_pending_tokens, f"{self!r}: a token of a step in flight is not known yet"
         self.unsent_token_ids = []
+        if not self.num_dropped_blocks:
+            block_ids, group_block_ids = list(self.block_ids), []
+        else:  # the executor gets block 0 for a dropped block: no kernel reads it
+            block_ids = [max(b, 0) for b in self.block_ids]
+            group_block_ids = [[max(b, 0) for b in table] for table in self.group_block_ids]
         return NewRequestData(
             request_id=self.request_id,
             token_ids=self.all_token_ids,
             num_prompt_tokens=self.num_prompt_tokens,
-            block_ids=list(self.block_ids),
+            block_ids=block_ids,
             num_computed_tokens=self.num_computed_tokens,
             sampling_params=self.sampling_params,
+            group_block_ids=group_block_ids,
         )
 
-    def cached_request_data(self, new_block_ids: list[int], num_replaced_blocks: int) -> CachedRequestData:
+    def cached_request_data(
+        self, new_block_ids: list[int], num_replaced_blocks: int, group_deltas: list[tuple[list[int], int]] = ()
+    ) -> CachedRequestData:
         """What changed for an executor that mirrors the request: the blocks new to its
-        table (the first `num_replaced_blocks` of them replace the end of the table) and
-        the tokens it has not been told (a beam's, chosen by the scheduler)."""
+        table (the first `num_replaced_blocks` of them replace the end of the table), the
+        same for the tables of KV groups 1.. (`group_deltas`), and the tokens it has not
+        been told (a beam's, chosen by the scheduler)."""
         data = CachedRequestData(
             self.request_id,
             new_block_ids,
@@ -184,6 +200,9 @@ class Request:
             num_replaced_blocks=num_replaced_blocks,
             new_token_ids=self.unsent_token_ids,
         )
+        if group_deltas:
+            data.group_new_block_ids = [ids for ids, _ in group_deltas]
+            data.group_num_replaced_blocks = [num for _, num in group_deltas]
         self.unsent_token_ids = []
         return data
 

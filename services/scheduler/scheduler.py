@@ -82,11 +82,13 @@ class Scheduler:
         *,
         num_swap_blocks: int = 0,
         record_prefix_cache_events: bool = False,
+        kv_group_windows: tuple[int | None, ...] = (None,),
     ) -> None:
         """`num_swap_blocks`: the executor's CPU swap pool, for preemption by swap (0: none,
         so every preemption recomputes). `record_prefix_cache_events`: keep the prefix-cache
         events for `take_prefix_cache_events` (only when something drains them, e.g. a Redis
-        mirror)."""
+        mirror). `kv_group_windows`: the model's KV groups, each one's sliding window or
+        None (`kv_groups.py`; one global group for a model without windows)."""
         self.config = config
         self._kv = KVCacheManager(
             num_blocks,
@@ -94,6 +96,7 @@ class Scheduler:
             enable_prefix_caching=config.limits.enable_prefix_caching,
             hash_extra_keys=(config.model,),
             record_events=record_prefix_cache_events,
+            group_windows=kv_group_windows,
         )
         self._swap = SwapSpace(num_swap_blocks, block_size)
         self._requests: dict[str, Request] = {}  # alive: waiting, running or swapped
@@ -121,7 +124,8 @@ class Scheduler:
             raise ValueError(f"request {req.request_id} is already queued or running")
         if req.status != RequestStatus.WAITING or req.block_ids or req.num_computed_tokens:
             raise ValueError(f"request {req.request_id} is not fresh: {req!r}")
-        validate_request(req, self.config, self._kv.num_blocks, self._kv.block_size)
+        # Every group holds at most a whole table: a request that fits one group's share fits.
+        validate_request(req, self.config, self._kv.num_blocks // self._kv.num_groups, self._kv.block_size)
         if len(self._waiting) >= self.config.limits.max_num_waiting:
             raise QueueFullError(len(self._waiting), self.config.limits.max_num_waiting)
         req.arrival_seq = self._take_arrival_seq()
@@ -508,8 +512,8 @@ class Scheduler:
                 if num_new == 0:  # a beam that reported, waiting for its group; or one ending
                     continue
                 # After _make_room: a preempted sharer may have left a block to it alone.
-                new_block_ids, num_replaced = self._kv.allocate_slots(member, num_new)
-                cached_requests.append(member.cached_request_data(new_block_ids, num_replaced))
+                new_block_ids, num_replaced, group_deltas = self._kv.allocate_slots(member, num_new)
+                cached_requests.append(member.cached_request_data(new_block_ids, num_replaced, group_deltas))
                 counts.append(num_new)
                 token_budget -= num_new
             index += len(gang)

@@ -34,8 +34,10 @@ class SwapSpace:
         return self._pool
 
     def can_hold(self, req: Request) -> bool:
-        """Whether the swap pool has room for every block of `req`."""
-        return self._pool is not None and len(req.block_ids) <= self._pool.num_free_blocks
+        """Whether the swap pool has room for every block of `req`. Never for a request of
+        several KV groups (sliding windows): its tables with their dropped blocks are not
+        swapped, it is preempted by recompute, which is always correct."""
+        return self._pool is not None and not req.num_dropped_blocks and len(req.block_ids) <= self._pool.num_free_blocks
 
     def swap_out(self, req: Request) -> None:
         """Take swap blocks for the device blocks of `req` and record the copies; the

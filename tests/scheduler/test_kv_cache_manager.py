@@ -96,10 +96,10 @@ def test_a_fork_shares_every_block_and_copies_the_shared_last_one_on_write() -> 
     # Both write position 10, in the shared third block: one copy is enough.
     assert manager.num_blocks_to_schedule(parent, 1) == manager.num_blocks_to_schedule(child, 1) == 1
     shared_last = parent.block_ids[-1]
-    new_block_ids, num_replaced = manager.allocate_slots(parent, 1)
+    new_block_ids, num_replaced, _ = manager.allocate_slots(parent, 1)
     assert num_replaced == 1 and new_block_ids == [parent.block_ids[-1]] != [shared_last]
     assert manager.num_blocks_to_schedule(child, 1) == 0  # it holds the original alone now
-    assert manager.allocate_slots(child, 1) == ([], 0)
+    assert manager.allocate_slots(child, 1) == ([], 0, [])
     assert manager.take_block_copies() == [(shared_last, parent.block_ids[-1])]
     assert manager.take_block_copies() == []
 
@@ -109,9 +109,9 @@ def test_allocate_slots_adds_a_block_only_when_the_last_one_is_full() -> None:
     req = make_request("a", list(range(7)))
     manager.allocate_for_admission(req, [], 7)
     req.num_computed_tokens = 7
-    assert manager.allocate_slots(req, 1) == ([], 0)  # position 7 fits in block 1
+    assert manager.allocate_slots(req, 1) == ([], 0, [])  # position 7 fits in block 1
     req.num_computed_tokens = 8
-    new_block_ids, num_replaced = manager.allocate_slots(req, 1)
+    new_block_ids, num_replaced, _ = manager.allocate_slots(req, 1)
     assert num_replaced == 0 and len(new_block_ids) == 1 and req.block_ids[-1] == new_block_ids[0]
 
 
