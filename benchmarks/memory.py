@@ -23,6 +23,12 @@ cut at the context length. Parts:
    engine and model for a few prompts (the JSON figure, unless --no-engine).
 3. Prefix caching on the real engine and model: time to first token of requests that
    share a 1k-token system prompt, with the prefix cache on and off, and its hit rate.
+4. Sliding windows (`--sliding-window`, run alone): a Gemma-3-270M-shaped model (18
+   layers, every 6th global, the rest a 512-token window; 1 KV head of 256) at 8k context,
+   the same KV memory, all of 8k-token requests queued at once: sequences the real
+   scheduler runs at once with the windows' blocks freed (KV groups: 6 groups of 3 layers,
+   `services/scheduler/kv_groups.py`) vs every layer keeping every block (one global
+   group, what the model holds without a hybrid KV cache).
 
 Ends with a one-line JSON summary.
 """
@@ -38,6 +44,7 @@ import time
 from dataclasses import dataclass
 
 from pagedserve.services.scheduler.config import SchedulerConfig
+from pagedserve.services.scheduler.kv_groups import KVGroupLayout
 from pagedserve.services.scheduler.policy import blocks_to_cover
 from pagedserve.services.scheduler.request import Request
 from pagedserve.services.scheduler.scheduler import Scheduler
@@ -127,6 +134,70 @@ def measure_steady_state(lengths: list[tuple[int, int]], kv_tokens: int) -> Stea
             running.append(scheduler.num_running)
     assert scheduler.block_pool.num_free_blocks == scheduler.block_pool.num_blocks, "blocks leaked"
     return SteadyState(statistics.fmean(utilisation), statistics.fmean(running), len(running), scheduler.num_preemptions_total)
+
+
+# Part 4: Gemma 3 270M's attention shape (layer_types: 5 sliding, then 1 global).
+GEMMA3_LAYER_WINDOWS = tuple(None if (i + 1) % 6 == 0 else 512 for i in range(18))
+GEMMA3_KV_BYTES_PER_TOKEN_LAYER = 2 * 1 * 256 * 2  # K and V, 1 KV head of 256, bfloat16
+SLIDING_CONTEXT_LEN = 8192
+SLIDING_OUTPUT_LEN = 512
+
+
+def measure_sliding_window_admission(kv_bytes: int, num_requests: int, freed: bool) -> tuple[int, float, int]:
+    """8k-context requests (prompt 7,680 + 512 generated) all queued at once, on the real
+    scheduler with the Gemma-3-shaped model's KV memory `kv_bytes`: with `freed`, the
+    layout's KV groups (a block id costs one group's 3 layers; the window groups give
+    blocks back), else one global group (a block id costs all 18 layers). Returns (block
+    ids, mean running sequences while requests still wait, most running at once)."""
+    if freed:
+        layout = KVGroupLayout.for_windows(GEMMA3_LAYER_WINDOWS)
+    else:
+        layout = KVGroupLayout.for_windows([None] * len(GEMMA3_LAYER_WINDOWS))
+    block_bytes = layout.layers_per_group * BLOCK_SIZE * GEMMA3_KV_BYTES_PER_TOKEN_LAYER
+    num_blocks = kv_bytes // block_bytes
+    scheduler = Scheduler(
+        SchedulerConfig(limits=SchedulingLimits(
+            # A whole prompt per step at least: admission is bound by memory, not the budget.
+            max_model_len=SLIDING_CONTEXT_LEN, max_num_seqs=num_requests, max_num_batched_tokens=SLIDING_CONTEXT_LEN,
+            max_num_waiting=num_requests, enable_prefix_caching=False,
+        )),
+        num_blocks=num_blocks,
+        block_size=BLOCK_SIZE,
+        kv_group_windows=layout.windows,
+    )
+    rng = random.Random(2)
+    prompt_len = SLIDING_CONTEXT_LEN - SLIDING_OUTPUT_LEN
+    for i in range(num_requests):
+        prompt = [rng.randrange(100, 30000) for _ in range(prompt_len)]
+        params = SamplingParams(max_tokens=SLIDING_OUTPUT_LEN, ignore_eos=True)
+        scheduler.add_request(Request(f"r{i}", prompt, params, arrival_time=float(i)))
+    running, most = [], 0
+    while scheduler.has_unfinished_requests():
+        step = scheduler.schedule()
+        scheduler.update_from_output(step, simulated_step_result(scheduler, step))
+        most = max(most, scheduler.num_running)
+        if scheduler.num_waiting > 0:
+            running.append(scheduler.num_running)
+    assert scheduler.block_pool.num_free_blocks == scheduler.block_pool.num_blocks, "blocks leaked"
+    return num_blocks, statistics.fmean(running) if running else float(most), most
+
+
+def report_sliding_window(kv_gib: float, num_requests: int) -> dict[str, float]:
+    kv_bytes = int(kv_gib * 2**30)
+    print(f"Gemma-3-270M-shaped KV cache (18 layers, 15 with a 512-token window, 1 KV head of 256, bf16) at "
+          f"{SLIDING_CONTEXT_LEN:,} context: {num_requests} requests of {SLIDING_CONTEXT_LEN - SLIDING_OUTPUT_LEN:,} "
+          f"prompt + {SLIDING_OUTPUT_LEN} generated tokens queued at once, {kv_gib:g} GiB of KV memory")
+    print("\n| KV cache | block ids (16 tokens) | mean running while requests wait | most running |\n|---|---|---|---|")
+    results = {}
+    for freed, name in ((False, "every layer keeps every block (one global group)"),
+                        (True, "window blocks freed (6 KV groups of 3 layers)")):
+        start = time.perf_counter()
+        num_blocks, mean_running, most = measure_sliding_window_admission(kv_bytes, num_requests, freed)
+        print(f"| {name} | {num_blocks:,} | {mean_running:.1f} | {most} |  (simulated in {time.perf_counter() - start:.1f} s)")
+        results[freed] = mean_running
+    ratio = results[True] / results[False]
+    print(f"\nsequences at once with window blocks freed vs all global: {ratio:.2f}x")
+    return {"sliding_window_concurrency_ratio": round(ratio, 2)}
 
 
 @dataclass
@@ -268,7 +339,14 @@ def main() -> None:
     parser.add_argument("--num-parallel-prompts", type=int, default=100, help="prompts of the parallel sampling part")
     parser.add_argument("--beam-model-prompts", type=int, default=8, help="prompts of the beam search run on the model")
     parser.add_argument("--beam-model-max-tokens", type=int, default=96, help="new tokens of the beam search run on the model")
+    parser.add_argument("--sliding-window", action="store_true",
+                        help="run only part 4: a Gemma-3-shaped model at 8k context, window blocks freed vs all global")
+    parser.add_argument("--sliding-kv-gib", type=float, default=2.0, help="KV memory of part 4, GiB")
+    parser.add_argument("--sliding-requests", type=int, default=128, help="8k-token requests of part 4")
     args = parser.parse_args()
+    if args.sliding_window:
+        print(json.dumps(report_sliding_window(args.sliding_kv_gib, args.sliding_requests)))
+        return
 
     lengths = sharegpt_like_lengths(args.num_requests)
     mean_in = statistics.fmean(p for p, _ in lengths)

@@ -113,12 +113,12 @@ class KVCacheManager:
         Whole blocks only, and never all tokens: the step that samples the next token must
         run the model on the last one."""
         if not self._enable_prefix_caching:
-            return []
+            return self._no_hit()
         self.hash_blocks(req)
         if req.sampling_params.prompt_logprobs is not None and req.num_output_tokens == 0:
             # Its prompt logprobs need the logits of every prompt position: computed
             # whole, as vLLM does. Its blocks still join the cache for others.
-            return []
+            return self._no_hit()
         max_hit_blocks = (req.num_tokens - 1) // self.block_size
         if not self._single:
             return self._find_cached_prefix_in_groups(req.block_hashes[:max_hit_blocks])
@@ -299,6 +299,9 @@ class KVCacheManager:
         return 1
 
     # --- several KV groups (kv_groups.py) ----------------------------------------------
+
+    def _no_hit(self) -> list[int] | CachedPrefix:
+        return [] if self._single else CachedPrefix(0, [[] for _ in self._windows])
 
     @staticmethod
     def _tables(req: Request) -> list[list[int]]:

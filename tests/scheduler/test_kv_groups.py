@@ -170,6 +170,16 @@ def test_admission_after_a_long_hit_allocates_no_block_before_the_window() -> No
     assert second.num_computed_tokens == 32
 
 
+def test_without_prefix_caching_every_group_starts_empty() -> None:
+    manager = KVCacheManager(16, BLOCK_SIZE, enable_prefix_caching=False, hash_extra_keys=(), group_windows=(None, 4))
+    req = new_request("a", list(range(9)))
+    hit = manager.find_cached_prefix(req)
+    assert len(hit) == 0 and manager.num_blocks_to_admit([(hit, 9)]) == 6
+    manager.take_cached_prefixes([hit])
+    manager.allocate_for_admission(req, hit, 9)
+    assert len(req.block_ids) == len(req.group_block_ids[0]) == 3
+
+
 def test_forks_share_every_group_and_copy_on_write_per_table() -> None:
     manager = make_manager()
     parent = new_request("p", list(range(10)))
