@@ -9,7 +9,7 @@ import torch
 
 from pagedserve.shared.model_source import ModelSource, default_model_source
 from pagedserve.shared.tokenizer import encode_chat, encode_prompt, load_tokenizer
-from tests.engine.hf_reference import NUM_NEW_TOKENS, hf_greedy
+from tests.engine.hf_reference import NUM_NEW_TOKENS, hf_float64, hf_greedy
 
 RAW_PROMPTS = [
     "The capital of France is",
@@ -41,9 +41,8 @@ def smollm2_prompts() -> list[list[int]]:
 
 
 @pytest.fixture(scope="session")
-def smollm2_reference(smollm2_prompts: list[list[int]]) -> list[list[int]]:
-    source = default_model_source()
-    return hf_greedy(source.directory, source.gguf_file, smollm2_prompts, NUM_NEW_TOKENS)
+def smollm2_reference(smollm2_prompts: list[list[int]], hf_model_float64) -> list[list[int]]:  # type: ignore[no-untyped-def]
+    return hf_greedy(hf_model_float64, smollm2_prompts, NUM_NEW_TOKENS)
 
 
 @pytest.fixture(scope="session")
@@ -83,11 +82,13 @@ def random_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
-@pytest.fixture(scope="session")
-def hf_model_float64():  # type: ignore[no-untyped-def]
-    """HF transformers' SmolLM2 in float64, loaded once for the tests that compare
-    against its logits processors or its logits."""
-    from transformers import AutoModelForCausalLM
+RANDOM_LLAMA_PROMPTS = [
+    [1] + [(i * 37 + j * 11) % 40000 + 100 for j in range(n)] for i, n in enumerate([3, 17, 40, 90, 5, 64, 130, 33])
+]
 
-    source = default_model_source()
-    return AutoModelForCausalLM.from_pretrained(source.directory, gguf_file=source.gguf_file, dtype=torch.float64).eval()
+
+@pytest.fixture(scope="session")
+def random_llama_reference(random_llama_dir: Path) -> list[list[int]]:
+    """HF's float64 greedy continuations of RANDOM_LLAMA_PROMPTS on the random GQA Llama
+    (NUM_NEW_TOKENS each; a test wanting fewer takes a prefix: greedy is causal)."""
+    return hf_greedy(hf_float64(str(random_llama_dir)), RANDOM_LLAMA_PROMPTS, NUM_NEW_TOKENS)

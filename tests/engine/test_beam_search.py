@@ -16,7 +16,6 @@ import torch
 
 from pagedserve.services.engine import LLMEngine
 from pagedserve.services.engine.config import EngineConfig
-from pagedserve.shared.model_source import default_model_source
 from pagedserve.shared.sampling_params import SamplingParams
 from pagedserve.shared.scheduling_limits import SchedulingLimits
 
@@ -36,11 +35,8 @@ SETTINGS = [
 
 
 @pytest.fixture(scope="module")
-def hf_model():  # type: ignore[no-untyped-def]
-    from transformers import AutoModelForCausalLM
-
-    source = default_model_source()
-    return AutoModelForCausalLM.from_pretrained(source.directory, gguf_file=source.gguf_file, dtype=torch.float64).eval()
+def hf_model(hf_model_float64):  # type: ignore[no-untyped-def]
+    return hf_model_float64  # the session's one float64 load (tests/conftest.py)
 
 
 def hf_beam_search(hf_model, prompt: list[int], params: SamplingParams, eos_token_id: int) -> list[list[int]]:  # type: ignore[no-untyped-def]

@@ -30,15 +30,19 @@ def test_prompt_logprobs_equal_hf_log_softmax_even_for_cached_prompts(hf_model_f
     # Position p predicts token p + 1.
     expected = reference[:-1].gather(1, torch.tensor(prompt[1:]).unsqueeze(1)).squeeze(1)
     expected_top = reference[:-1].topk(NUM_TOP, dim=-1)
+    # HF's greedy continuation, two tokens: what every request here must generate.
+    greedy = [int(reference[-1].argmax())]
+    with torch.no_grad():
+        greedy.append(int(hf_model_float64(torch.tensor([prompt + greedy])).logits[0, -1].argmax()))
 
     # First without prompt logprobs: its blocks fill the prefix cache.
     [warm] = engine.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0))
-    assert warm.prompt_logprobs is None
+    assert warm.prompt_logprobs is None and warm.token_ids == greedy[:1]
     asking = SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=NUM_TOP)
     plain = SamplingParams(max_tokens=2, temperature=0.0)
     # Twice in one batch beside a request that does use the cache.
     first, second, cached = engine.generate([prompt, prompt, prompt], [asking, asking, plain])
-    assert cached.prompt_logprobs is None
+    assert cached.prompt_logprobs is None and cached.token_ids == greedy
     for completion in (first, second):
         entries = completion.prompt_logprobs
         assert entries is not None and len(entries) == len(prompt) - 1
@@ -47,5 +51,5 @@ def test_prompt_logprobs_equal_hf_log_softmax_even_for_cached_prompts(hf_model_f
         assert [entry.top_token_ids for entry in entries] == expected_top.indices.tolist()
         ranks = [entry.rank for entry in entries]
         assert ranks == ((reference[:-1] > expected.unsqueeze(1)).sum(dim=1) + 1).tolist()
-        assert completion.token_ids == warm.token_ids + completion.token_ids[1:]
+        assert completion.token_ids == greedy
     assert engine.scheduler.block_pool.num_used_blocks == 0

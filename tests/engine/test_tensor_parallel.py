@@ -22,7 +22,8 @@ from pagedserve.services.executor.model_config import load_model_config
 from pagedserve.services.executor.tensor_parallel import ShardPlan, valid_tensor_parallel_sizes
 from pagedserve.shared.sampling_params import SamplingParams
 from pagedserve.shared.scheduling_limits import SchedulingLimits
-from tests.engine.hf_reference import NUM_NEW_TOKENS, hf_greedy
+from tests.engine.conftest import RANDOM_LLAMA_PROMPTS
+from tests.engine.hf_reference import NUM_NEW_TOKENS
 
 Outputs = dict[tuple[int, int], list[int]]  # (prompt index, sample index) -> tokens
 
@@ -101,12 +102,9 @@ def test_shard_plan_refuses_heads_that_do_not_split(random_llama_dir: Path) -> N
     assert plans[3].slice_of("model.layers.1.self_attn.v_proj.weight") == (0, 64, 64)
 
 @pytest.mark.slow
-def test_two_ranks_random_gqa_llama_folder(random_llama_dir: Path) -> None:
-    prompts = [
-        [1] + [(i * 37 + j * 11) % 40000 + 100 for j in range(n)] for i, n in enumerate([3, 17, 40, 90, 5, 64, 130, 33])
-    ]
-    reference = hf_greedy(str(random_llama_dir), None, prompts, 32)
-    check_tensor_parallel(str(random_llama_dir), 2, prompts, reference, 32)
+def test_two_ranks_random_gqa_llama_folder(random_llama_dir: Path, random_llama_reference: list[list[int]]) -> None:
+    reference = [continuation[:32] for continuation in random_llama_reference]
+    check_tensor_parallel(str(random_llama_dir), 2, RANDOM_LLAMA_PROMPTS, reference, 32)
 
 
 @pytest.mark.slow

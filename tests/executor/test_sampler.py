@@ -8,6 +8,9 @@ temperature, off-by-one nucleus, leaking masked tokens).
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,7 +31,8 @@ from pagedserve.services.executor.sampler import (
 from pagedserve.shared.sampling_params import SamplingParams
 
 VOCAB_SIZE = 1000
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# Every case runs on CPU; the CUDA ones are reported as skipped where no GPU is, never absent.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
 
 
 @dataclass
@@ -169,7 +173,25 @@ def test_mix_seed_separates_seeds_and_steps() -> None:
     mixed = {mix_seed(seed, step) for seed in range(-50, 50) for step in range(50)}
     assert len(mixed) == 100 * 50
     assert all(0 <= value < 2**64 for value in mixed)
-    assert mix_seed(7, 3) == mix_seed(7, 3)
+
+
+def _splitmix64(x: int) -> int:
+    """SplitMix64's output function (Steele, Lea & Flood 2014), written here from the paper."""
+    x = (x + 0x9E3779B97F4A7C15) % 2**64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) % 2**64
+    return x ^ (x >> 31)
+
+
+def test_mix_seed_is_splitmix64_of_the_seed_then_the_step_in_every_process() -> None:
+    assert _splitmix64(0) == 0xE220A8397B1DCDAF  # the published first output of SplitMix64 seeded 0
+    cases = [(0, 0), (7, 3), (-1, 5), (2**63, 1), (123456789, 1000)]
+    assert [mix_seed(seed, step) for seed, step in cases] == [_splitmix64(_splitmix64(seed % 2**64) ^ step) for seed, step in cases]
+    # The same in another process with another hash seed: executors on other hosts draw alike.
+    code = f"from pagedserve.services.executor.sampler import mix_seed; print([mix_seed(s, n) for s, n in {cases!r}])"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONHASHSEED": "12345"})
+    assert other.returncode == 0, other.stderr
+    assert other.stdout.strip() == str([mix_seed(seed, step) for seed, step in cases])
 
 
 # --- filters ------------------------------------------------------------------------------
@@ -219,7 +241,11 @@ def test_top_p_samples_exactly_the_nucleus() -> None:
     assert set(counts) == set(ids[:2])
     counts = _sample_many(row, SamplingParams(top_p=0.85), num_draws=500)
     assert set(counts) == set(ids[:3])
-    # Within the nucleus the probabilities are renormalised: 0.4 : 0.3.
+    # Within the nucleus the probabilities are renormalised: 0.4 / 0.7 and 0.3 / 0.7,
+    # exactly (the filter's own output), and the draws follow them (fixed seeds).
+    filtered = apply_top_k_top_p(row.unsqueeze(0), torch.tensor([row.shape[-1]]), torch.tensor([0.65])).softmax(-1)[0]
+    torch.testing.assert_close(filtered[ids[:2]], torch.tensor([4 / 7, 3 / 7]), rtol=1e-5, atol=1e-6)
+    assert float(filtered[ids[:2]].sum()) == pytest.approx(1.0, abs=1e-6)
     counts = _sample_many(row, SamplingParams(top_p=0.65), num_draws=2000)
     assert abs(counts[ids[0]] / 2000 - 4 / 7) < 0.05
 

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
+from transformers import PreTrainedTokenizerBase
 
 from tests.cluster import Cluster, wait_until
 from tests.gateway.sse import sse_events
@@ -38,19 +39,30 @@ def scheduler_snapshot(cluster: Cluster) -> dict:
     return response.json()
 
 
-def test_greedy_completion_and_streaming_chat_agree_on_usage(sdk: openai.OpenAI) -> None:
-    completion = sdk.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0)
+def test_greedy_completion_streamed_or_not_agrees_on_text_and_usage(sdk: openai.OpenAI, tokenizer: PreTrainedTokenizerBase) -> None:
+    prompt = "The capital of France is"
+    completion = sdk.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0)
     assert completion.choices[0].finish_reason in ("stop", "length")
-    assert completion.usage is not None and completion.usage.completion_tokens <= 8
-    again = sdk.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0)
-    assert again.choices[0].text == completion.choices[0].text  # greedy is deterministic
+    usage = completion.usage
+    assert usage is not None and usage.prompt_tokens == len(tokenizer(prompt).input_ids)  # HF's own tokenizer
+    assert 0 < usage.completion_tokens <= 8 and usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    if completion.choices[0].finish_reason == "length":
+        assert usage.completion_tokens == 8
+    stream = list(sdk.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=8, temperature=0, stream=True, stream_options={"include_usage": True},
+    ))
+    # Greedy is deterministic: the same text, the same counts, streamed or not.
+    assert "".join(c.choices[0].text for c in stream if c.choices) == completion.choices[0].text
+    assert stream[-1].usage is not None and stream[-1].usage.model_dump() == usage.model_dump()
 
-    stream = sdk.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Count to five."}], max_tokens=20, temperature=0,
-        stream=True, stream_options={"include_usage": True},
-    )
-    chunks = list(stream)
-    assert chunks[-1].usage is not None and 0 < chunks[-1].usage.completion_tokens <= 20
+    messages = [{"role": "user", "content": "Count to five."}]
+    chunks = list(sdk.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=20, temperature=0, stream=True, stream_options={"include_usage": True},
+    ))
+    chat_usage = chunks[-1].usage
+    assert chat_usage is not None and 0 < chat_usage.completion_tokens <= 20
+    templated = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    assert chat_usage.prompt_tokens == len(templated["input_ids"] if hasattr(templated, "keys") else templated)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
 
@@ -91,4 +103,7 @@ def test_health_metrics_and_errors(cluster: Cluster) -> None:
         f"{cluster.base_url}/v1/completions", json={"prompt": "hi", "max_tokens": 3, "stream": True},
         headers={"Authorization": "Bearer e2e-key"}, timeout=30,
     ).text)
-    assert events
+    # Three tokens at most, then the finish reason on the last choice chunk.
+    choices = [e["choices"][0] for e in events if e.get("choices")]
+    assert 1 <= len(choices) <= 3 + 1 and choices[-1]["finish_reason"] in ("stop", "length")
+    assert "".join(c["text"] for c in choices)

@@ -1,13 +1,23 @@
 """Tests for `kernels/rms_norm.py`: the fused residual add + RMSNorm C kernel (built for
-real) against HF's sequence of torch ops, on fresh random rows of several shapes."""
+real) against HF's own `LlamaRMSNorm` module, on fresh random rows of several shapes."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
 from pagedserve.kernels import rms_norm
 from tests.kernels.paged_cache import seeded_generator
+
+
+def hf_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF transformers' LlamaRMSNorm with this weight: the independent reference."""
+    norm = LlamaRMSNorm(weight.shape[0], eps)
+    norm.weight = torch.nn.Parameter(weight.clone(), requires_grad=False)
+    with torch.no_grad():
+        return norm(x)
 
 # (rows, hidden): one decode token, a batch under and over the kernel's threading cut-off,
 # a hidden size that is no multiple of the vector width.
@@ -23,7 +33,7 @@ def test_fused_add_rms_norm_matches_hf_ops(request: pytest.FixtureRequest, rows:
     x = torch.randn(rows, hidden, generator=gen).to(dtype)
     weight = torch.randn(hidden, generator=gen).to(dtype)
     expected_residual = residual + x
-    expected = rms_norm.rms_norm_reference(expected_residual, weight, 1e-5)
+    expected = hf_rms_norm(expected_residual, weight, 1e-5)
 
     updated = residual.clone()
     out = rms_norm.add_rms_norm(x.clone(), updated, weight, 1e-5)
@@ -36,7 +46,7 @@ def test_fused_add_rms_norm_matches_hf_ops(request: pytest.FixtureRequest, rows:
 
     alone = residual.clone()
     torch.testing.assert_close(rms_norm.add_rms_norm(None, alone, weight, 1e-5),
-                               rms_norm.rms_norm_reference(residual, weight, 1e-5), **tolerance)
+                               hf_rms_norm(residual, weight, 1e-5), **tolerance)
     assert torch.equal(alone, residual)  # nothing to add: the residual is left as it was
 
 
@@ -49,10 +59,10 @@ def test_float64_and_strided_inputs_take_hf_ops_bit_for_bit(request: pytest.Fixt
     updated = residual.clone()
     out = rms_norm.add_rms_norm(x, updated, weight, 1e-6)
     assert torch.equal(updated, residual + x)
-    assert torch.equal(out, rms_norm.rms_norm_reference(residual + x, weight, 1e-6))
+    assert torch.equal(out, hf_rms_norm(residual + x, weight, 1e-6))
     wide = torch.randn(5, 128, generator=gen)
     strided = wide[:, ::2]
     base = torch.randn(5, 64, generator=gen)
     updated = base.clone()
     out = rms_norm.add_rms_norm(strided, updated, weight.float(), 1e-6)
-    assert torch.equal(out, rms_norm.rms_norm_reference(base + strided, weight.float(), 1e-6))
+    assert torch.equal(out, hf_rms_norm(base + strided, weight.float(), 1e-6))

@@ -46,20 +46,16 @@ def http(cluster: Cluster) -> Iterator[httpx.Client]:
         yield client
 
 
-def hf_prompt_logprobs(prompt_ids: list[int]) -> torch.Tensor:
+def hf_prompt_logprobs(model, prompt_ids: list[int]) -> torch.Tensor:  # type: ignore[no-untyped-def]
     """float64 [P, vocab] log-softmax of HF's logits over the prompt."""
-    from transformers import AutoModelForCausalLM
-
-    source = default_model_source()
-    model = AutoModelForCausalLM.from_pretrained(source.directory, gguf_file=source.gguf_file, dtype=torch.float64).eval()
     with torch.no_grad():
         return model(torch.tensor([prompt_ids])).logits[0].log_softmax(dim=-1)
 
 
-def test_echo_logprobs_equal_hf_and_survive_the_prefix_cache(http: httpx.Client) -> None:
+def test_echo_logprobs_equal_hf_and_survive_the_prefix_cache(http: httpx.Client, hf_model_float64) -> None:  # type: ignore[no-untyped-def]
     tokenizer = load_tokenizer(default_model_source())
     prompt_ids = encode_prompt(tokenizer, PROMPT)
-    reference = hf_prompt_logprobs(prompt_ids)
+    reference = hf_prompt_logprobs(hf_model_float64, prompt_ids)
     expected = [None] + reference[:-1].gather(1, torch.tensor(prompt_ids[1:]).unsqueeze(1)).squeeze(1).tolist()
 
     answers = []
