@@ -8,12 +8,15 @@ that answers, a health check), never by sleeping.
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -152,3 +155,79 @@ class Cluster:
         for name in ("gateway", "executor", "scheduler", "redis"):
             if name in self.services:
                 self.services[name].stop()
+
+
+def save_random_gqa_llama(directory: Path) -> None:
+    """A tiny random Llama (8 query heads, 2 KV heads: one KV head per rank at T = 2) saved
+    as an HF folder with the SmolLM2 tokenizer: a real model that loads in a moment."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pagedserve.shared.model_source import default_model_source
+    from pagedserve.shared.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(default_model_source())
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-5,
+        initializer_range=0.1, tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(4321)
+    LlamaForCausalLM(config).to(torch.float32).save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+
+
+class Up:
+    """`pagedserve up` as a subprocess, its log in a file (it names each child's PID and
+    command line)."""
+
+    def __init__(self, workdir: Path, flags: list[str], admin_key: str) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.admin_key = admin_key
+        self.log_path = workdir / "up.log"
+        self.log_file = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "pagedserve.services.cli", "up", "--port", str(self.port), "--admin-key", admin_key, *flags],
+            stdout=self.log_file, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def pid_of(self, service: str) -> int:
+        """The PID of `service`'s latest start, as `up` logged it."""
+        return int(re.findall(rf"started {re.escape(service)} \(pid (\d+)\)", self.log())[-1])
+
+    def command_of(self, service: str) -> str:
+        """The command line of `service`'s latest start, as `up` logged it."""
+        return re.findall(rf"started {re.escape(service)} \(pid \d+\): (.*)", self.log())[-1]
+
+    def admin(self) -> dict[str, Any]:
+        import httpx
+
+        response = httpx.get(f"{self.base_url}/admin/scheduler", headers={"Authorization": f"Bearer {self.admin_key}"}, timeout=10)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def wait_healthy(self, timeout_s: float = 240) -> None:
+        import httpx
+
+        def healthy() -> bool:
+            assert self.process.poll() is None, self.log()[-5000:]
+            try:
+                return httpx.get(f"{self.base_url}/health", timeout=5).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(healthy, timeout_s, "the gateway's /health", interval_s=0.25)
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.log_file.close()

@@ -22,7 +22,8 @@ GARBAGE = 1e3  # what the torch reference sees where the kernel under test sees 
 
 def seeded_generator(request: pytest.FixtureRequest) -> torch.Generator:
     """Seeded from the test id, so every parameter set draws its own, reproducible inputs."""
-    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    # On the default device: a test that makes its tensors on a GPU draws them there.
+    return torch.Generator(device=torch.get_default_device()).manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
 def tolerance(dtype: torch.dtype) -> dict[str, float]:

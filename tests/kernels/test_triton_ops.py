@@ -1,6 +1,7 @@
 """Tests for `kernels/triton_ops.py` and the kernels it launches (`kernels/triton_kernels/`):
-every kernel, run by the Triton interpreter on CPU tensors (tests/conftest.py sets
-TRITON_INTERPRET=1), against `kernels/torch_ops.py`.
+every kernel against `kernels/torch_ops.py`: where no GPU is, run by the Triton
+interpreter on CPU tensors (tests/conftest.py sets TRITON_INTERPRET=1 there); on a GPU,
+compiled, on CUDA tensors (every tensor a test makes is made on that device).
 
 Everything a kernel must not touch or read is poisoned with NaN: reshape_and_cache must
 leave unwritten slots NaN; outputs start NaN (`torch.empty` is patched to fill), so an
@@ -12,7 +13,7 @@ interpreter runs every program in Python.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -20,6 +21,17 @@ import torch
 
 from pagedserve.kernels import torch_ops, triton_ops
 from tests.kernels.paged_cache import paged_cache, seeded_generator, tolerance
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _on_device() -> Iterator[None]:
+    """Factory calls without a device make tensors (and seeded_generator its generator) on
+    DEVICE."""
+    with torch.device(DEVICE):
+        yield
+
 
 @pytest.fixture(autouse=True)
 def _poisoned_empty(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -245,13 +245,13 @@ def test_a_lost_executors_requests_resume_in_its_replacement(start_service: Call
     streamed = {i: list(tokens) for i, tokens in service.gateway.outputs.items()}
     assert streamed and all(0 < len(t) < MAX_TOKENS for t in streamed.values())
     first.close()  # dies: no result, no heartbeat
-    lost_at = time.monotonic()
 
     def requeued() -> bool:
         snapshot = service.gateway.status()
         return snapshot.num_executors_lost == 1 and not snapshot.running
-    wait_until(requeued, 5, "the executor to be declared lost")
-    assert time.monotonic() - lost_at < 2  # heartbeat timeout 0.5 s, checked every 0.1 s
+    # Lost by its heartbeat (0.5 s), not the 30 s executor timeout: the event's detail says
+    # which (asserted below), so no wall-clock bound is needed.
+    wait_until(requeued, 20, "the executor to be declared lost")
     snapshot = service.gateway.status()
     assert snapshot.executors == [] and {r.request_id for r in snapshot.waiting} == {"a", "b"}
     assert all(r.num_preemptions == 1 and not r.block_ids for r in snapshot.waiting)
