@@ -33,7 +33,14 @@ from pagedserve.services.gateway.openai_protocol import (
 from pagedserve.services.gateway.prompt_logprobs import vllm_prompt_logprobs
 from pagedserve.services.gateway.request_body import read_json_body
 from pagedserve.services.gateway.response_format import structured_output
-from pagedserve.services.gateway.sampling import build_sampling_params, check_fits_context, check_num_choices, request_timeout_s, stop_strings
+from pagedserve.services.gateway.sampling import (
+    build_sampling_params,
+    check_fits_context,
+    check_num_choices,
+    check_prompt_bytes,
+    request_timeout_s,
+    stop_strings,
+)
 from pagedserve.services.gateway.streaming import sse_event
 from pagedserve.services.gateway.tool_calls import ToolCallStream, ToolPlan, forced_grammar, parse_tool_calls, tool_plan
 from pagedserve.shared.tokenizer import encode_chat
@@ -65,6 +72,9 @@ def _template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
 
 async def _tokenize_messages(context: GatewayContext, messages: list[ChatMessage], plan: ToolPlan | None) -> list[int]:
     plain = _template_messages(messages)
+    # Bounded before templating and tokenizing: their time grows with the text.
+    text_bytes = sum(len(m["content"].encode("utf-8")) for m in plain)
+    check_prompt_bytes(text_bytes, await context.max_model_len(), context.max_token_bytes, "messages")
     tokenizer = context.tokenizer
     tools = [msgspec.to_builtins(tool) for tool in plan.tools] if plan is not None and plan.render_tools else None
     with_tools = tools is not None or any(m.role == "tool" or m.tool_calls for m in messages)

@@ -20,7 +20,15 @@ from pagedserve.services.gateway.prompt_logprobs import echo_logprobs, joined, v
 from pagedserve.services.gateway.openai_protocol import Completion, CompletionChoice, CompletionChunk, CompletionRequest, Usage
 from pagedserve.services.gateway.request_body import read_json_body
 from pagedserve.services.gateway.response_format import structured_output
-from pagedserve.services.gateway.sampling import build_sampling_params, check_fits_context, check_num_choices, check_token_ids, request_timeout_s, stop_strings
+from pagedserve.services.gateway.sampling import (
+    build_sampling_params,
+    check_fits_context,
+    check_num_choices,
+    check_prompt_bytes,
+    check_token_ids,
+    request_timeout_s,
+    stop_strings,
+)
 from pagedserve.services.gateway.streaming import sse_event
 from pagedserve.shared.tokenizer import encode_prompt
 
@@ -45,6 +53,9 @@ async def _tokenize_prompts(context: GatewayContext, prompt: str | list[str | in
     else:
         raise invalid_request("prompt must be a string, a list of token ids, or a list of either, not a mixture", "prompt")
     if texts:
+        max_model_len = await context.max_model_len()
+        for text in texts:
+            check_prompt_bytes(len(text.encode("utf-8")), max_model_len, context.max_token_bytes, "prompt")
         tokenizer = context.tokenizer
         prompts = await anyio.to_thread.run_sync(lambda: [encode_prompt(tokenizer, text) for text in texts])
     else:

@@ -34,6 +34,12 @@ class GatewayContext:
     grammar_validator: GrammarValidator = field(default_factory=GrammarValidator)
     # The chat template for requests with tools or tool turns; None: the model's own.
     tool_template: str | None = None
+    # The most bytes of text one token stands for: prompts are bounded by it before they
+    # are tokenized (sampling.check_prompt_bytes). Computed once (0.1 s for 49k tokens).
+    max_token_bytes: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.max_token_bytes = self.token_texts.longest_token_bytes()
 
     def check_model(self, model: str | None) -> None:
         """The `model` field is optional; when given it must name the one served model."""

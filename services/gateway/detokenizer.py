@@ -122,6 +122,11 @@ class TokenTexts:
             return bytes([int(byte_fallback.group(1), 16)])
         return piece.replace("\u2581", " ").encode("utf-8")  # SentencePiece marks spaces with U+2581
 
+    def longest_token_bytes(self) -> int:
+        """The most bytes of text one token stands for (special tokens as their text):
+        a prompt of more bytes than the context length times this cannot fit it."""
+        return max(len(self._token_bytes(token_id)) for token_id in range(len(self._tokenizer)))
+
     def get(self, token_id: int) -> tuple[str, list[int]]:
         """(text, bytes) of one token, cached: the vocabulary is fixed."""
         cached = self._cache.get(token_id)

@@ -22,6 +22,13 @@ FiniteFloat = Annotated[float, Meta(ge=-1e9, le=1e9)]  # also rejects inf and Na
 TimeoutSeconds = Annotated[float, Meta(gt=0, le=1e9)]  # checked against the server's ceiling later
 LogitBias = Annotated[float, Meta(ge=-100, le=100)]  # OpenAI's bounds
 MAX_LOGIT_BIAS_ENTRIES = 1024  # each is a scatter entry in the step's sampler
+# Lists a client could otherwise make as long as the body allows (1 MiB: ~100k entries),
+# each costing work per token or per request somewhere further in.
+MAX_STOP_TOKEN_IDS = 64  # beam search ranks (1 + this) x beam_width candidates per beam
+MAX_STOP_STRING_CHARS = 256  # held-back text is matched against each stop string per piece
+MAX_TOOLS = 128  # OpenAI's limit
+MAX_MESSAGES = 2048
+StopString = Annotated[str, Meta(max_length=MAX_STOP_STRING_CHARS)]
 
 
 class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
@@ -63,8 +70,8 @@ class SamplingFields(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     min_p: FiniteFloat | None = None
     seed: Seed | None = None
     n: Count = 1
-    stop: str | list[str] | None = None
-    stop_token_ids: list[TokenId] | None = None
+    stop: StopString | list[StopString] | None = None  # how many: the server's --max-stop-strings
+    stop_token_ids: Annotated[list[TokenId], Meta(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     ignore_eos: bool = False
     presence_penalty: FiniteFloat | None = None
     frequency_penalty: FiniteFloat | None = None
@@ -165,7 +172,7 @@ class NamedToolChoice(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class ChatCompletionRequest(SamplingFields, kw_only=True):
-    messages: list[ChatMessage]
+    messages: Annotated[list[ChatMessage], Meta(max_length=MAX_MESSAGES)]
     max_completion_tokens: Count | None = None  # OpenAI's newer name; wins over max_tokens
     logprobs: bool = False
     top_logprobs: Count | None = None
@@ -173,7 +180,7 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     # alternatives, in the response's top-level `prompt_logprobs` (the first chunk's when
     # streaming).
     prompt_logprobs: Count | None = None
-    tools: list[Tool] | None = None
+    tools: Annotated[list[Tool], Meta(max_length=MAX_TOOLS)] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None  # None: True, as OpenAI
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 
 import numpy as np
 
@@ -89,17 +90,38 @@ class BeamSelection:
     done: bool
 
 
+def _best_of_beam(parent: int, beam: LiveBeam, width: int, skip: frozenset[int], num_candidates: int) -> list[BeamCandidate]:
+    """The beam's best `width` continuations whose token is not in `skip`, and any tied
+    with the last of them (the step's order breaks ties by token id, the list may not)."""
+    base = _F32(beam.score)
+    taken: list[BeamCandidate] = []
+    for token_id, logprob in islice(zip(beam.top_token_ids, beam.top_logprobs), num_candidates):
+        if token_id in skip:
+            continue
+        score = float(base + _F32(logprob))
+        if len(taken) >= width and score != taken[-1].score:
+            break
+        taken.append(BeamCandidate(parent, token_id, score))
+    return taken
+
+
 def select_beams(state: BeamSearchState, beams: Sequence[LiveBeam]) -> BeamSelection:
     """One beam-search step: updates `state` (hypotheses, length, heuristic) and says
-    which continuations run next."""
-    candidates = sorted(
-        (
-            BeamCandidate(parent, token_id, float(_F32(beam.score) + _F32(logprob)))
-            for parent, beam in enumerate(beams)
-            for token_id, logprob in zip(beam.top_token_ids[: state.num_candidates], beam.top_logprobs)
-        ),
-        key=lambda c: (-c.score, c.parent, c.token_id),
-    )[: state.num_candidates]
+    which continuations run next.
+
+    HF ranks all K = (1 + stop ids) x width candidates of every beam; only two slices of
+    that ranking matter: its first `width` (they may become hypotheses) and its first
+    `width` that are not stop tokens (the next beams). Each beam's list is best first, so
+    both come from its own first `width` (non-stop) entries: those are all that are
+    ranked, and a step costs O(beams x width) whatever the stop list (it was a Python
+    sort of beams x K, 341 ms a step at 16 beams x 8,192 candidates)."""
+    width = state.beam_width
+    pool: dict[tuple[int, int], BeamCandidate] = {}
+    for parent, beam in enumerate(beams):
+        for skip in (frozenset(), state.stop_token_ids):
+            for candidate in _best_of_beam(parent, beam, width, skip, state.num_candidates):
+                pool[(parent, candidate.token_id)] = candidate
+    candidates = sorted(pool.values(), key=lambda c: (-c.score, c.parent, c.token_id))
     num_generated = state.num_generated + 1
     at_limit = num_generated >= state.max_new_tokens
     finishes = [at_limit or c.token_id in state.stop_token_ids for c in candidates]

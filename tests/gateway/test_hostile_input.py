@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 
+import httpx
 import msgspec
 import pytest
 from transformers import PreTrainedTokenizerBase
@@ -20,6 +22,9 @@ from transformers import PreTrainedTokenizerBase
 from pagedserve.services.gateway.detokenizer import IncrementalDetokenizer
 from pagedserve.services.gateway.openai_protocol import ChatCompletionRequest
 from pagedserve.services.gateway.tool_calls import ToolCallStream, ToolPlan, parse_tool_calls, tool_plan
+from tests.gateway.fake_scheduler import FakeScheduler
+from tests.gateway.test_bad_input import CHAT, COMPLETIONS, JSON, BadInput, body
+from tests.gateway.test_validation import assert_openai_error
 
 GROWTH = 8  # the larger size is this many times the smaller
 LINEAR_FACTOR = 3.0  # per-unit cost may grow this much (noise); quadratic grows ~GROWTH
@@ -168,3 +173,56 @@ def test_the_duplicate_tool_name_check_is_linear_in_the_number_of_tools() -> Non
     per_tool_short = _best_cpu_seconds(check(short)) / short
     per_tool_long = _best_cpu_seconds(check(short * GROWTH)) / (short * GROWTH)
     assert per_tool_long < per_tool_short * LINEAR_FACTOR, (per_tool_short, per_tool_long)
+
+
+# ------------------------------------------------------------------ bounded lists, over HTTP
+
+SECURITY_DOC = Path(__file__).resolve().parents[2] / "docs" / "security.md"
+USER = [{"role": "user", "content": "hi"}]
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+# The fake scheduler's context (256 tokens) x the longest token's bytes (81) is 20,736 bytes.
+TOO_MANY_BYTES = 21_000
+
+
+def _nested_schema(depth: int) -> dict:
+    schema: dict = {"type": "object"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
+HOSTILE = [
+    BadInput("`stop_token_ids` longer than 64", COMPLETIONS, body({"prompt": "p", "stop_token_ids": [5] * 65}), 400, "invalid_value", "stop_token_ids"),
+    BadInput("a stop string over 256 characters", COMPLETIONS, body({"prompt": "p", "stop": ["x" * 257]}), 400, "invalid_value", "stop[0]"),
+    BadInput("more than 128 `tools`", CHAT, body({"messages": USER, "tools": [TOOL] * 129}), 400, "invalid_value", "tools"),
+    BadInput("more than 2,048 `messages`", CHAT, body({"messages": USER * 2049}), 400, "invalid_value", "messages"),
+    BadInput(
+        "prompt text longer in bytes than the context can hold", COMPLETIONS,
+        body({"prompt": "a" * TOO_MANY_BYTES}), 400, "context_length_exceeded", "prompt",
+    ),
+    BadInput(
+        "messages longer in bytes than the context can hold", CHAT,
+        body({"messages": [{"role": "user", "content": "a" * TOO_MANY_BYTES}]}), 400, "context_length_exceeded", "messages",
+    ),
+]
+
+
+@pytest.mark.parametrize("case", HOSTILE, ids=[case.what for case in HOSTILE])
+def test_hostile_input_is_an_openai_error(client: httpx.Client, scheduler: FakeScheduler, case: BadInput) -> None:
+    response = client.post(case.path, content=case.content, headers={"content-type": JSON})
+    error = assert_openai_error(response, case.status, param=case.param, code=case.code)
+    assert scheduler.submits == []
+    if "in bytes" in case.what:
+        # Refused on its byte count, before the tokenizer ran over it.
+        assert "bytes of text" in error["message"], error
+
+
+def test_the_security_doc_lists_every_hostile_input() -> None:
+    rows = {
+        cells[0]: cells[1:]
+        for line in SECURITY_DOC.read_text().splitlines()
+        if line.startswith("| ") and len(cells := [cell.strip() for cell in line.strip("|").split("|")]) >= 3
+    }
+    for case in HOSTILE:
+        assert case.what in rows, f"docs/security.md's bad-input table has no row {case.what!r}"
+        assert rows[case.what][:2] == [str(case.status), f"`{case.code}`"], (case.what, rows[case.what])
