@@ -38,14 +38,45 @@ def test_no_benchmark_shadows_a_project_package() -> None:
     assert not packages & set(_BENCHMARKS)
 
 
-@pytest.mark.parametrize("how", ["script", "module"])
 @pytest.mark.parametrize("module", _BENCHMARKS)
-def test_benchmark_help(module: str, how: str) -> None:
-    if how == "script":
-        command = [sys.executable, f"benchmarks/{module}.py", "--help"]
-    else:
-        command = [sys.executable, "-m", f"benchmarks.{module}", "--help"]
+def test_benchmark_help_as_a_script(module: str) -> None:
+    """One process each: a script's own folder heads sys.path, which is what can break."""
+    command = [sys.executable, f"benchmarks/{module}.py", "--help"]
     result = subprocess.run(command, cwd=_REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"{' '.join(command[1:])} exited {result.returncode}:\n{result.stderr}"
     assert result.stdout.startswith("usage: ")
     assert _description(module) in result.stdout
+
+
+# `python -m benchmarks.X --help` for every X in one process (the repository root heads
+# sys.path for all of them alike, so one process checks what ten would): each prints its
+# help between markers, or the traceback that stopped it.
+_RUN_EVERY_MODULE = """
+import contextlib, io, runpy, sys, traceback
+for module in sys.argv[1:]:
+    sys.argv = [module, "--help"]
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            runpy.run_module(f"benchmarks.{module}", run_name="__main__", alter_sys=True)
+        code = "returned"
+    except SystemExit as exit:
+        code = exit.code
+    except BaseException:
+        code = traceback.format_exc()
+    print(f"=== {module} exit={code!r}")
+    print(out.getvalue())
+"""
+
+
+def test_every_benchmark_help_as_a_module() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", _RUN_EVERY_MODULE, *_BENCHMARKS], cwd=_REPO_ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    sections = result.stdout.split("=== ")[1:]
+    assert [section.split(" ", 1)[0] for section in sections] == _BENCHMARKS
+    for module, section in zip(_BENCHMARKS, sections):
+        header, _, help_text = section.partition("\n")
+        assert header == f"{module} exit=0", f"python -m benchmarks.{module} --help: {section[:3000]}"
+        assert help_text.startswith("usage: ") and _description(module) in help_text, module
