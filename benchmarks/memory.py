@@ -44,7 +44,7 @@ import time
 from dataclasses import dataclass
 
 from pagedserve.services.scheduler.config import SchedulerConfig
-from pagedserve.services.scheduler.kv_groups import KVGroupLayout
+from pagedserve.shared.kv_group_layout import KVGroupLayout
 from pagedserve.services.scheduler.policy import blocks_to_cover
 from pagedserve.services.scheduler.request import Request
 from pagedserve.services.scheduler.scheduler import Scheduler

@@ -6,7 +6,7 @@ kernel) then prefill chunks (varlen, served by the prefill/extend kernel).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,6 +25,17 @@ class AttentionMetadata:
     prefill_seq_lens: torch.Tensor  # int32 [num_prefills]
     max_prefill_query_len: int
     max_prefill_seq_len: int
+    # Several KV groups (sliding-window layers beside global ones): each layer's group, and
+    # the metadata of groups 1.. (this object is group 0's); empty with one group.
+    group_of_layer: tuple[int, ...] = ()
+    groups: list[AttentionMetadata] = field(default_factory=list)
+
+    def for_layer(self, layer_index: int) -> AttentionMetadata:
+        """The slots and block tables layer `layer_index` reads and writes: its KV group's."""
+        if not self.groups:
+            return self
+        group = self.group_of_layer[layer_index]
+        return self if group == 0 else self.groups[group - 1]
 
     @property
     def num_prefills(self) -> int:

@@ -9,6 +9,11 @@ block are 0 (a freed row is zeroed), so every entry is a valid block id, which i
 kernels ask of padding (`kernels/torch_ops.py`). The arrays grow (doubling) when more
 requests, longer tables or more tokens than they were sized for arrive; nothing shrinks.
 
+KV groups (sliding-window layers beside global ones, `services/scheduler/kv_groups.py`): a
+request has a table per group, each a row of that group's array; a step gets a slot
+mapping and decode/prefill tables per group (`AttentionMetadata.for_layer` picks a layer's).
+With one group (every model without windows) nothing of this runs.
+
 A step's inputs are computed for the whole batch at once with numpy, into host buffers
 that, on CPU, are the very tensors the model reads; on an accelerator each buffer has a
 device twin, which gets the step's prefix copied into it. Their shapes and dtypes are
@@ -19,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -65,13 +70,20 @@ class InputBatch:
     """The rows of the mirrored requests, by request id, and one step's input buffers."""
 
     def __init__(
-        self, num_rows: int, max_blocks_per_row: int, max_num_tokens: int, block_size: int, device: torch.device
+        self, num_rows: int, max_blocks_per_row: int, max_num_tokens: int, block_size: int, device: torch.device,
+        group_of_layer: tuple[int, ...] = (),
     ) -> None:
+        """`group_of_layer`: each layer's KV group where there are several (else empty)."""
         self.block_size = block_size
         self.device = device
+        self.group_of_layer = group_of_layer
+        self.num_groups = max(group_of_layer, default=0) + 1
         self._row_of: dict[str, int] = {}
         self.block_table = np.zeros((0, max_blocks_per_row), dtype=np.int32)
         self.num_blocks = np.zeros(0, dtype=np.int32)  # per row: how many of its columns are the table
+        # KV groups 1..: their tables and counts, as block_table and num_blocks are group 0's.
+        self.group_block_tables: list[np.ndarray] = [self.block_table] * (self.num_groups - 1)
+        self.group_num_blocks: list[np.ndarray] = [self.num_blocks] * (self.num_groups - 1)
         self._free_rows: list[int] = []  # a stack: any free row serves
         self._resize_rows(max(1, num_rows), max(1, max_blocks_per_row))
         self._resize_tokens(max(1, max_num_tokens))
@@ -87,8 +99,18 @@ class InputBatch:
 
     # -- rows ------------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, block_ids: Sequence[int]) -> None:
-        """Give a request a row holding `block_ids` (rewriting its row if it has one)."""
+    def group_block_ids(self, request_id: str, group: int) -> list[int]:
+        """The table of KV group `group` (>= 1) in a request's row, as a list."""
+        row = self._row_of[request_id]
+        return self.group_block_tables[group - 1][row, : self.group_num_blocks[group - 1][row]].tolist()
+
+    def add_request(
+        self, request_id: str, block_ids: Sequence[int], group_block_ids: Sequence[Sequence[int]] = ()
+    ) -> None:
+        """Give a request a row holding `block_ids` (and the tables of KV groups 1..,
+        `group_block_ids`), rewriting its row if it has one."""
+        if len(group_block_ids) != self.num_groups - 1:
+            raise ValueError(f"request {request_id}: {1 + len(group_block_ids)} block tables for {self.num_groups} KV groups")
         row = self._row_of.get(request_id)
         if row is None:
             if not self._free_rows:
@@ -96,16 +118,22 @@ class InputBatch:
             row = self._row_of[request_id] = self._free_rows.pop()
         self._clear_row(row)
         self._write_blocks(row, 0, block_ids)
+        for group, table in enumerate(group_block_ids, start=1):
+            self._write_blocks(row, 0, table, group)
 
-    def append_block_ids(self, request_id: str, new_block_ids: Sequence[int], num_replaced_blocks: int = 0) -> None:
-        """Apply a `CachedRequestData`'s table delta: drop `num_replaced_blocks` from the
-        end (copy-on-write: the first new id is the private copy), append the new ids."""
+    def append_block_ids(
+        self, request_id: str, new_block_ids: Sequence[int], num_replaced_blocks: int = 0, group: int = 0
+    ) -> None:
+        """Apply a `CachedRequestData`'s table delta (of KV group `group`): drop
+        `num_replaced_blocks` from the end (copy-on-write: the first new id is the private
+        copy), append the new ids."""
         if not new_block_ids and not num_replaced_blocks:
             return
         row = self._row_of[request_id]
-        num_kept = int(self.num_blocks[row]) - num_replaced_blocks
-        self.block_table[row, num_kept : self.num_blocks[row]] = 0
-        self._write_blocks(row, num_kept, new_block_ids)
+        table, num_blocks = self._table(group)
+        num_kept = int(num_blocks[row]) - num_replaced_blocks
+        table[row, num_kept : num_blocks[row]] = 0
+        self._write_blocks(row, num_kept, new_block_ids, group)
 
     def remove_request(self, request_id: str) -> None:
         row = self._row_of.pop(request_id)
@@ -117,16 +145,24 @@ class InputBatch:
         for request_id in list(self._row_of):
             self.remove_request(request_id)
 
-    def _write_blocks(self, row: int, start: int, block_ids: Sequence[int]) -> None:
+    def _table(self, group: int) -> tuple[np.ndarray, np.ndarray]:
+        if group == 0:
+            return self.block_table, self.num_blocks
+        return self.group_block_tables[group - 1], self.group_num_blocks[group - 1]
+
+    def _write_blocks(self, row: int, start: int, block_ids: Sequence[int], group: int = 0) -> None:
         end = start + len(block_ids)
         if end > self.block_table.shape[1]:
             self._resize_rows(len(self.num_blocks), max(end, 2 * self.block_table.shape[1]))
-        self.block_table[row, start:end] = block_ids
-        self.num_blocks[row] = end
+        table, num_blocks = self._table(group)
+        table[row, start:end] = block_ids
+        num_blocks[row] = end
 
     def _clear_row(self, row: int) -> None:
-        self.block_table[row, : self.num_blocks[row]] = 0
-        self.num_blocks[row] = 0
+        for group in range(self.num_groups):
+            table, num_blocks = self._table(group)
+            table[row, : num_blocks[row]] = 0
+            num_blocks[row] = 0
 
     # -- one step's inputs -----------------------------------------------------------------
 
@@ -144,7 +180,8 @@ class InputBatch:
         num_used_blocks = self._num_used_blocks[:n]
         np.floor_divide(seq_lens + (self.block_size - 1), self.block_size, out=num_used_blocks)
         self._check_blocks_cover(scheduled, rows, num_used_blocks)
-        self._write_positions_and_slots(n, num_tokens)
+        self._write_positions(n, num_tokens)
+        self._write_slots(n, num_tokens, self.block_table, self._slot_mapping)
 
         # Each part's table: an index-select of its requests' rows, as wide as the
         # longest of them needs.
@@ -173,11 +210,41 @@ class InputBatch:
             max_prefill_query_len=int(num_new[nd:].max()) if num_prefills else 0,
             max_prefill_seq_len=max_prefill_seq_len,
         )
+        if self.num_groups > 1:
+            meta.group_of_layer = self.group_of_layer
+            meta.groups = [
+                self._group_metadata(group, meta, n, nd, num_tokens, decode_width, prefill_width)
+                for group in range(1, self.num_groups)
+            ]
         return StepInputs(
             input_ids=self._input_ids.to_device(num_tokens),
             positions=self._positions.to_device(num_tokens),
             attn_metadata=meta,
             query_end_loc=query_start[1:],
+        )
+
+    def _group_metadata(
+        self, group: int, meta: AttentionMetadata, n: int, nd: int, num_tokens: int, decode_width: int,
+        prefill_width: int,
+    ) -> AttentionMetadata:
+        """KV group `group`'s slots and tables; lengths and query offsets are group 0's."""
+        rows = self._rows[:n]
+        table, num_blocks = self._table(group)
+        short = num_blocks[rows] < self._num_used_blocks[:n]
+        if short.any():
+            raise ValueError(f"KV group {group}: a block table is shorter than its step needs ({int(short.argmax())})")
+        slot_buffer, decode_buffer, prefill_buffer = self._group_buffers[group - 1]
+        self._write_slots(n, num_tokens, table, slot_buffer)
+        decode_buffer.array[: nd * decode_width].reshape(nd, decode_width)[:] = table[rows[:nd], :decode_width]
+        prefill_tables = prefill_buffer.array[: (n - nd) * prefill_width].reshape(n - nd, prefill_width)
+        prefill_tables[:] = table[rows[nd:], :prefill_width]
+        return replace(
+            meta,
+            slot_mapping=slot_buffer.to_device(num_tokens),
+            decode_block_tables=decode_buffer.to_device(nd, decode_width),
+            prefill_block_tables=prefill_buffer.to_device(n - nd, prefill_width),
+            group_of_layer=(),
+            groups=[],
         )
 
     def _write_scheduled(self, scheduled: Sequence[ScheduledRequest]) -> int:
@@ -205,17 +272,21 @@ class InputBatch:
                 input_ids[query_start[i] : query_start[i + 1]] = item.state.token_ids[start:end]
         return num_decodes
 
-    def _write_positions_and_slots(self, n: int, num_tokens: int) -> None:
-        """Token t of request i sits at position num_computed[i] + (t - query_start[i]),
-        and its K/V go to slot block_table[row, position // block_size] * block_size +
-        position % block_size: computed for all the step's tokens at once."""
-        rows, num_computed, num_new = self._rows[:n], self._num_computed[:n], self._num_new[:n]
+    def _write_positions(self, n: int, num_tokens: int) -> None:
+        """Token t of request i sits at position num_computed[i] + (t - query_start[i])."""
+        num_computed, num_new = self._num_computed[:n], self._num_new[:n]
         positions = self._positions.array[:num_tokens]
         np.subtract(
             self._arange[:num_tokens], np.repeat(self._query_start[:n] - num_computed, num_new), out=positions
         )
-        slot_mapping = self._slot_mapping.array[:num_tokens]
-        block_of_token = self.block_table[np.repeat(rows, num_new), positions // self.block_size]
+
+    def _write_slots(self, n: int, num_tokens: int, block_table: np.ndarray, buffer: _StagedBuffer) -> None:
+        """Each token's K/V go to slot block_table[row, position // block_size] *
+        block_size + position % block_size: computed for all the step's tokens at once."""
+        rows, num_new = self._rows[:n], self._num_new[:n]
+        positions = self._positions.array[:num_tokens]
+        slot_mapping = buffer.array[:num_tokens]
+        block_of_token = block_table[np.repeat(rows, num_new), positions // self.block_size]
         np.multiply(block_of_token, self.block_size, out=slot_mapping)
         slot_mapping += positions % self.block_size
 
@@ -238,11 +309,19 @@ class InputBatch:
     def _resize_rows(self, num_rows: int, max_blocks_per_row: int) -> None:
         """Grow to `num_rows` rows of `max_blocks_per_row` columns, keeping every row."""
         old_rows, old_width = self.block_table.shape
-        block_table = np.zeros((num_rows, max_blocks_per_row), dtype=np.int32)
-        block_table[:old_rows, :old_width] = self.block_table
-        num_blocks = np.zeros(num_rows, dtype=np.int32)
-        num_blocks[:old_rows] = self.num_blocks
-        self.block_table, self.num_blocks = block_table, num_blocks
+
+        def grown(table: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            new_table = np.zeros((num_rows, max_blocks_per_row), dtype=np.int32)
+            new_table[:old_rows, :old_width] = table
+            new_counts = np.zeros(num_rows, dtype=np.int32)
+            new_counts[:old_rows] = counts
+            return new_table, new_counts
+
+        self.block_table, self.num_blocks = grown(self.block_table, self.num_blocks)
+        for group in range(self.num_groups - 1):
+            self.group_block_tables[group], self.group_num_blocks[group] = grown(
+                self.group_block_tables[group], self.group_num_blocks[group]
+            )
         self._free_rows += range(num_rows - 1, old_rows - 1, -1)
         # Per-step scratch, one entry per request of a step (at most one per row).
         self._rows = np.zeros(num_rows, dtype=np.int64)
@@ -254,9 +333,26 @@ class InputBatch:
         self._prefill_query_start = _StagedBuffer(num_rows + 1, torch.int32, self.device)
         self._decode_tables = _StagedBuffer(num_rows * max_blocks_per_row, torch.int32, self.device)
         self._prefill_tables = _StagedBuffer(num_rows * max_blocks_per_row, torch.int32, self.device)
+        self._resize_group_buffers()
 
     def _resize_tokens(self, max_num_tokens: int) -> None:
         self._arange = np.arange(max_num_tokens, dtype=np.int64)
         self._input_ids = _StagedBuffer(max_num_tokens, torch.int64, self.device)
         self._positions = _StagedBuffer(max_num_tokens, torch.int64, self.device)
         self._slot_mapping = _StagedBuffer(max_num_tokens, torch.int64, self.device)
+        self._resize_group_buffers()
+
+    def _resize_group_buffers(self) -> None:
+        """KV groups 1..: a slot mapping, decode tables and prefill tables each."""
+        if self.num_groups == 1 or not hasattr(self, "_arange"):
+            self._group_buffers: list[tuple[_StagedBuffer, _StagedBuffer, _StagedBuffer]] = []
+            return
+        table_size = self.block_table.size
+        self._group_buffers = [
+            (
+                _StagedBuffer(len(self._arange), torch.int64, self.device),
+                _StagedBuffer(table_size, torch.int32, self.device),
+                _StagedBuffer(table_size, torch.int32, self.device),
+            )
+            for _ in range(self.num_groups - 1)
+        ]

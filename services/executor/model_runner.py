@@ -27,7 +27,7 @@ from pagedserve.services.executor.sampler import Sampler, beam_candidates
 from pagedserve.services.executor.structured_output import StructuredOutput
 from pagedserve.services.executor.tensor_parallel import ShardPlan
 from pagedserve.services.executor.weight_loader import iter_weights
-from pagedserve.shared.messages import ExecuteStep, SampledToken, StepResult
+from pagedserve.shared.messages import CachedRequestData, ExecuteStep, SampledToken, StepResult
 from pagedserve.shared.model_source import ModelSource
 
 logger = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ class ModelRunner:
 
     def _add(self, state: RequestState) -> None:
         self.requests[state.request_id] = state
-        self.input_batch.add_request(state.request_id, state.block_ids)
+        self.input_batch.add_request(state.request_id, state.block_ids, state.group_block_ids)
 
     def _sample(self, logits: torch.Tensor, states: list[RequestState]) -> list[SampledToken]:
         """Sample a token for each request (appended to its mirror), or, for a beam,
@@ -214,9 +214,18 @@ class ModelRunner:
                 del state.block_ids[-cached.num_replaced_blocks :]
             state.block_ids.extend(cached.new_block_ids)
             self.input_batch.append_block_ids(cached.request_id, cached.new_block_ids, cached.num_replaced_blocks)
+            if state.group_block_ids:  # KV groups 1.. (sliding-window models) get their deltas too
+                self._apply_group_deltas(state, cached)
             state.token_ids.extend(cached.new_token_ids)
             scheduled.append(ScheduledRequest(state, cached.num_computed_tokens, next(counts)))
         return [item for item in scheduled if item.num_new_tokens > 0]
+
+    def _apply_group_deltas(self, state: RequestState, cached: CachedRequestData) -> None:
+        deltas = zip(state.group_block_ids, cached.group_new_block_ids, cached.group_num_replaced_blocks, strict=True)
+        for group, (table, new_ids, num_replaced) in enumerate(deltas, start=1):
+            del table[len(table) - num_replaced :]
+            table.extend(new_ids)
+            self.input_batch.append_block_ids(cached.request_id, new_ids, num_replaced, group)
 
 
 def _num_sampling(states: list[RequestState]) -> int:

@@ -29,6 +29,8 @@ class RequestState:
     num_prompt_tokens: int
     block_ids: list[int]  # the block table as the scheduler sent it (its batch row copies it)
     sampling_params: SamplingParams
+    # KV groups 1.. (sliding-window models): their tables, as `block_ids` is group 0's.
+    group_block_ids: list[list[int]] = field(default_factory=list)
     # prompt_logprobs gathered over its prefill chunks, until its first token carries them.
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
     # Structured output: the sequence's grammar position (None: unconstrained). Derived
@@ -37,7 +39,10 @@ class RequestState:
 
     @classmethod
     def from_new_request(cls, new: NewRequestData) -> RequestState:
-        return cls(new.request_id, list(new.token_ids), new.num_prompt_tokens, list(new.block_ids), new.sampling_params)
+        return cls(
+            new.request_id, list(new.token_ids), new.num_prompt_tokens, list(new.block_ids), new.sampling_params,
+            group_block_ids=[list(table) for table in new.group_block_ids],
+        )
 
     def fork(self, request_id: str, sampling_params: SamplingParams | None = None) -> RequestState:
         """A sequence branching off this one as it stands (a forked sample, with its own
@@ -49,6 +54,7 @@ class RequestState:
             self.num_prompt_tokens,
             list(self.block_ids),
             self.sampling_params if sampling_params is None else sampling_params,
+            group_block_ids=[list(table) for table in self.group_block_ids],
             grammar=None if self.grammar is None else self.grammar.fork(),
         )
 

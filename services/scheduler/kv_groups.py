@@ -10,12 +10,9 @@ the request can still read: the blocks wholly before the window of the next toke
 computed go back to the pool (`DROPPED` in the table), and a request admitted after a long
 cached prefix, or recomputed after preemption, never allocates them at all.
 
-Memory: the executor lays the layers of every group over the same per-layer caches (layer
-j of each group shares cache tensor j, `services/executor/kv_cache.py`), so one block id
-costs `layers_per_group` layers of K/V whichever group holds it, and a block a sliding
-group gives back is a block any group can take. For that the groups are equally sized:
-each kind's layers are cut into groups of the greatest common divisor of the kinds' layer
-counts (Gemma 3 270M: 15 sliding and 3 global layers -> 6 groups of 3).
+Which layer is in which group, and how the executor lays groups over its caches so that a
+block given back by any group serves any other: `shared/kv_group_layout.py` (the executor
+reads it too).
 
 Prefix caching hashes the same token blocks for every group (group 0 under the plain
 hash, which is what the gateway routes by; group g > 0 under the hash with g appended),
@@ -25,66 +22,17 @@ end, and the blocks of a sliding group's window of the first token computed afte
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pagedserve.services.scheduler.prefix_cache import BlockHash
+from pagedserve.shared.kv_group_layout import KVGroupLayout
+
+__all__ = ["DROPPED", "CachedPrefix", "KVGroupLayout", "first_needed_block", "group_block_hash"]
 
 # A sliding group's table entry for a block it gave back or never allocated. Only the
 # scheduler sees it: the executor gets block 0 there, which no kernel reads (kernels skip
 # every block before a query's window).
 DROPPED = -1
-
-
-@dataclass(frozen=True)
-class KVGroupLayout:
-    """Which KV group each layer belongs to, and each group's window (None: global)."""
-
-    group_of_layer: tuple[int, ...]
-    windows: tuple[int | None, ...]  # per group
-
-    @property
-    def num_groups(self) -> int:
-        return len(self.windows)
-
-    @property
-    def layers_per_group(self) -> int:
-        return len(self.group_of_layer) // len(self.windows)
-
-    @property
-    def slot_of_layer(self) -> tuple[int, ...]:
-        """The index of each layer within its group: layers with the same index share a
-        cache tensor."""
-        seen = [0] * self.num_groups
-        slots = []
-        for group in self.group_of_layer:
-            slots.append(seen[group])
-            seen[group] += 1
-        return tuple(slots)
-
-    @classmethod
-    def for_windows(cls, layer_windows: Sequence[int | None]) -> KVGroupLayout:
-        """Groups for layers with these windows (None: global), equally sized. Global
-        layers come first, so group 0 is global where any layer is."""
-        if not layer_windows:
-            raise ValueError("a model has at least one layer")
-        if any(w is not None and w < 1 for w in layer_windows):
-            raise ValueError(f"a sliding window holds at least 1 token: {list(layer_windows)}")
-        kinds = sorted(set(layer_windows), key=lambda w: (w is not None, w or 0))
-        counts = {kind: sum(1 for w in layer_windows if w == kind) for kind in kinds}
-        size = math.gcd(*counts.values())
-        group_of_layer: list[int] = []
-        windows: list[int | None] = []
-        first_group = {}
-        for kind in kinds:
-            first_group[kind] = len(windows)
-            windows += [kind] * (counts[kind] // size)
-        seen = dict.fromkeys(kinds, 0)
-        for w in layer_windows:
-            group_of_layer.append(first_group[w] + seen[w] // size)
-            seen[w] += 1
-        return cls(tuple(group_of_layer), tuple(windows))
 
 
 def first_needed_block(num_computed_tokens: int, window: int | None, block_size: int) -> int:

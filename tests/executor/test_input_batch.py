@@ -206,3 +206,36 @@ def test_off_cpu_the_model_reads_device_twins_of_the_same_shapes_and_dtypes() ->
     ]:
         assert tensor.device.type == "meta", name
         assert tensor.dtype == expected[name].dtype and tensor.shape == expected[name].shape, name
+
+
+def test_each_kv_group_gets_its_own_slots_and_tables() -> None:
+    """Layers 0 and 2 in KV group 0, 1 and 3 in group 1: each group's slot mapping and
+    tables come from its own rows, through deltas and copy-on-write of either table."""
+    batch = InputBatch(num_rows=1, max_blocks_per_row=1, max_num_tokens=1, block_size=BLOCK_SIZE, device=CPU,
+                       group_of_layer=(0, 1, 0, 1))
+    tables = {"d": ([5, 2, 7], [0, 11, 12]), "p": ([1, 4, 6], [13, 14, 15]), "q": ([8, 9], [16, 17])}
+    for request_id, (table, other) in tables.items():
+        batch.add_request(request_id, table, [other])
+    batch.append_block_ids("q", [18], 1, group=1)  # group 1 copies its last block
+    batch.append_block_ids("q", [10], 0)
+    tables["q"] = ([8, 9, 10], [16, 18])
+    assert batch.block_ids("q") == [8, 9, 10] and batch.group_block_ids("q", 1) == [16, 18]
+    counts = {"d": (9, 8, 1), "p": (10, 0, 10), "q": (8, 5, 3)}
+
+    def items(group: int) -> list[ScheduledRequest]:
+        return [scheduled(r, n, list(tables[r][group]), c, k) for r, (n, c, k) in counts.items()]
+
+    inputs = batch.prepare(items(0))
+    meta = inputs.attn_metadata
+    assert [meta.for_layer(i) is meta for i in range(4)] == [True, False, True, False]
+    assert_same_inputs(inputs, items(0))
+    assert_same_inputs(StepInputs(inputs.input_ids, inputs.positions, meta.groups[0], inputs.query_end_loc), items(1))
+    with pytest.raises(ValueError, match="2 block tables for 2 KV groups|1 block tables for 2 KV groups"):
+        batch.add_request("x", [1])
+
+
+def test_one_kv_group_has_no_group_metadata() -> None:
+    batch = small_batch()
+    batch.add_request("a", [3, 4])
+    meta = batch.prepare([scheduled("a", 6, [3, 4], 0, 6)]).attn_metadata
+    assert meta.groups == [] and meta.for_layer(7) is meta

@@ -66,3 +66,23 @@ def test_swap_pool_size_from_bytes() -> None:
     assert per_block == 2 * 3 * BLOCK_SIZE * 2 * 8 * 4
     assert num_swap_blocks_for_budget(MODEL, BLOCK_SIZE, torch.float32, 5 * per_block + 1) == 5  # type: ignore[arg-type]
     assert num_swap_blocks_for_budget(MODEL, BLOCK_SIZE, torch.float32, per_block - 1) == 0  # type: ignore[arg-type]
+
+
+def test_kv_groups_share_cache_tensors_and_copy_each_once() -> None:
+    """Layers 0, 2 global and 1, 3 with a window: two KV groups of two layers, whose layers
+    share two K/V tensor pairs; a block costs two layers, and a copy moves each pair once."""
+    from pagedserve.services.executor.kv_cache import kv_layout
+
+    model = SimpleNamespace(num_layers=4, num_kv_heads=2, head_dim=8, layer_windows=(None, 8, None, 8))
+    layout = kv_layout(model)  # type: ignore[arg-type]
+    assert layout.windows == (None, 8) and layout.group_of_layer == (0, 1, 0, 1)
+    cache = allocate_kv_cache(model, 6, BLOCK_SIZE, torch.float64, torch.device("cpu"), layout)  # type: ignore[arg-type]
+    assert cache[0] is cache[1] and cache[2] is cache[3] and cache[0][0] is not cache[2][0]
+    assert kv_bytes_per_block(model, BLOCK_SIZE, torch.float32, layout) == 2 * 2 * BLOCK_SIZE * 2 * 8 * 4  # type: ignore[arg-type]
+    for k, v in cache[::2]:
+        k.normal_()
+        v.normal_()
+    before = blocks(cache[::2], [1, 4])
+    copy_blocks(cache, cache, [(1, 4), (4, 5)])  # 4 -> 5 reads block 4 as it was: each pair copied once
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(blocks(cache[::2], [4]), before))
+    assert all(torch.equal(a[0], b[1]) for a, b in zip(blocks(cache[::2], [5]), before))

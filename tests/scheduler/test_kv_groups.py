@@ -11,7 +11,8 @@ import random
 import pytest
 
 from pagedserve.services.scheduler.kv_cache_manager import KVCacheManager
-from pagedserve.services.scheduler.kv_groups import DROPPED, KVGroupLayout, first_needed_block
+from pagedserve.services.scheduler.kv_groups import DROPPED, first_needed_block
+from pagedserve.shared.kv_group_layout import KVGroupLayout
 from pagedserve.services.scheduler.request import Request
 from pagedserve.services.scheduler.scheduler import Scheduler
 from pagedserve.shared.messages import ExecuteStep, SampledToken, StepResult
