@@ -10,9 +10,8 @@ from typing import Literal
 
 import msgspec
 
+from pagedserve.shared.sampling_bounds import DEFAULT_MAX_LOGPROBS, InvalidSamplingParam, sampling_bounds
 from pagedserve.shared.structured_output import GrammarSpec
-
-MAX_BEAM_WIDTH = 64
 
 
 class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
@@ -82,58 +81,48 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=T
         seed = None if self.seed is None else (self.seed + sample_index) % 2**63
         return msgspec.structs.replace(self, seed=seed, n=1)
 
-    def validate(self, max_logprobs: int = 20) -> None:
-        """Raise ValueError naming the offending field; the gateway turns it into a 400."""
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if self.temperature < 0.0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < -1:
-            raise ValueError(f"top_k must be -1, 0 (disabled) or positive, got {self.top_k}")
-        if not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if not -2.0 <= self.presence_penalty <= 2.0:
-            raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
-        if not -2.0 <= self.frequency_penalty <= 2.0:
-            raise ValueError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
-        if self.repetition_penalty <= 0.0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= max_logprobs:
-            raise ValueError(f"logprobs must be in [0, {max_logprobs}], got {self.logprobs}")
-        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= max_logprobs:
-            raise ValueError(f"prompt_logprobs must be in [0, {max_logprobs}], got {self.prompt_logprobs}")
-        if not 0 <= self.min_tokens <= self.max_tokens:
-            raise ValueError(f"min_tokens must be in [0, max_tokens ({self.max_tokens})], got {self.min_tokens}")
-        for token_id, bias in self.logit_bias.items():
+    def validate(self, max_logprobs: int = DEFAULT_MAX_LOGPROBS) -> None:
+        """Raise InvalidSamplingParam (a ValueError) naming the offending field in its
+        `param`; the gateway turns it into a 400. The value bounds are the table's
+        (shared/sampling_bounds.py); the rules across fields are here."""
+        for bound in sampling_bounds(max_logprobs):
+            value = getattr(self, bound.field)
+            if bound.each_value:
+                for key, item in value.items():
+                    if not bound.holds(item):
+                        raise bound.error(item, f"{bound.field}[{key}]")
+            elif value is not None and not bound.holds(value):
+                raise bound.error(value)
+        if self.min_tokens > self.max_tokens:
+            raise InvalidSamplingParam(
+                "min_tokens", f"min_tokens must be in [0, max_tokens ({self.max_tokens})], got {self.min_tokens}"
+            )
+        for token_id in self.logit_bias:
             if token_id < 0:
-                raise ValueError(f"logit_bias has token id {token_id}; token ids are >= 0")
-            if not -100.0 <= bias <= 100.0:
-                raise ValueError(f"logit_bias must map to values in [-100, 100], got {bias} for token {token_id}")
-        if self.n < 1:
-            raise ValueError(f"n must be at least 1, got {self.n}")
-        if not 1 <= self.beam_width <= MAX_BEAM_WIDTH:
-            raise ValueError(f"beam_width must be in [1, {MAX_BEAM_WIDTH}], got {self.beam_width}")
-        if not -10.0 <= self.length_penalty <= 10.0:
-            raise ValueError(f"length_penalty must be in [-10, 10], got {self.length_penalty}")
+                raise InvalidSamplingParam("logit_bias", f"logit_bias has token id {token_id}; token ids are >= 0")
         if self.use_beam_search:
-            if self.n > self.beam_width:
-                raise ValueError(f"n must be at most beam_width ({self.beam_width}) with beam search, got {self.n}")
-            if self.logprobs is not None:
-                raise ValueError("logprobs are not available with beam search (beam_width > 1)")
-            if self.prompt_logprobs is not None:
-                raise ValueError("prompt_logprobs are not available with beam search (beam_width > 1)")
-            if self.logit_bias or self.min_tokens:
-                name = "logit_bias" if self.logit_bias else "min_tokens"
-                raise ValueError(f"{name} is not supported with beam search (beam_width > 1)")
-            for name, neutral in (("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("repetition_penalty", 1.0)):
-                if getattr(self, name) != neutral:
-                    raise ValueError(f"{name} is not supported with beam search (beam_width > 1)")
-            if self.structured_output is not None:
-                # A beam's candidates are its top tokens across the whole vocabulary; masking
-                # them per beam would need a matcher per candidate. vLLM refuses it too.
-                raise ValueError("structured_output (response_format, structured_outputs, forced tool calls) is not supported with beam search (beam_width > 1)")
+            self._validate_beam_search()
         if self.structured_output is not None and self.ignore_eos:
             # A finished grammar allows only EOS; ignoring it would leave nothing to sample.
-            raise ValueError("ignore_eos cannot be combined with structured output: a completed grammar allows only EOS")
+            raise InvalidSamplingParam(
+                "ignore_eos", "ignore_eos cannot be combined with structured output: a completed grammar allows only EOS"
+            )
+
+    def _validate_beam_search(self) -> None:
+        if self.n > self.beam_width:
+            raise InvalidSamplingParam("n", f"n must be at most beam_width ({self.beam_width}) with beam search, got {self.n}")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                raise InvalidSamplingParam(name, f"{name} are not available with beam search (beam_width > 1)")
+        for name, neutral in (
+            ("logit_bias", {}), ("min_tokens", 0), ("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("repetition_penalty", 1.0),
+        ):
+            if getattr(self, name) != neutral:
+                raise InvalidSamplingParam(name, f"{name} is not supported with beam search (beam_width > 1)")
+        if self.structured_output is not None:
+            # A beam's candidates are its top tokens across the whole vocabulary; masking
+            # them per beam would need a matcher per candidate. vLLM refuses it too.
+            raise InvalidSamplingParam(
+                "structured_output",
+                "structured_output (response_format, structured_outputs, forced tool calls) is not supported with beam search (beam_width > 1)",
+            )

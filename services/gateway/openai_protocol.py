@@ -14,13 +14,15 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
+from pagedserve.shared.sampling_bounds import LOGIT_BIAS
+
 Int32 = Annotated[int, Meta(ge=-(2**31), le=2**31 - 1)]
 Count = Annotated[int, Meta(ge=0, le=2**31 - 1)]  # max_tokens, n, logprobs: range-checked later with a better message
 TokenId = Annotated[int, Meta(ge=0, le=2**31 - 1)]  # checked against the vocabulary size later
 Seed = Annotated[int, Meta(ge=0, le=2**63 - 1)]
 FiniteFloat = Annotated[float, Meta(ge=-1e9, le=1e9)]  # also rejects inf and NaN
 TimeoutSeconds = Annotated[float, Meta(gt=0, le=1e9)]  # checked against the server's ceiling later
-LogitBias = Annotated[float, Meta(ge=-100, le=100)]  # OpenAI's bounds
+LogitBias = Annotated[float, Meta(ge=LOGIT_BIAS.minimum, le=LOGIT_BIAS.maximum)]  # OpenAI's bounds, the table's
 MAX_LOGIT_BIAS_ENTRIES = 1024  # each is a scatter entry in the step's sampler
 # Lists a client could otherwise make as long as the body allows (1 MiB: ~100k entries),
 # each costing work per token or per request somewhere further in.

@@ -1,10 +1,12 @@
 """GET /openapi.json: the gateway's HTTP API as an OpenAPI 3.1 document.
 
 The schemas are generated from the very msgspec Structs that decode request bodies and
-encode responses, so the document cannot drift from what the server accepts: every bound
-(`maximum` on max_tokens, `exclusiveMinimum` on timeout, ...) and the refusal of unknown
-fields (`additionalProperties: false`) come from the types. Limits that depend on the
-deployment (max n, the context length, the body size) are in the operations' text.
+encode responses, so the document cannot drift from what the server accepts: the types'
+bounds (`maximum` on max_tokens, `exclusiveMinimum` on timeout, ...) and the refusal of
+unknown fields (`additionalProperties: false`) come from them, the sampling parameters'
+value bounds from the table SamplingParams.validate enforces (shared/sampling_bounds.py).
+Limits that depend on the deployment (max n, the context length, the body size) are
+added on top and named in the operations' text.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from pagedserve.services.gateway.openai_protocol import (
     ModelList,
 )
 from pagedserve.services.gateway.tokenize import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
-from pagedserve.shared.sampling_params import MAX_BEAM_WIDTH
+from pagedserve.shared.sampling_bounds import MAX_BEAM_WIDTH, Bound, sampling_bounds
 
 _REF = "#/components/schemas/{name}"
 
@@ -97,6 +99,20 @@ def _absent_or(value: Any) -> dict[str, Any]:
     return {"anyOf": [{"type": "null"}, {"const": value}]}
 
 
+def _state_sampling_bounds(schema: dict[str, Any], bounds: tuple[Bound, ...]) -> None:
+    """The table's bounds (shared/sampling_bounds.py, what SamplingParams.validate
+    enforces) on a request's number fields of those names. A mapping's bound
+    (logit_bias) is already in its request type, which takes it from the same table."""
+    for bound in bounds:
+        for name in (bound.field, *bound.aliases):
+            prop = schema["properties"].get(name)
+            if prop is None or bound.each_value or not any(
+                option.get("type") in ("integer", "number") for option in prop.get("anyOf", [prop])
+            ):
+                continue  # not in this request, or another type there (chat's logprobs: a bool)
+            _bound(schema, name, bound.note or None, **bound.json_schema())
+
+
 def _state_server_bounds(schemas: dict[str, Any], config: GatewayConfig) -> None:
     """The value ranges SamplingParams.validate and the endpoints enforce (some set by
     this deployment's config), and the rules that span fields as if/then clauses: the
@@ -104,18 +120,13 @@ def _state_server_bounds(schemas: dict[str, Any], config: GatewayConfig) -> None
     plus max_tokens within the context length; prompts x n within max_n) is in the
     descriptions."""
     max_beam_width = min(MAX_BEAM_WIDTH, config.max_n)
+    bounds = sampling_bounds(config.max_logprobs)
     for name in ("CompletionRequest", "ChatCompletionRequest"):
         schema = schemas[name]
-        _bound(schema, "n", f"choices per prompt; prompts x n at most {config.max_n}", minimum=1, maximum=config.max_n)
-        _bound(schema, "temperature", minimum=0)
-        _bound(schema, "top_p", exclusiveMinimum=0, maximum=1)
-        _bound(schema, "top_k", "-1 or 0: off", minimum=-1)
-        _bound(schema, "min_p", minimum=0, maximum=1)
-        _bound(schema, "presence_penalty", minimum=-2, maximum=2)
-        _bound(schema, "frequency_penalty", minimum=-2, maximum=2)
-        _bound(schema, "repetition_penalty", exclusiveMinimum=0)
-        _bound(schema, "length_penalty", minimum=-10, maximum=10)
-        _bound(schema, "beam_width", f"beam search over this many beams (at most {max_beam_width}); n at most beam_width", minimum=1, maximum=max_beam_width)
+        _state_sampling_bounds(schema, bounds)
+        # This deployment's limits, tighter than the table's.
+        _bound(schema, "n", f"choices per prompt; prompts x n at most {config.max_n}", maximum=config.max_n)
+        _bound(schema, "beam_width", f"beam search over this many beams (at most {max_beam_width}); n at most beam_width", maximum=max_beam_width)
         _bound(schema, "stop", maxItems=config.max_stop_strings)
         _bound(schema, "timeout", f"seconds, at most {config.request_timeout_s:g} (the server's limit)", maximum=config.request_timeout_s)
         _bound(schema, "min_tokens", "EOS and stop_token_ids are held back until this many tokens (max_tokens still ends the completion)")
@@ -141,18 +152,16 @@ def _state_server_bounds(schemas: dict[str, Any], config: GatewayConfig) -> None
         ]
         schema["allOf"] = rules
     completion, chat = schemas["CompletionRequest"], schemas["ChatCompletionRequest"]
-    logprobs_bound = dict(minimum=0, maximum=config.max_logprobs)
-    _bound(completion, "logprobs", f"at most {config.max_logprobs}; not with beam search", **logprobs_bound)
-    _bound(completion, "prompt_logprobs", f"at most {config.max_logprobs}; not with beam search", **logprobs_bound)
-    _bound(chat, "top_logprobs", f"at most {config.max_logprobs}; only with logprobs: true", **logprobs_bound)
+    _bound(completion, "logprobs", f"at most {config.max_logprobs}; not with beam search")
+    _bound(completion, "prompt_logprobs", f"at most {config.max_logprobs}; not with beam search")
+    _bound(chat, "top_logprobs", f"at most {config.max_logprobs}; only with logprobs: true")
+    # The one exception to the table: a completion of the prompt alone (echo) asks for 0.
     _bound(completion, "max_tokens", "at least 1; 0 only with echo: true (the prompt alone)", minimum=0)
-    _bound(chat, "max_tokens", minimum=1)
-    _bound(chat, "max_completion_tokens", minimum=1)
     completion["allOf"] += [
         {"if": _present("max_tokens", {"const": 0}), "then": _required("echo", {"const": True})},
         {"if": _present("beam_width", {"type": "integer", "minimum": 2}), "then": {"properties": {"logprobs": {"type": "null"}}}},
     ]
-    _bound(chat, "prompt_logprobs", f"at most {config.max_logprobs}; not with beam search", **logprobs_bound)
+    _bound(chat, "prompt_logprobs", f"at most {config.max_logprobs}; not with beam search")
     function = schemas["FunctionDefinition"]["properties"]
     function["parameters"] = {
         "anyOf": [{"type": "null"}, {"type": "object", "properties": {"type": {"const": "object"}}}],

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pagedserve.services.gateway.context import GatewayContext
 from pagedserve.services.gateway.errors import invalid_request
 from pagedserve.services.gateway.openai_protocol import SamplingFields
+from pagedserve.shared.sampling_bounds import InvalidSamplingParam
 from pagedserve.shared.sampling_params import SamplingParams
 
 
@@ -114,9 +115,8 @@ def build_sampling_params(
         )
     try:
         params.validate(context.config.max_logprobs)
-    except ValueError as error:
-        # Every message starts with the field's name.
-        raise invalid_request(str(error), str(error).split(" ", 1)[0]) from None
+    except InvalidSamplingParam as error:
+        raise invalid_request(str(error), error.param) from None
     check_token_ids(params.stop_token_ids, context.vocab_size, "stop_token_ids")
     check_token_ids(list(params.logit_bias), context.vocab_size, "logit_bias")
     if fields.stream_options is not None and not fields.stream:

@@ -17,6 +17,7 @@ import pytest
 from transformers import PreTrainedTokenizerBase
 
 from pagedserve.services.gateway.openai_protocol import ChatCompletionRequest, CompletionRequest
+from pagedserve.shared.sampling_bounds import MAX_BEAM_WIDTH, sampling_bounds
 from tests.gateway.conftest import gateway_config, running_gateway
 from tests.gateway.fake_scheduler import FakeScheduler
 
@@ -60,6 +61,36 @@ def test_request_bodies_are_described_field_for_field(document: dict[str, Any], 
     assert "text/event-stream" in operation["responses"]["200"]["content"]
     error_ref = operation["responses"]["400"]["content"]["application/json"]["schema"]["$ref"]
     assert error_ref == "#/components/schemas/ErrorBody"
+
+
+def number_option(prop: dict[str, Any]) -> dict[str, Any] | None:
+    return next((option for option in prop.get("anyOf", [prop]) if option.get("type") in ("integer", "number")), None)
+
+
+def test_every_bound_of_the_table_is_in_the_served_document(fake_scheduler: FakeScheduler, tokenizer: PreTrainedTokenizerBase) -> None:
+    """shared/sampling_bounds.py's table, which SamplingParams.validate enforces
+    (tests/shared/test_sampling_bounds.py), stated for each request field carrying it. A
+    gateway whose --max-n does not cap beam_width below the table's, and a --max-logprobs
+    of its own, which the table's logprobs bounds must follow."""
+    config = gateway_config(fake_scheduler, max_n=MAX_BEAM_WIDTH, max_logprobs=9)
+    with running_gateway(config, tokenizer) as url:
+        served = httpx.get(f"{url}/openapi.json", timeout=20).json()["components"]["schemas"]
+    checked = set()
+    for bound in sampling_bounds(max_logprobs=9):
+        for schema_name in ("CompletionRequest", "ChatCompletionRequest"):
+            properties = served[schema_name]["properties"]
+            for name in (bound.field, *bound.aliases):
+                option = number_option(properties[name]) if name in properties else None
+                if bound.each_value and name in properties:  # a mapping: the bound is on its values
+                    option = next(o for o in properties[name]["anyOf"] if o.get("type") == "object")["additionalProperties"]
+                if option is None:
+                    continue  # not in this request, or another type there (chat's logprobs)
+                expected = bound.json_schema()
+                if (schema_name, name) == ("CompletionRequest", "max_tokens"):
+                    expected["minimum"] = 0  # the one exception: echo alone (an if/then rule)
+                assert {key: option.get(key) for key in expected} == expected, (schema_name, name, option)
+                checked.add(bound.field)
+    assert checked == {bound.field for bound in sampling_bounds()}, "a bound that no request field states"
 
 
 def test_the_document_is_openapi_3_1_and_names_the_limits(document: dict[str, Any]) -> None:
