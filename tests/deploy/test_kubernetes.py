@@ -452,3 +452,57 @@ def test_executor_memory_covers_the_model(objects: list[dict[str, Any]]) -> None
         need = EXECUTOR_RUNTIME_BYTES + 4 * num_params // int(rank_0["--tensor-parallel-size"])
         request = memory_bytes(container["resources"]["requests"]["memory"])
         assert request >= need, f"{statefulset['metadata']['name']}: {request / 2**30:.2f} GiB requested, {need / 2**30:.2f} GiB needed"
+
+
+@pytest.mark.slow
+def test_gateway_probes_mean_what_the_manifest_says(objects: list[dict[str, Any]], generated_secrets: dict[str, dict[str, Any]], tmp_path: Path) -> None:
+    """The gateway container's own command, on loopback, with its Secrets as the pod gets
+    them and no scheduler behind it (a replica restarting or loading its model): the
+    liveness endpoint answers 200, so the gateway is not restarted, while the readiness
+    endpoint answers 503, so it leaves the Service until a replica is back."""
+    import base64
+    import os
+
+    import httpx
+
+    from pagedserve.services.launcher import free_port
+    from tests.cluster import ServiceProcess, wait_until
+
+    [(gateway, container)] = [(w, c) for w, c in pagedserve_containers(objects) if c["args"][0] == "gateway"]
+    keys = tmp_path / "zmq-keys"
+    keys.mkdir()
+    volume = next(v for v in pod_spec(gateway)["volumes"] if "secret" in v)
+    for name, data in generated_secrets[volume["secret"]["secretName"]]["data"].items():
+        (keys / name).write_bytes(base64.b64decode(data))
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    for variable in container["env"]:
+        ref = variable["valueFrom"]["secretKeyRef"]
+        env[variable["name"]] = base64.b64decode(generated_secrets[ref["name"]]["data"][ref["key"]]).decode()
+    port = free_port()
+    loopback = {
+        "--host": "127.0.0.1", "--port": str(port), "--zmq-curve-keys": str(keys),
+        "--scheduler-address": f"tcp://127.0.0.1:{free_port()}", "--redis-url": f"redis://127.0.0.1:{free_port()}/0",
+    }
+    argv = [loopback.get(previous, arg) for previous, arg in zip(["", *container["args"]], container["args"])]
+    process = ServiceProcess("gateway", [*pagedserve_command(), *argv], tmp_path / "gateway.log", env)
+    process.start()
+    try:
+        def answers(path: str) -> int | None:
+            if not process.alive():
+                raise RuntimeError(f"the gateway exited:\n{process.log()}")
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}{path}", timeout=10).status_code
+            except httpx.HTTPError:
+                return None
+
+        liveness = container["livenessProbe"]["httpGet"]["path"]
+        readiness = container["readinessProbe"]["httpGet"]["path"]
+        wait_until(lambda: answers(liveness) is not None, 180, "the gateway to listen")
+        assert answers(liveness) == 200
+        assert answers(readiness) == 503
+        # and the API key from the Secret is in force
+        models = f"http://127.0.0.1:{port}/v1/models"
+        assert httpx.get(models, timeout=10).status_code == 401
+        assert httpx.get(models, headers={"Authorization": f"Bearer {env['PAGEDSERVE_API_KEY']}"}, timeout=10).status_code == 200
+    finally:
+        process.stop()
