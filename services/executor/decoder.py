@@ -34,18 +34,9 @@ from pagedserve.services.executor.distributed import TensorParallelGroup
 from pagedserve.services.executor.model_config import FULL, ModelConfig
 from pagedserve.services.executor.quantized_linear import Int4Linear, Int4Weight, Int8Linear
 from pagedserve.services.executor.softcap_attention import softcapped_paged_attention
+from pagedserve.services.executor.step_paths import StepPaths
 
 logger = logging.getLogger(__name__)
-
-# The most tokens a decode-only step runs through the fused C step (`kernels/fused_decode.py`)
-# rather than the torch layers, wherever 4-bit weights are packed (whatever rows the torch
-# int4 kernel takes: the C matmuls are faster). Measured as whole engine decode steps (2-core
-# AMD EPYC with AVX512-BF16, the embedded model, bf16): fused 4.0 / 6.5 / 12.6 / 22.6 / 37.3 /
-# 47.9 ms at 1 / 4 / 8 / 16 / 24 / 32 rows against 10.1 / 14.9 / 22.7 / 36.5 / 44.2 / 50.5
-# for the torch layers (int4 up to 16 rows, dense above); equal at 48 rows, behind at 64
-# (87.0 against 80.6). fp32 (FMA matmuls): 6.5 / 34.5 / 86.8 against 12.1 / 38.6 / 88.5 at
-# 1 / 8 / 32 rows.
-FUSED_DECODE_MAX_ROWS = 32
 
 # The MLP gate's activation by HF's name: SwiGLU (silu) or Gemma's GeGLU (tanh GELU).
 _GATE_ACTIVATIONS = {
@@ -253,6 +244,7 @@ class DecoderForCausalLM(nn.Module):
     int4_max_rows: int = sys.maxsize  # set by `build`: see Int4Linear
     fused_decoder: FusedDecoder | None = None  # set by `build` where the model can use it
     fused_max_rows: int = 0
+    step_paths: StepPaths = StepPaths()  # set by `build`
     embed_scale: torch.Tensor | None = None  # set by `build` for Gemma: sqrt(hidden) in the model dtype
 
     def __init__(self, config: ModelConfig, group: TensorParallelGroup | None = None) -> None:
@@ -274,6 +266,7 @@ class DecoderForCausalLM(nn.Module):
         device: torch.device,
         group: TensorParallelGroup | None = None,
         int4_max_rows: int = sys.maxsize,
+        step_paths: StepPaths = StepPaths(),
     ) -> "DecoderForCausalLM":
         """Construct without random initialisation (parameters on the meta device first),
         then load the checkpoint and compute the RoPE tables for real. With a group,
@@ -281,11 +274,13 @@ class DecoderForCausalLM(nn.Module):
         replaces its linear layer by an `Int4Linear` (`quantized_linear.py`), which keeps a
         dense copy too for steps of more than `int4_max_rows` rows unless that is sys.maxsize.
         Where 4-bit weights stay packed (int4_max_rows > 0) a dense LM head gets an int8 copy
-        for small steps as well (`Int8Linear`)."""
+        for small steps as well (`Int8Linear`). `step_paths`: the row cut-offs of those
+        paths (`step_paths.py`)."""
         with torch.device("meta"):
             model = cls(config, group)
         model = model.to_empty(device=device).to(dtype)
         model.int4_max_rows = int4_max_rows
+        model.step_paths = step_paths
         model.load_weights(
             (name, tensor if isinstance(tensor, Int4Weight) else tensor.to(dtype)) for name, tensor in weights
         )
@@ -299,12 +294,12 @@ class DecoderForCausalLM(nn.Module):
         if int4_max_rows > 0 and type(head) is nn.Linear and head.bias is None and q8_matmul.available() and (
             head.out_features % q8_matmul.BLOCK == 0 and head.in_features % q8_matmul.GROUP == 0
         ):
-            model.lm_head = Int8Linear(head.weight)
+            model.lm_head = Int8Linear(head.weight, step_paths.int8_lm_head_max_rows)
         model._install_fused_decoder(group or TensorParallelGroup(), dtype, device)
         return model.eval()
 
     def _install_fused_decoder(self, group: TensorParallelGroup, dtype: torch.dtype, device: torch.device) -> None:
-        """Decode steps of up to FUSED_DECODE_MAX_ROWS tokens run as one C call where every
+        """Decode steps of up to `step_paths.fused_decode_max_rows` tokens run as one C call where every
         projection is a bias-free Int4Linear on one rank; logged either way when 4-bit
         weights are packed."""
         if self.int4_max_rows <= 0:
@@ -333,7 +328,7 @@ class DecoderForCausalLM(nn.Module):
             layers, self.norm.weight, num_heads=self.config.num_heads, num_kv_heads=self.config.num_kv_heads,
             head_dim=self.config.head_dim, eps=self.config.rms_norm_eps, dtype=dtype,
         )
-        self.fused_max_rows = FUSED_DECODE_MAX_ROWS
+        self.fused_max_rows = self.step_paths.fused_decode_max_rows
         logger.info("decode steps of up to %d tokens run as one fused C call", self.fused_max_rows)
 
     @torch.inference_mode()

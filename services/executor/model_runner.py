@@ -24,6 +24,7 @@ from pagedserve.services.executor.prompt_logprobs import collect_prompt_logprobs
 from pagedserve.services.executor.quantized_linear import int4_max_rows
 from pagedserve.services.executor.request_state import RequestState, ScheduledRequest
 from pagedserve.services.executor.sampler import Sampler, beam_candidates
+from pagedserve.services.executor.step_paths import StepPaths
 from pagedserve.services.executor.structured_output import StructuredOutput
 from pagedserve.services.executor.tensor_parallel import ShardPlan
 from pagedserve.services.executor.weight_loader import iter_weights
@@ -37,11 +38,14 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, source: ModelSource, group: TensorParallelGroup | None = None) -> None:
         self.device = config.torch_device()
         self.dtype, dtype_reason = config.dtype_choice()
+        # Which path a step of N rows takes (fused C step, int4, int8 LM head): `step_paths.py`.
+        self.step_paths = StepPaths.from_env()
         # 4-bit GGUF weights: packed for steps of up to this many rows (0: none packed).
         self.int4_max_rows, weights_reason = int4_max_rows(
-            config.weight_format, self.dtype, self.device, source.gguf_file is not None
+            config.weight_format, self.dtype, self.device, source.gguf_file is not None, self.step_paths
         )
         logger.info("serving in %s (%s); %s", str(self.dtype).removeprefix("torch."), dtype_reason, weights_reason)
+        logger.info("step paths: %s", self.step_paths.describe())
         self.block_size = config.block_size
         # Tensor parallel (`tensor_parallel.py`): this rank's shard of the model and of the
         # KV cache; rank 0 alone samples and broadcasts the tokens (`distributed.py`).
@@ -51,7 +55,7 @@ class ModelRunner:
         self.model_config: ModelConfig = self.shard_plan.local_config(whole_model)
         self.model = DecoderForCausalLM.build(
             self.model_config, iter_weights(source, whole_model, self.shard_plan, self.int4_max_rows > 0),
-            self.dtype, self.device, self.group, self.int4_max_rows,
+            self.dtype, self.device, self.group, self.int4_max_rows, self.step_paths,
         )
         mc = self.model_config
         limits = config.limits.resolved(mc.max_position_embeddings)

@@ -27,7 +27,7 @@ The LM head of a small model is its largest matmul (SmolLM2-135M: 49152 x 576, t
 Q8_0 embedding table), and at decode it too streams its weight for a few rows. Wherever
 4-bit weights stay packed it gets an int8 copy as well (`Int8Linear`: one scale per 32
 columns, like Q8_0, for the C kernel of `kernels/q8_matmul.py`), used for steps of at most
-`INT8_LM_HEAD_MAX_ROWS` rows.
+`StepPaths.int8_lm_head_max_rows` rows (the cut-offs: `step_paths.py`).
 """
 
 from __future__ import annotations
@@ -42,23 +42,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedserve.kernels import q8_matmul
+from pagedserve.services.executor.step_paths import StepPaths
 
 GROUP_SIZE = 32  # GGUF's 4-bit block: one scale (and min) per 32 weights of a row
-
-# `--weight-format auto`: the most rows a step runs through the int4 kernel; above, the
-# dense weights. Measured as whole engine decode steps on a 2-core AMD EPYC (AVX512-BF16,
-# the embedded model), where the weights stream from memory rather than sit in cache as
-# in a per-layer microbenchmark: bf16 with int4 up to 16 rows, 49 ms at 16 rows against
-# 50 ms dense, 40 against 47-52 at 8 rows; at 32 rows dense wins (79 against 95 ms). fp32
-# (the choice on CPUs without AVX512-BF16 or AMX) with int4 up to 32 rows: int4 beat dense
-# fp32 at batch 8 and 32 alike (`benchmarks/cpu_speed.py`: 127 against 83, 258 against 197
-# tok/s); prefill steps of more rows stay dense.
-INT4_MAX_ROWS_AUTO = {torch.bfloat16: 16, torch.float32: 32}
-
-# The int8 LM head's most rows (same machine, the embedded head 49152 x 576, the C kernel
-# against a bf16 GEMM): 0.71 against 3.29 ms at 1 row, 1.23 against 3.72 at 4, 2.81 against
-# 4.18 at 8 (torch's own `_weight_int8pack_mm`, used before: 1.75, 2.77, 5.50).
-INT8_LM_HEAD_MAX_ROWS = 8
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +162,7 @@ class Int8Linear(nn.Module):
     step (1/127 of its group's largest) of the dense one, the granularity of the GGUF's own
     Q8_0 blocks: within bf16 tolerance of the dense product."""
 
-    def __init__(self, dense: torch.Tensor, max_rows: int = INT8_LM_HEAD_MAX_ROWS) -> None:
+    def __init__(self, dense: torch.Tensor, max_rows: int) -> None:
         super().__init__()
         self.out_features, self.in_features = dense.shape
         self.max_rows = max_rows
@@ -192,9 +178,12 @@ class Int8Linear(nn.Module):
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
-def int4_max_rows(weight_format: str, dtype: torch.dtype, device: torch.device, is_gguf: bool) -> tuple[int, str]:
+def int4_max_rows(
+    weight_format: str, dtype: torch.dtype, device: torch.device, is_gguf: bool, step_paths: StepPaths
+) -> tuple[int, str]:
     """How many rows of a step at most go through int4 matmuls (0: the weights are all
-    dense; sys.maxsize: all packed), and why (logged once at start).
+    dense; sys.maxsize: all packed; auto: the table's cut-off), and why (logged once at
+    start).
 
     float64 (the exactness tests) and devices other than CPU always expand the weights;
     asking for quantized there is refused with the reason."""
@@ -205,7 +194,7 @@ def int4_max_rows(weight_format: str, dtype: torch.dtype, device: torch.device, 
     refusal = None
     if device.type != "cpu":
         refusal = f"the int4 kernel runs on CPU only, not {device.type}"
-    elif dtype not in INT4_MAX_ROWS_AUTO:
+    elif step_paths.int4_max_rows(dtype) is None:
         refusal = f"quantized matmuls are bf16-exact at best, not {str(dtype).removeprefix('torch.')}-exact"
     if refusal is not None:
         if weight_format == "quantized":
@@ -213,7 +202,8 @@ def int4_max_rows(weight_format: str, dtype: torch.dtype, device: torch.device, 
         return 0, f"weight format auto: dequantized, {refusal}"
     if weight_format == "quantized":
         return sys.maxsize, f"weight format quantized: 4-bit GGUF tensors stay packed (int4, groups of {GROUP_SIZE})"
-    rows = INT4_MAX_ROWS_AUTO[dtype]
+    rows = step_paths.int4_max_rows(dtype)
+    assert rows is not None  # refused above otherwise
     return rows, (
         f"weight format auto: 4-bit GGUF tensors packed (int4) for steps of up to {rows} rows, "
         "and dense for larger ones"

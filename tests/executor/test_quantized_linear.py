@@ -18,16 +18,13 @@ import torch
 
 from pagedserve.kernels import q8_matmul
 from pagedserve.services.executor.model_config import load_model_config
-from pagedserve.services.executor.quantized_linear import (
-    INT4_MAX_ROWS_AUTO,
-    INT8_LM_HEAD_MAX_ROWS,
-    Int4Linear,
-    Int4Weight,
-    Int8Linear,
-    int4_max_rows,
-)
+from pagedserve.services.executor.quantized_linear import Int4Linear, Int4Weight, Int8Linear, int4_max_rows
+from pagedserve.services.executor.step_paths import StepPaths
 from pagedserve.services.executor.tensor_parallel import ShardPlan
 from pagedserve.services.executor.weight_loader import gguf_name_to_hf, iter_gguf_weights
+
+PATHS = StepPaths()
+INT8_LM_HEAD_MAX_ROWS = PATHS.int8_lm_head_max_rows
 from pagedserve.shared.model_source import default_model_source
 
 SOURCE = default_model_source()
@@ -156,7 +153,7 @@ def test_int8_lm_head_is_the_group_requantized_head_within_bf16_tolerance(dense_
     generator = torch.Generator().manual_seed(3)
     for dtype in (torch.float32, torch.bfloat16):
         dense = weight.to(dtype)
-        head = Int8Linear(dense)
+        head = Int8Linear(dense, INT8_LM_HEAD_MAX_ROWS)
         assert head.dense.data_ptr() == dense.data_ptr() and head.codes.dtype == torch.int8
         requantized = q8_matmul.dequantize(head.codes, head.scales)
         step = head.scales.transpose(1, 2).reshape(weight.shape[0], -1).repeat_interleave(q8_matmul.GROUP, dim=1)
@@ -175,13 +172,13 @@ def test_weight_format_resolution() -> None:
     the rest); quantized packs them for every step; float64 (the exactness tests) always
     expands them, and asking for quantized there is refused with the reason."""
     cpu = torch.device("cpu")
-    assert int4_max_rows("auto", torch.bfloat16, cpu, True)[0] == INT4_MAX_ROWS_AUTO[torch.bfloat16]
-    assert int4_max_rows("auto", torch.float32, cpu, True)[0] == INT4_MAX_ROWS_AUTO[torch.float32]
-    assert int4_max_rows("quantized", torch.bfloat16, cpu, True)[0] == sys.maxsize
-    assert int4_max_rows("auto", torch.float64, cpu, True)[0] == 0
-    assert int4_max_rows("quantized", torch.float32, cpu, False)[0] == 0  # not a GGUF
-    assert int4_max_rows("dequantized", torch.bfloat16, cpu, True)[0] == 0
+    assert int4_max_rows("auto", torch.bfloat16, cpu, True, PATHS)[0] == PATHS.int4_max_rows_bfloat16
+    assert int4_max_rows("auto", torch.float32, cpu, True, PATHS)[0] == PATHS.int4_max_rows_float32
+    assert int4_max_rows("quantized", torch.bfloat16, cpu, True, PATHS)[0] == sys.maxsize
+    assert int4_max_rows("auto", torch.float64, cpu, True, PATHS)[0] == 0
+    assert int4_max_rows("quantized", torch.float32, cpu, False, PATHS)[0] == 0  # not a GGUF
+    assert int4_max_rows("dequantized", torch.bfloat16, cpu, True, PATHS)[0] == 0
     with pytest.raises(ValueError, match="float64.*--weight-format dequantized"):
-        int4_max_rows("quantized", torch.float64, cpu, True)
+        int4_max_rows("quantized", torch.float64, cpu, True, PATHS)
     with pytest.raises(ValueError, match="CPU only"):
-        int4_max_rows("quantized", torch.bfloat16, torch.device("meta"), True)
+        int4_max_rows("quantized", torch.bfloat16, torch.device("meta"), True, PATHS)
