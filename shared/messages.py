@@ -360,6 +360,9 @@ class ExecutorReady(msgspec.Struct, tag="ready", array_like=True):
     group_id: str = ""
     rank: int = 0
     world_size: int = 1
+    # Its KV groups' sliding windows (None: global), `shared/kv_group_layout.py`; empty:
+    # one global group.
+    kv_group_windows: list[int | None] = []
 
 
 class Heartbeat(msgspec.Struct, tag="heartbeat", array_like=True):

@@ -104,6 +104,7 @@ class LLMEngine:
             num_blocks=self.runner.num_blocks,
             block_size=self.config.block_size,
             num_swap_blocks=self.runner.num_swap_blocks,
+            kv_group_windows=self.runner.kv_layout.windows,
         )
         self._ids = itertools.count()
 

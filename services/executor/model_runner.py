@@ -17,7 +17,14 @@ from pagedserve.kernels.dispatch import kernel_module
 from pagedserve.services.engine.config import EngineConfig
 from pagedserve.services.executor.distributed import TensorParallelGroup
 from pagedserve.services.executor.input_batch import InputBatch
-from pagedserve.services.executor.kv_cache import allocate_kv_cache, copy_blocks, num_blocks_for_budget, num_swap_blocks_for_budget
+from pagedserve.services.executor.kv_cache import (
+    allocate_kv_cache,
+    copy_blocks,
+    kv_layout,
+    num_blocks_for_budget,
+    num_swap_blocks_for_budget,
+    one_group,
+)
 from pagedserve.services.executor.decoder import DecoderForCausalLM
 from pagedserve.services.executor.model_config import ModelConfig, load_model_config
 from pagedserve.services.executor.prompt_logprobs import collect_prompt_logprobs, wants_prompt_logprobs
@@ -63,16 +70,27 @@ class ModelRunner:
         self.max_model_len = limits.max_model_len
         self.eos_token_id: int | None = mc.eos_token_ids[0] if mc.eos_token_ids else None
         self.kernels = kernel_module(self.device, config.use_triton)
+        # KV groups (`shared/kv_group_layout.py`): a sliding-window group gives its blocks back
+        # as the window moves. Several groups need a model that gives each layer its group's
+        # metadata (`AttentionMetadata.for_layer`, `reads_kv_groups`); otherwise one group,
+        # whose windows, if any, only mask.
+        self.kv_layout = kv_layout(mc)
+        if self.kv_layout.num_groups > 1 and not getattr(self.model, "reads_kv_groups", False):
+            self.kv_layout = one_group(mc)
         # A block id must exist on every rank: the group agrees on the smallest capacity.
         self.num_blocks = self.group.min_over_ranks(config.num_kv_blocks or self._num_blocks_from_memory(config))
-        self.kv_caches = allocate_kv_cache(self.model_config, self.num_blocks, self.block_size, self.dtype, self.device)
+        self.kv_caches = allocate_kv_cache(
+            self.model_config, self.num_blocks, self.block_size, self.dtype, self.device, self.kv_layout
+        )
         # Preemption by swap: a pool of the same blocks in CPU memory (on a CPU device this
         # is CPU memory too; the mechanism stays the same). The scheduler picks its ids.
         self.num_swap_blocks = self.group.min_over_ranks(
-            num_swap_blocks_for_budget(self.model_config, self.block_size, self.dtype, config.swap_space_bytes)
+            num_swap_blocks_for_budget(
+                self.model_config, self.block_size, self.dtype, config.swap_space_bytes, self.kv_layout
+            )
         )
         self.swap_caches = allocate_kv_cache(
-            self.model_config, self.num_swap_blocks, self.block_size, self.dtype, torch.device("cpu")
+            self.model_config, self.num_swap_blocks, self.block_size, self.dtype, torch.device("cpu"), self.kv_layout
         )
         self.sampler = Sampler(self.model_config.vocab_size, self.eos_token_id)
         self.structured_output = StructuredOutput(source, self.model_config.vocab_size)
@@ -84,6 +102,7 @@ class ModelRunner:
             max_num_tokens=limits.max_num_batched_tokens,
             block_size=self.block_size,
             device=self.device,
+            group_of_layer=self.kv_layout.group_of_layer if self.kv_layout.num_groups > 1 else (),
         )
 
     def _num_blocks_from_memory(self, config: EngineConfig) -> int:
@@ -92,7 +111,7 @@ class ModelRunner:
             budget = int(free_bytes * config.gpu_memory_utilization)
         else:
             budget = config.kv_cache_memory_bytes
-        return num_blocks_for_budget(self.model_config, self.block_size, self.dtype, budget)
+        return num_blocks_for_budget(self.model_config, self.block_size, self.dtype, budget, self.kv_layout)
 
     def reset(self) -> None:
         """Forget every mirrored request (a new scheduler session: that scheduler sends

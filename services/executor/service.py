@@ -81,6 +81,7 @@ def serve(config: ExecutorConfig, stop_event: threading.Event | None = None) -> 
         group_id=group_id,
         rank=group.rank,
         world_size=world_size,
+        kv_group_windows=list(runner.kv_layout.windows),
     )
     context = zmq.Context()
     link = SchedulerLink(context, config.scheduler_address, ready, config.heartbeat_interval_s, curve)

@@ -303,6 +303,7 @@ class SchedulerService:
             block_size=ready.block_size,
             num_swap_blocks=ready.num_swap_blocks,
             record_prefix_cache_events=self.redis is not None,
+            kv_group_windows=tuple(ready.kv_group_windows) or (None,),
         )
 
     def _resize(self, ready: ExecutorReady) -> None:
