@@ -6,8 +6,10 @@ its JSON-schema converter refuses features it does not implement, and its regex 
 is not Python's), but `import xgrammar` imports torch, which the gateway process must not
 (tests/test_import_boundaries.py). So the check runs in a worker process of the gateway's
 own, started with the first constrained request: `python -m
-services.gateway.grammar_validator`, one msgspec JSON line per spec in on stdin, one
-result line out on stdout. It converts the grammar without a tokenizer (microseconds;
+services.gateway.grammar_validator`, one framed msgspec JSON spec in on stdin, one framed
+result out on stdout (a frame: a 4-byte big-endian length, then that many bytes; lines
+broke on a reply over asyncio's 64 KiB line limit, a 500 that left the rest of the reply
+to be read as the next request's answer). It converts the grammar without a tokenizer (microseconds;
 the executor does the token-level compile), and results are cached per spec (LRU), so a
 client that sends the same schema every time pays for it once.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import struct
 import sys
 from collections import OrderedDict
 
@@ -30,6 +33,13 @@ log = logging.getLogger(__name__)
 # Importing xgrammar (and with it torch) takes seconds, more on a busy machine.
 START_TIMEOUT_S = 120.0
 CHECK_TIMEOUT_S = 10.0
+MAX_ERROR_CHARS = 2000  # xgrammar echoes its input in some messages (a 100 kB "type")
+MAX_FRAME_BYTES = 16 << 20  # a reply announcing more is a broken worker, not an answer
+_LENGTH = struct.Struct(">I")
+
+
+def frame(payload: bytes) -> bytes:
+    return _LENGTH.pack(len(payload)) + payload
 
 
 class GrammarCheckResult(msgspec.Struct, omit_defaults=True):
@@ -56,7 +66,7 @@ class GrammarValidator:
         async with self._lock:
             try:
                 error = await self._ask(spec)
-            except (OSError, EOFError, TimeoutError, msgspec.DecodeError) as failure:
+            except (OSError, EOFError, TimeoutError, ValueError) as failure:  # msgspec.DecodeError is a ValueError
                 await self.close()
                 raise GatewayError(
                     503, f"the grammar checker is not answering ({type(failure).__name__}: {failure}); retry",
@@ -77,13 +87,17 @@ class GrammarValidator:
             timeout_s = START_TIMEOUT_S
         process = self._process
         assert process.stdin is not None and process.stdout is not None
-        process.stdin.write(msgspec.json.encode(spec) + b"\n")
+        process.stdin.write(frame(msgspec.json.encode(spec)))
         await process.stdin.drain()
-        async with asyncio.timeout(timeout_s):
-            line = await process.stdout.readline()
-        if not line:
-            raise EOFError("the worker exited")
-        return msgspec.json.decode(line, type=GrammarCheckResult).error
+        try:
+            async with asyncio.timeout(timeout_s):
+                (length,) = _LENGTH.unpack(await process.stdout.readexactly(_LENGTH.size))
+                if length > MAX_FRAME_BYTES:
+                    raise ValueError(f"the worker announced a {length:,}-byte reply (at most {MAX_FRAME_BYTES:,})")
+                payload = await process.stdout.readexactly(length)
+        except asyncio.IncompleteReadError:
+            raise EOFError("the worker exited") from None
+        return msgspec.json.decode(payload, type=GrammarCheckResult).error
 
     async def close(self) -> None:
         process, self._process = self._process, None
@@ -108,7 +122,10 @@ def check_grammar(spec: GrammarSpec) -> str | None:
     except Exception as error:  # xgrammar raises RuntimeError/ValueError with its parser's message
         # Its messages start with "[hh:mm:ss] /path/file.cc:line: "; the client needs the rest.
         text = str(error).strip()
-        return text.split(": ", 1)[1] if text.startswith("[") and ": " in text else text
+        text = text.split(": ", 1)[1] if text.startswith("[") and ": " in text else text
+        if len(text) > MAX_ERROR_CHARS:
+            text = f"{text[:MAX_ERROR_CHARS]}... ({len(text):,} characters in all)"
+        return text
     return None
 
 
@@ -119,13 +136,16 @@ def _worker_main() -> None:
     import xgrammar  # noqa: F401  (loaded before the first question, not during it)
 
     encoder = msgspec.json.Encoder()
-    for line in sys.stdin.buffer:
+    protocol_in = sys.stdin.buffer
+    while len(header := protocol_in.read(_LENGTH.size)) == _LENGTH.size:
+        (length,) = _LENGTH.unpack(header)
+        payload = protocol_in.read(length)
         try:
-            spec = msgspec.json.decode(line, type=GrammarSpec)
+            spec = msgspec.json.decode(payload, type=GrammarSpec)
             result = GrammarCheckResult(check_grammar(spec))
         except msgspec.DecodeError as error:
             result = GrammarCheckResult(f"malformed check request: {error}")
-        protocol_out.write(encoder.encode(result) + b"\n")
+        protocol_out.write(frame(encoder.encode(result)))
 
 
 if __name__ == "__main__":

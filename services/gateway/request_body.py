@@ -98,6 +98,10 @@ async def read_json_body(request: Request, body_type: type[T], *, max_body_bytes
         first_error = error
     except (msgspec.DecodeError, UnicodeDecodeError) as error:
         raise invalid_request(f"request body is not valid JSON: {error}", code="invalid_json") from None
+    except RecursionError:
+        # A free-form field (a JSON schema, tool parameters) nested deeper than the decoder's
+        # stack allows (~500 levels here): typed fields say where, these cannot.
+        raise invalid_request("request body nests objects and arrays too deep to decode (a few hundred levels)") from None
     # An integer written as a float (`"max_tokens": 461.0`): JSON Schema calls it an
     # integer, and OpenAI (pydantic) accepts it; msgspec does not. Only on this rare path
     # is the body decoded twice, with every integral float made an int (a number field

@@ -22,6 +22,22 @@ from pagedserve.services.gateway.openai_protocol import SamplingFields
 from pagedserve.shared.structured_output import GrammarSpec
 
 JSON_OBJECT_SCHEMA = '{"type": "object"}'
+# xgrammar's schema converter recurses on the C++ stack: a schema 2,000 deep crashes the
+# process that compiles it (the gateway's checker, then the executor). No real schema
+# comes near this.
+MAX_SCHEMA_DEPTH = 128
+
+
+def check_schema_depth(schema: Any, param: str) -> None:
+    """A 400 naming `param` when objects and arrays nest deeper than MAX_SCHEMA_DEPTH
+    (measured without recursion)."""
+    stack = [(schema, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_SCHEMA_DEPTH:
+            raise invalid_request(f"{param} nests objects and arrays more than {MAX_SCHEMA_DEPTH} deep", param)
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
 
 
 def _schema_source(value: dict[str, Any] | str, param: str) -> str:
@@ -30,8 +46,11 @@ def _schema_source(value: dict[str, Any] | str, param: str) -> str:
             value = json.loads(value)
         except ValueError as error:
             raise invalid_request(f"{param} is not valid JSON: {error}", param) from None
+        except RecursionError:
+            raise invalid_request(f"{param} nests objects and arrays more than {MAX_SCHEMA_DEPTH} deep", param) from None
         if not isinstance(value, dict):
             raise invalid_request(f"{param} must be a JSON schema object", param)
+    check_schema_depth(value, param)
     return json.dumps(value)
 
 
@@ -75,7 +94,8 @@ def requested_constraints(fields: SamplingFields) -> list[tuple[GrammarSpec, str
             if json_schema is None:
                 raise invalid_request("response_format.json_schema is required when type is 'json_schema'", "response_format.json_schema")
             schema = json_schema.schema if json_schema.schema is not None else {"type": "object"}
-            found.append((GrammarSpec("json_schema", json.dumps(schema)), "response_format.json_schema.schema"))
+            param = "response_format.json_schema.schema"
+            found.append((GrammarSpec("json_schema", _schema_source(schema, param)), param))
     structured = fields.structured_outputs
     if structured is not None:
         found += _named_constraints(structured, "", "structured_outputs.")

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from pagedserve.services.gateway.errors import invalid_request
+from pagedserve.services.gateway.response_format import check_schema_depth
 from pagedserve.services.gateway.openai_protocol import (
     ChatCompletionRequest,
     FunctionCall,
@@ -79,6 +80,8 @@ def tool_plan(body: ChatCompletionRequest) -> ToolPlan | None:
         parameters = tool.function.parameters
         if parameters is not None and parameters.get("type", "object") != "object":
             raise invalid_request("a function's parameters must be a JSON schema of type object", f"tools[{i}].function.parameters")
+        if parameters is not None:
+            check_schema_depth(parameters, f"tools[{i}].function.parameters")
     parallel = body.parallel_tool_calls is not False
     if isinstance(choice, NamedToolChoice):
         if choice.function.name not in names:
@@ -102,12 +105,16 @@ def forced_grammar(plan: ToolPlan) -> GrammarSpec | None:
     if plan.mode != "required":
         return None
     # $refs in a function's schema point at its own root ("#/$defs/X"): lift every
-    # function's $defs to the array schema's root so they still resolve.
+    # function's $defs to the array schema's root so they still resolve, each under a
+    # name of its own ("tool3_X"): two functions' `Item`s are different definitions (one
+    # dict merged them, the last winning for every function).
     definitions: dict[str, Any] = {}
     variants = []
-    for tool in plan.tools:
-        parameters = dict(_parameters(tool))
-        definitions.update(parameters.pop("$defs", {}))
+    for index, tool in enumerate(plan.tools):
+        prefix = f"tool{index}_"
+        parameters = _prefixed_refs(_parameters(tool), prefix)
+        for name, definition in parameters.pop("$defs", {}).items():
+            definitions[prefix + name] = definition
         variants.append({
             "type": "object",
             "properties": {"name": {"type": "string", "enum": [tool.function.name]}, "arguments": parameters},
@@ -119,6 +126,33 @@ def forced_grammar(plan: ToolPlan) -> GrammarSpec | None:
     if definitions:
         schema["$defs"] = definitions
     return GrammarSpec("json_schema", json.dumps(schema))
+
+
+_DEFS_REF = "#/$defs/"
+
+
+def _prefixed_refs(schema: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """A copy of `schema` whose "#/$defs/X" references read "#/$defs/{prefix}X"
+    (iterative: the schema's depth was bounded, but not to Python's stack)."""
+    root = dict(schema)
+    stack: list[Any] = [root]
+    while stack:
+        node = stack.pop()
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, value in list(items):
+            if isinstance(value, dict):
+                value = node[key] = dict(value)
+                ref = value.get("$ref")
+                if isinstance(ref, str) and ref.startswith(_DEFS_REF):
+                    value["$ref"] = _DEFS_REF + prefix + ref[len(_DEFS_REF) :]
+                stack.append(value)
+            elif isinstance(value, list):
+                node[key] = list(value)
+                stack.append(node[key])
+    ref = root.get("$ref")
+    if isinstance(ref, str) and ref.startswith(_DEFS_REF):
+        root["$ref"] = _DEFS_REF + prefix + ref[len(_DEFS_REF) :]
+    return root
 
 
 @dataclass

@@ -10,18 +10,20 @@ is compared with a generous factor.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import jsonschema  # schemathesis's dependency (the test extra): an independent validator
 import msgspec
 import pytest
 from transformers import PreTrainedTokenizerBase
 
 from pagedserve.services.gateway.detokenizer import IncrementalDetokenizer
 from pagedserve.services.gateway.openai_protocol import ChatCompletionRequest
-from pagedserve.services.gateway.tool_calls import ToolCallStream, ToolPlan, parse_tool_calls, tool_plan
+from pagedserve.services.gateway.tool_calls import ToolCallStream, ToolPlan, forced_grammar, parse_tool_calls, tool_plan
 from tests.gateway.fake_scheduler import FakeScheduler
 from tests.gateway.test_bad_input import CHAT, COMPLETIONS, JSON, BadInput, body
 from tests.gateway.test_validation import assert_openai_error
@@ -191,11 +193,41 @@ def _nested_schema(depth: int) -> dict:
     return schema
 
 
+def _nested_schema_text(depth: int) -> str:
+    """The JSON text of `_nested_schema(depth)`, written out (json.dumps recurses)."""
+    return '{"type": "object", "properties": {"a": ' * depth + '{"type": "object"}' + "}}" * depth
+
+
 HOSTILE = [
     BadInput("`stop_token_ids` longer than 64", COMPLETIONS, body({"prompt": "p", "stop_token_ids": [5] * 65}), 400, "invalid_value", "stop_token_ids"),
     BadInput("a stop string over 256 characters", COMPLETIONS, body({"prompt": "p", "stop": ["x" * 257]}), 400, "invalid_value", "stop[0]"),
     BadInput("more than 128 `tools`", CHAT, body({"messages": USER, "tools": [TOOL] * 129}), 400, "invalid_value", "tools"),
     BadInput("more than 2,048 `messages`", CHAT, body({"messages": USER * 2049}), 400, "invalid_value", "messages"),
+    BadInput(
+        "a JSON schema nested 1,000 deep", CHAT,
+        b'{"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": '
+        + _nested_schema_text(1000).encode() + b"}}}",
+        400, "invalid_value",
+    ),
+    BadInput(
+        "a JSON schema nested more than 128 deep", CHAT,
+        body({"messages": USER, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": _nested_schema(100)}}}),
+        400, "invalid_value", "response_format.json_schema.schema",
+    ),
+    BadInput(
+        "a JSON schema nested more than 128 deep", COMPLETIONS,
+        body({"prompt": "p", "guided_json": _nested_schema_text(3000)}), 400, "invalid_value", "guided_json",
+    ),
+    BadInput(
+        "a JSON schema nested more than 128 deep", CHAT,
+        body({"messages": USER, "tools": [{"type": "function", "function": {"name": "f", "parameters": _nested_schema(100)}}]}),
+        400, "invalid_value", "tools[0].function.parameters",
+    ),
+    BadInput(
+        "a schema the grammar library's error echoes at length", CHAT,
+        body({"messages": USER, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "x" * 100_000}}}}),
+        400, "invalid_grammar", "response_format.json_schema.schema",
+    ),
     BadInput(
         "prompt text longer in bytes than the context can hold", COMPLETIONS,
         body({"prompt": "a" * TOO_MANY_BYTES}), 400, "context_length_exceeded", "prompt",
@@ -207,7 +239,7 @@ HOSTILE = [
 ]
 
 
-@pytest.mark.parametrize("case", HOSTILE, ids=[case.what for case in HOSTILE])
+@pytest.mark.parametrize("case", HOSTILE, ids=[f"{case.what} ({case.param})" for case in HOSTILE])
 def test_hostile_input_is_an_openai_error(client: httpx.Client, scheduler: FakeScheduler, case: BadInput) -> None:
     response = client.post(case.path, content=case.content, headers={"content-type": JSON})
     error = assert_openai_error(response, case.status, param=case.param, code=case.code)
@@ -226,3 +258,39 @@ def test_the_security_doc_lists_every_hostile_input() -> None:
     for case in HOSTILE:
         assert case.what in rows, f"docs/security.md's bad-input table has no row {case.what!r}"
         assert rows[case.what][:2] == [str(case.status), f"`{case.code}`"], (case.what, rows[case.what])
+
+
+def test_a_long_grammar_error_leaves_the_checker_answering_the_next_request_right(client: httpx.Client, scheduler: FakeScheduler) -> None:
+    # The checker's reply to the first was over 64 KiB: a 500, and its tail was read as
+    # the answer to the next constrained request, whoever sent it.
+    long_error = {"messages": USER, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "y" * 100_000}}}}
+    first = assert_openai_error(client.post(CHAT, json=long_error), 400, "response_format.json_schema.schema", "invalid_grammar")
+    assert len(first["message"]) < 5000, len(first["message"])
+    other = {"messages": USER, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frobnicate"}}}}
+    second = assert_openai_error(client.post(CHAT, json=other), 400, "response_format.json_schema.schema", "invalid_grammar")
+    assert "frobnicate" in second["message"] and "yyyy" not in second["message"], second
+    valid = {"messages": USER, "max_tokens": 2, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}}
+    assert client.post(CHAT, json=valid).status_code == 200
+
+
+def test_tool_choice_required_keeps_each_function_s_own_definitions() -> None:
+    # Two functions each define `Item`; merging their $defs made the last one's `Item`
+    # constrain both functions' arguments.
+    tools = [
+        {"type": "function", "function": {"name": "order", "parameters": {
+            "type": "object", "properties": {"item": {"$ref": "#/$defs/Item"}}, "required": ["item"],
+            "$defs": {"Item": {"type": "object", "properties": {"sku": {"type": "integer"}}, "required": ["sku"]}},
+        }}},
+        {"type": "function", "function": {"name": "tag", "parameters": {
+            "type": "object", "properties": {"item": {"$ref": "#/$defs/Item"}}, "required": ["item"],
+            "$defs": {"Item": {"type": "string"}},
+        }}},
+    ]
+    grammar = forced_grammar(_plan("required", tools))
+    assert grammar is not None
+    schema = json.loads(grammar.source)
+    valid = [{"name": "order", "arguments": {"item": {"sku": 7}}}, {"name": "tag", "arguments": {"item": "blue"}}]
+    jsonschema.validate(valid, schema)
+    for wrong in ([{"name": "order", "arguments": {"item": "blue"}}], [{"name": "tag", "arguments": {"item": {"sku": 7}}}]):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(wrong, schema)
