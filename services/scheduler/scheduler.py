@@ -474,11 +474,14 @@ class Scheduler:
         """Tokens whose K/V are stored / slots allocated, over running requests: what
         on-demand allocation wins over reserving max_model_len per sequence. 0.0 when
         nothing is allocated (nothing is used well). The one answer: the admin snapshot
-        reports this too."""
-        num_slots = sum(len(r.block_ids) for r in self._running) * self._kv.block_size
+        reports this too. Over the first KV group's table: blocks a sliding window dropped
+        are neither stored nor allocated."""
+        block_size = self._kv.block_size
+        dropped = [r.num_dropped_blocks[0] * block_size if r.num_dropped_blocks else 0 for r in self._running]
+        num_slots = sum(len(r.block_ids) for r in self._running) * block_size - sum(dropped)
         if num_slots == 0:
             return 0.0
-        return sum(r.num_computed_tokens for r in self._running) / num_slots
+        return (sum(r.num_computed_tokens for r in self._running) - sum(dropped)) / num_slots
 
     # --- private --------------------------------------------------------------------
 

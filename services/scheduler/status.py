@@ -70,7 +70,8 @@ def block_pool_status(scheduler: Scheduler) -> BlockPoolStatus:
         tokens_stored += min(req.num_computed_tokens, len(req.block_ids) * pool.block_size)
         slots_allocated += len(req.block_ids) * pool.block_size
         for block_id in req.block_ids:
-            owners[block_id] = req.request_id
+            if block_id >= 0:  # a sliding window's dropped block (kv_groups.DROPPED) is nobody's
+                owners[block_id] = req.request_id
     num_shared = 0
     for block_id in range(pool.num_blocks):
         if pool.ref_count(block_id) > 1:

@@ -308,3 +308,19 @@ def test_a_window_holds_fewer_blocks_than_the_same_layers_global() -> None:
             peak = max(peak, sched.block_pool.num_used_blocks)
             sched.update_from_output(step, executor.execute(step))
         assert peak == expected
+
+
+def test_kv_utilisation_counts_only_the_blocks_a_window_holds() -> None:
+    """One sliding group: a long decode holds 2-3 blocks, whatever its length; utilisation
+    is the tokens in them over their slots (dropped blocks are neither)."""
+    sched = windowed_scheduler(num_blocks=40, windows=(5,), max_model_len=256)
+    sched.add_request(make_request("a", prompt_len=10, max_tokens=40, eos_token_id=None))
+    executor = WindowedExecutor((5,))
+    for _ in range(30):
+        step = sched.schedule()
+        sched.update_from_output(step, executor.execute(step))
+    (req,) = sched.running
+    held = sched.block_pool.num_used_blocks
+    assert held <= 3 and req.num_computed_tokens > 30
+    first_held_position = req.num_dropped_blocks[0] * BLOCK_SIZE
+    assert sched.kv_utilisation() == (req.num_computed_tokens - first_held_position) / (held * BLOCK_SIZE)
