@@ -9,7 +9,8 @@ Secrets referenced are the ones kustomization.yaml generates, with the keys refe
 the CURVE folders they become load as the scheduler and its clients load them; every
 Service selects pods that exist, on ports they expose; the addresses in the flags are those
 Services; a replica's ranks form one tensor-parallel group; requests are set from the
-model's size.
+model's size. Then (slow) the containers' own commands run as real processes on loopback
+with their Secrets as the pods mount them, and serve.
 """
 
 from __future__ import annotations
@@ -454,55 +455,111 @@ def test_executor_memory_covers_the_model(objects: list[dict[str, Any]]) -> None
         assert request >= need, f"{statefulset['metadata']['name']}: {request / 2**30:.2f} GiB requested, {need / 2**30:.2f} GiB needed"
 
 
+# ------------------------------------------------------ the manifests' commands, running
+
+
 @pytest.mark.slow
-def test_gateway_probes_mean_what_the_manifest_says(objects: list[dict[str, Any]], generated_secrets: dict[str, dict[str, Any]], tmp_path: Path) -> None:
-    """The gateway container's own command, on loopback, with its Secrets as the pod gets
-    them and no scheduler behind it (a replica restarting or loading its model): the
-    liveness endpoint answers 200, so the gateway is not restarted, while the readiness
-    endpoint answers 503, so it leaves the Service until a replica is back."""
+def test_the_manifests_commands_serve_with_their_secrets(objects: list[dict[str, Any]], generated_secrets: dict[str, dict[str, Any]], tmp_path: Path) -> None:
+    """Every container's own command as real processes on loopback: each `host:port`
+    address becomes 127.0.0.1 and one free port per port number (the Services forward
+    each port to the same number), and each CURVE folder holds what its role's Secret
+    holds, so the split of keys per role is exercised by real handshakes. With no executor
+    yet, the gateway answers its liveness path (it is not restarted) and fails its
+    readiness path (it leaves the Service); once rank 0 joins, it serves a completion
+    behind the API key from the Secret."""
     import base64
     import os
 
     import httpx
 
-    from pagedserve.services.launcher import free_port
-    from tests.cluster import ServiceProcess, wait_until
+    from pagedserve.services.launcher import free_port, redis_server_binary
+    from tests.cluster import ServiceProcess, port_open, wait_until
 
-    [(gateway, container)] = [(w, c) for w, c in pagedserve_containers(objects) if c["args"][0] == "gateway"]
-    keys = tmp_path / "zmq-keys"
-    keys.mkdir()
-    volume = next(v for v in pod_spec(gateway)["volumes"] if "secret" in v)
-    for name, data in generated_secrets[volume["secret"]["secretName"]]["data"].items():
-        (keys / name).write_bytes(base64.b64decode(data))
+    ports: dict[str, str] = {}
+
+    def loopback_port(port: str) -> str:
+        return ports.setdefault(port, str(free_port()))
+
+    def on_loopback(argv: list[str], keys: Path | None) -> list[str]:
+        out = []
+        for previous, arg in zip(["", *argv], argv):
+            if previous == "--host":
+                arg = "127.0.0.1"
+            elif previous == "--port":
+                arg = loopback_port(arg)
+            elif previous == "--zmq-curve-keys" and keys is not None:
+                arg = str(keys)
+            else:
+                arg = re.sub(r"^(tcp|redis)://[^:/]+:(\d+)", lambda m: f"{m[1]}://127.0.0.1:{loopback_port(m[2])}", arg)
+            out.append(arg)
+        return out
+
+    def secret_folder(workload: dict[str, Any]) -> Path:
+        volume = next(v for v in pod_spec(workload)["volumes"] if "secret" in v)
+        folder = tmp_path / workload["metadata"]["name"]
+        folder.mkdir()
+        for name, data in generated_secrets[volume["secret"]["secretName"]]["data"].items():
+            (folder / name).write_bytes(base64.b64decode(data))
+        return folder
+
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    for variable in container["env"]:
-        ref = variable["valueFrom"]["secretKeyRef"]
-        env[variable["name"]] = base64.b64decode(generated_secrets[ref["name"]]["data"][ref["key"]]).decode()
-    port = free_port()
-    loopback = {
-        "--host": "127.0.0.1", "--port": str(port), "--zmq-curve-keys": str(keys),
-        "--scheduler-address": f"tcp://127.0.0.1:{free_port()}", "--redis-url": f"redis://127.0.0.1:{free_port()}/0",
-    }
-    argv = [loopback.get(previous, arg) for previous, arg in zip(["", *container["args"]], container["args"])]
-    process = ServiceProcess("gateway", [*pagedserve_command(), *argv], tmp_path / "gateway.log", env)
-    process.start()
+    env.pop("REDIS_URL", None)
+    started: list[ServiceProcess] = []
+
+    def start(workload: dict[str, Any], container: dict[str, Any], argv: list[str]) -> ServiceProcess:
+        container_env = dict(env)
+        for variable in container.get("env", []):
+            ref = variable.get("valueFrom", {}).get("secretKeyRef")
+            if ref:
+                container_env[variable["name"]] = base64.b64decode(generated_secrets[ref["name"]]["data"][ref["key"]]).decode()
+        process = ServiceProcess(workload["metadata"]["name"], argv, tmp_path / f"{workload['metadata']['name']}.log", container_env)
+        process.start()
+        started.append(process)
+        return process
+
+    def role(component: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        [found] = [(w, c) for w in workloads(objects) for c in pod_spec(w)["containers"]
+                   if w["metadata"]["labels"]["app.kubernetes.io/component"] == component]
+        return found
+
     try:
-        def answers(path: str) -> int | None:
-            if not process.alive():
-                raise RuntimeError(f"the gateway exited:\n{process.log()}")
+        redis, redis_container = role("redis")
+        redis_port = loopback_port(str(redis_container["ports"][0]["containerPort"]))
+        start(redis, redis_container, [redis_server_binary(), "--port", redis_port, "--bind", "127.0.0.1", *redis_container["args"]])
+        wait_until(lambda: port_open(int(redis_port)), 30, "redis-server")
+        scheduler, scheduler_container = role("scheduler")
+        start(scheduler, scheduler_container, [*pagedserve_command(), *on_loopback(scheduler_container["args"], secret_folder(scheduler))])
+        gateway, gateway_container = role("gateway")
+        gateway_process = start(gateway, gateway_container, [*pagedserve_command(), *on_loopback(gateway_container["args"], secret_folder(gateway))])
+        base_url = f"http://127.0.0.1:{loopback_port(Command(gateway_container['args'])['--port'])}"
+
+        def status(path: str, **kwargs: Any) -> int | None:
+            for process in started:
+                if not process.alive():
+                    raise RuntimeError(f"{process.name} exited:\n{process.log()}")
             try:
-                return httpx.get(f"http://127.0.0.1:{port}{path}", timeout=10).status_code
+                return httpx.get(f"{base_url}{path}", timeout=10, **kwargs).status_code
             except httpx.HTTPError:
                 return None
 
-        liveness = container["livenessProbe"]["httpGet"]["path"]
-        readiness = container["readinessProbe"]["httpGet"]["path"]
-        wait_until(lambda: answers(liveness) is not None, 180, "the gateway to listen")
-        assert answers(liveness) == 200
-        assert answers(readiness) == 503
-        # and the API key from the Secret is in force
-        models = f"http://127.0.0.1:{port}/v1/models"
-        assert httpx.get(models, timeout=10).status_code == 401
-        assert httpx.get(models, headers={"Authorization": f"Bearer {env['PAGEDSERVE_API_KEY']}"}, timeout=10).status_code == 200
+        liveness = gateway_container["livenessProbe"]["httpGet"]["path"]
+        readiness = gateway_container["readinessProbe"]["httpGet"]["path"]
+        wait_until(lambda: status(liveness) is not None, 180, "the gateway to listen")
+        assert status(liveness) == 200, "not restarted while its backends are away"
+        assert status(readiness) == 503, "out of the Service while no replica can generate"
+
+        executor, executor_container = role("executor")
+        # CPU here: the KV cache is given in bytes, as the CPU notes of the docs say.
+        argv = on_loopback(expanded_args(executor_container, 0), secret_folder(executor))
+        start(executor, executor_container, [*pagedserve_command(), *argv, "--kv-cache-memory", str(128 << 20)])
+        wait_until(lambda: status(readiness) == 200, 300, "the gateway to turn ready", interval_s=0.25)
+
+        api_key = gateway_process.env["PAGEDSERVE_API_KEY"]
+        body = {"prompt": "The capital of France is", "max_tokens": 4, "temperature": 0}
+        assert httpx.post(f"{base_url}/v1/completions", json=body, timeout=120).status_code == 401
+        response = httpx.post(f"{base_url}/v1/completions", json=body, headers={"Authorization": f"Bearer {api_key}"}, timeout=120)
+        assert response.status_code == 200, response.text
+        assert response.json()["usage"]["completion_tokens"] >= 1
     finally:
-        process.stop()
+        for process in reversed(started):
+            process.stop()
