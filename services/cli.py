@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--chat", action="store_true", help="wrap each prompt as one user message in the chat template")
+    gen.add_argument(
+        "--chat-template", default=None, metavar="FILE", help="a Jinja chat template replacing the model's own (for --chat)"
+    )
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
     gen.set_defaults(handler=run_generate)
 
@@ -321,7 +324,7 @@ def run_up(args: argparse.Namespace) -> int:
 
 def run_generate(args: argparse.Namespace) -> int:
     from pagedserve.services.engine import LLMEngine
-    from pagedserve.shared.tokenizer import encode_chat
+    from pagedserve.shared.tokenizer import encode_chat, read_chat_template
 
     prompts = args.prompts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not prompts:
@@ -341,7 +344,12 @@ def run_generate(args: argparse.Namespace) -> int:
         print(f"pagedserve generate: {error}", file=sys.stderr)
         return 2
     try:
+        template = read_chat_template(args.chat_template) if args.chat_template else None  # before the model loads
         engine = LLMEngine(config_from_args(EngineConfig, args))
+        if template is not None:
+            engine.tokenizer.chat_template = template
+        if args.chat and not engine.tokenizer.chat_template:
+            raise ValueError("the model has no chat template: pass --chat-template FILE (a Jinja chat template)")
         inputs: list[str | list[int]] = (
             [encode_chat(engine.tokenizer, [{"role": "user", "content": p}]) for p in prompts] if args.chat else list(prompts)
         )

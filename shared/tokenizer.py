@@ -1,4 +1,9 @@
-"""Tokenizer and chat template from the model's own files (transformers), never a hub."""
+"""Tokenizer and chat template from the model's own files (transformers), never a hub:
+an HF folder's tokenizer files (its template in `chat_template.jinja` or
+`tokenizer_config.json`) or a GGUF's `tokenizer.ggml.*` metadata (its template in
+`tokenizer.chat_template`). A template file given by the user (`--chat-template`, vLLM's
+flag) replaces the model's own: many GGUFs carry none (the Gemma 3 270M Q4_K_M, for one).
+"""
 
 from __future__ import annotations
 
@@ -7,15 +12,33 @@ from transformers import PreTrainedTokenizerBase
 from pagedserve.shared.model_source import ModelSource
 
 
-def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
+def read_chat_template(path: str) -> str:
+    """A Jinja chat template from a file, refused when missing or empty."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            template = file.read()
+    except OSError as error:
+        raise ValueError(f"cannot read the chat template file {path}: {error.strerror or error}") from None
+    if not template.strip():
+        raise ValueError(f"the chat template file {path} is empty")
+    return template
+
+
+def load_tokenizer(source: ModelSource, chat_template_file: str | None = None) -> PreTrainedTokenizerBase:
+    """The model's tokenizer; with `chat_template_file`, that template replaces its own."""
+    template = read_chat_template(chat_template_file) if chat_template_file else None
     # Imported here, not at the top: AutoTokenizer imports torch, and importing the
     # gateway's modules must not (tests/test_import_boundaries.py). Loading a tokenizer
     # still does: transformers reads configs and GGUF files with torch at hand.
     from transformers import AutoTokenizer
 
     if source.gguf_file is not None:
-        return AutoTokenizer.from_pretrained(source.directory, gguf_file=source.gguf_file)
-    return AutoTokenizer.from_pretrained(source.directory)
+        tokenizer = AutoTokenizer.from_pretrained(source.directory, gguf_file=source.gguf_file)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(source.directory)
+    if template is not None:
+        tokenizer.chat_template = template
+    return tokenizer
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:

@@ -246,6 +246,9 @@ class DecoderForCausalLM(nn.Module):
     fused_max_rows: int = 0
     step_paths: StepPaths = StepPaths()  # set by `build`
     embed_scale: torch.Tensor | None = None  # set by `build` for Gemma: sqrt(hidden) in the model dtype
+    # Each layer reads its own KV group's metadata (`AttentionMetadata.for_layer`): the runner
+    # may then give sliding-window layers block tables of their own (`model_runner.py`).
+    reads_kv_groups = True
 
     def __init__(self, config: ModelConfig, group: TensorParallelGroup | None = None) -> None:
         super().__init__()
@@ -359,8 +362,9 @@ class DecoderForCausalLM(nn.Module):
             )
         # `.forward` directly: nn.Module.__call__'s hook checks cost ~2 ms a decode step
         # on CPU across 30 layers, and these modules have no hooks.
-        for layer, kv_cache in zip(self.layers, kv_caches):
-            hidden = layer.forward(residual, hidden, tables[layer.self_attn.layer_type], kv_cache, meta, kernels)
+        for index, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches)):
+            layer_meta = meta.for_layer(index)  # its KV group's slots and block tables
+            hidden = layer.forward(residual, hidden, tables[layer.self_attn.layer_type], kv_cache, layer_meta, kernels)
         return self.norm(residual, hidden)
 
     @torch.inference_mode()

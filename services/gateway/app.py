@@ -35,7 +35,7 @@ from pagedserve.services.gateway.request_records import RequestRecorder
 from pagedserve.services.gateway.tokenize import detokenize, tokenize
 from pagedserve.services.gateway.replica_registry import Replica, ReplicaRegistry
 from pagedserve.shared.model_source import resolve_model_source
-from pagedserve.shared.tokenizer import load_tokenizer
+from pagedserve.shared.tokenizer import load_tokenizer, read_chat_template
 from pagedserve.shared.zmq_security import curve_client
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,9 @@ def create_app(config: GatewayConfig, *, tokenizer: PreTrainedTokenizerBase | No
     config.validate()
     source = resolve_model_source(config.model)
     if tokenizer is None:
-        tokenizer = load_tokenizer(source)
+        tokenizer = load_tokenizer(source, config.chat_template)
+    elif config.chat_template:
+        tokenizer.chat_template = read_chat_template(config.chat_template)
     model_name = source.name
     context = GatewayContext(
         config=config,

@@ -11,7 +11,7 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from pagedserve.services.gateway.chat_template import encode_chat_with_tools
+from pagedserve.services.gateway.chat_template import NO_CHAT_TEMPLATE, encode_chat_with_tools, has_chat_template
 from pagedserve.services.gateway.context import GatewayContext, gateway_context
 from pagedserve.services.gateway.errors import invalid_request
 from pagedserve.services.gateway.generation import ChoiceDelta, ChoiceResult, Generation
@@ -78,6 +78,8 @@ async def _tokenize_messages(context: GatewayContext, messages: list[ChatMessage
     tokenizer = context.tokenizer
     tools = [msgspec.to_builtins(tool) for tool in plan.tools] if plan is not None and plan.render_tools else None
     with_tools = tools is not None or any(m.role == "tool" or m.tool_calls for m in messages)
+    if not has_chat_template(tokenizer) and not (with_tools and context.tool_template is not None):
+        raise invalid_request(NO_CHAT_TEMPLATE, "messages")
     try:
         # Off the event loop: templating and tokenizing a long conversation takes milliseconds.
         if with_tools:
@@ -214,7 +216,7 @@ async def create_chat_completion(request: Request) -> Response:
         params = msgspec.structs.replace(params, structured_output=grammar)
 
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-    generation = Generation(context, completion_id, [prompt], params, body.n, stop, body.priority, timeout_s)
+    generation = Generation(context, completion_id, [prompt], params, body.n, stop, body.priority, timeout_s, body.cache_salt)
     response_format = ChatFormat(context, completion_id, generation, logprobs is not None, plan, body.prompt_logprobs)
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     return await respond(request, generation, response_format, stream=body.stream, include_usage=include_usage)

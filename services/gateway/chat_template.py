@@ -84,6 +84,18 @@ DEFAULT_SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by
 _PROBE_TOOL = {"type": "function", "function": {"name": "probe_tool_rendering", "parameters": {"type": "object"}}}
 
 
+NO_CHAT_TEMPLATE = (
+    "the model has no chat template: start pagedserve with --chat-template FILE (a Jinja chat template, as "
+    "vLLM's flag takes), or send a raw prompt to /v1/completions"
+)
+
+
+def has_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the model (or --chat-template) gave a template: without one a chat request
+    is refused up front with NO_CHAT_TEMPLATE rather than transformers' own error."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
 def model_template_renders_tools(tokenizer: PreTrainedTokenizerBase) -> bool:
     """Whether the model's own template puts a tool list into the prompt (it renders
     differently with a tool than without), and accepts a tool-call-only assistant turn."""

@@ -60,6 +60,9 @@ class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True):
     # Chat template for requests with tools (services/gateway/chat_template.py): "auto"
     # uses the model's own when it renders tools, else the Hermes-style fallback.
     tool_chat_template: Literal["auto", "hermes", "model"] = "auto"
+    # A Jinja chat template file replacing the model's own (vLLM's --chat-template): for
+    # models that carry none, whose chat requests are otherwise a 400 naming this flag.
+    chat_template: str | None = None
 
     @property
     def scheduler_addresses(self) -> list[str]:
@@ -137,6 +140,11 @@ def add_gateway_serving_flags(parser: argparse.ArgumentParser) -> None:
         "--tool-chat-template", default=defaults.tool_chat_template, choices=["auto", "hermes", "model"],
         help="chat template for requests with tools: the model's own if it renders tools (auto), always the "
         "Hermes-style <tool_call> fallback (hermes), or always the model's (model)",
+    )
+    parser.add_argument(
+        "--chat-template", default=None, metavar="FILE",
+        help="a Jinja chat template replacing the model's own (for models without one: their chat requests are "
+        "a 400 otherwise)",
     )
 
 

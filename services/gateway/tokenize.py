@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from pagedserve.services.gateway.chat_completions import _template_messages
+from pagedserve.services.gateway.chat_template import NO_CHAT_TEMPLATE, has_chat_template
 from pagedserve.services.gateway.context import GatewayContext, gateway_context
 from pagedserve.services.gateway.errors import invalid_request
 from pagedserve.services.gateway.openai_protocol import ChatMessage, TokenId
@@ -58,6 +59,8 @@ class DetokenizeResponse(msgspec.Struct):
 def _encode(context: GatewayContext, body: TokenizeRequest) -> list[int]:
     tokenizer = context.tokenizer
     if body.messages is not None:
+        if not has_chat_template(tokenizer):
+            raise invalid_request(NO_CHAT_TEMPLATE, "messages")
         plain = _template_messages(body.messages)
         try:
             encoded = tokenizer.apply_chat_template(
