@@ -45,6 +45,8 @@ from pagedserve.services.scheduler.prefix_cache import PrefixCacheEvent, extend_
 from pagedserve.services.scheduler.request import Request
 from pagedserve.shared.messages import PrefixCacheStats
 
+_PLAIN_HASH_BYTES = 32  # a sha256 digest; other KV groups' keys carry their group number after it
+
 
 class KVCacheManager:
     def __init__(
@@ -106,7 +108,7 @@ class KVCacheManager:
         if not self._enable_prefix_caching:
             return
         if req.num_tokens // self.block_size > len(req.block_hashes):
-            extend_block_hashes(req.block_hashes, req.all_token_ids, self.block_size, self._hash_extra_keys)
+            extend_block_hashes(req.block_hashes, req.all_token_ids, self.block_size, self._hash_extra_keys, req.cache_salt)
 
     def find_cached_prefix(self, req: Request) -> list[int] | CachedPrefix:
         """The blocks holding the longest cached prefix of the request's tokens, in order.
@@ -268,8 +270,12 @@ class KVCacheManager:
         self._pool.free(self._pool.allocate(self._pool.num_free_blocks))
 
     def take_events(self) -> list[PrefixCacheEvent]:
-        """Blocks cached, reused or evicted since the last call, oldest first."""
-        return self._pool.take_events()
+        """Blocks cached, reused or evicted since the last call, oldest first: of the first
+        KV group only, whose keys are the plain token hashes the gateways route by."""
+        events = self._pool.take_events()
+        if self._single:
+            return events
+        return [event for event in events if len(event.block_hash) == _PLAIN_HASH_BYTES]
 
     def _shared_write_block(self, req: Request) -> int | None:
         """The index in `req.block_ids` of the block its next token is written into, when

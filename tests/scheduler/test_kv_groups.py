@@ -324,3 +324,18 @@ def test_kv_utilisation_counts_only_the_blocks_a_window_holds() -> None:
     assert held <= 3 and req.num_computed_tokens > 30
     first_held_position = req.num_dropped_blocks[0] * BLOCK_SIZE
     assert sched.kv_utilisation() == (req.num_computed_tokens - first_held_position) / (held * BLOCK_SIZE)
+
+
+def test_prefix_cache_events_name_plain_token_hashes_only() -> None:
+    """The Redis mirror (and so the gateways' routing) sees the first group's keys: the
+    plain block hashes, never another group's suffixed copies."""
+    manager = KVCacheManager(
+        32, BLOCK_SIZE, enable_prefix_caching=True, hash_extra_keys=("m",), record_events=True,
+        group_windows=(None, 6),
+    )
+    req = new_request("a", list(range(10)))
+    manager.allocate_for_admission(req, manager.find_cached_prefix(req), 10)
+    req.num_computed_tokens = 10
+    manager.register_full_blocks(req)
+    assert manager.block_pool.num_hashed_blocks == 4  # two blocks in each group
+    assert [(e.block_hash, e.stored) for e in manager.take_events()] == [(h, True) for h in req.block_hashes[:2]]
