@@ -157,6 +157,7 @@ def write_gguf(folder: Path, path: Path, quantize: bool = False) -> Path:
     config = AutoConfig.from_pretrained(folder)
     model_type = config.model_type
     family = FAMILIES[model_type]
+    path.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(path, GGUF_ARCH[model_type])
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer.add_context_length(config.max_position_embeddings)
