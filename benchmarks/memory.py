@@ -193,7 +193,8 @@ def report_sliding_window(kv_gib: float, num_requests: int) -> dict[str, float]:
                         (True, "window blocks freed (6 KV groups of 3 layers)")):
         start = time.perf_counter()
         num_blocks, mean_running, most = measure_sliding_window_admission(kv_bytes, num_requests, freed)
-        print(f"| {name} | {num_blocks:,} | {mean_running:.1f} | {most} |  (simulated in {time.perf_counter() - start:.1f} s)")
+        seconds = time.perf_counter() - start
+        print(f"| {name} | {num_blocks:,} | {mean_running:.1f} | {most} |  (simulated in {seconds:.1f} s)")
         results[freed] = mean_running
     ratio = results[True] / results[False]
     print(f"\nsequences at once with window blocks freed vs all global: {ratio:.2f}x")

@@ -110,7 +110,9 @@ class InputBatch:
         """Give a request a row holding `block_ids` (and the tables of KV groups 1..,
         `group_block_ids`), rewriting its row if it has one."""
         if len(group_block_ids) != self.num_groups - 1:
-            raise ValueError(f"request {request_id}: {1 + len(group_block_ids)} block tables for {self.num_groups} KV groups")
+            raise ValueError(
+                f"request {request_id}: {1 + len(group_block_ids)} block tables for {self.num_groups} KV groups"
+            )
         row = self._row_of.get(request_id)
         if row is None:
             if not self._free_rows:

@@ -78,7 +78,8 @@ def test_kv_groups_share_cache_tensors_and_copy_each_once() -> None:
     assert layout.windows == (None, 8) and layout.group_of_layer == (0, 1, 0, 1)
     cache = allocate_kv_cache(model, 6, BLOCK_SIZE, torch.float64, torch.device("cpu"), layout)  # type: ignore[arg-type]
     assert cache[0] is cache[1] and cache[2] is cache[3] and cache[0][0] is not cache[2][0]
-    assert kv_bytes_per_block(model, BLOCK_SIZE, torch.float32, layout) == 2 * 2 * BLOCK_SIZE * 2 * 8 * 4  # type: ignore[arg-type]
+    per_block = kv_bytes_per_block(model, BLOCK_SIZE, torch.float32, layout)  # type: ignore[arg-type]
+    assert per_block == 2 * 2 * BLOCK_SIZE * 2 * 8 * 4  # two layers' K and V, not four
     for k, v in cache[::2]:
         k.normal_()
         v.normal_()
