@@ -10,6 +10,10 @@ same in every process and every run, which is what lets a scheduler mirror them 
 (`prefix:{replica}`, as hex) and a gateway compare them with its own.
 
 Only *full* blocks get a hash: a partial block's tokens are not final.
+
+A request's `cache_salt` (vLLM's field) joins the first block's extra keys, and so, through
+the chain, every block's hash: requests with different salts never share a block, and a
+tenant cannot learn from `cached_tokens` (or from routing) what another tenant sent.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ def extend_block_hashes(
     token_ids: Sequence[int],
     block_size: int,
     extra_keys: tuple[str, ...] = (),
+    cache_salt: str | None = None,
 ) -> None:
     """Append the hashes of the full blocks of `token_ids` that `block_hashes` (the hashes
     of its leading blocks) does not have yet. Incremental: a call costs nothing until
@@ -45,12 +50,13 @@ def extend_block_hashes(
     for index in range(len(block_hashes), num_full_blocks):
         parent = block_hashes[-1] if block_hashes else None
         start = index * block_size
-        block_hashes.append(hash_block_tokens(parent, token_ids[start : start + block_size], extra_keys))
+        keys = extra_keys + ("cache_salt", cache_salt) if index == 0 and cache_salt is not None else extra_keys
+        block_hashes.append(hash_block_tokens(parent, token_ids[start : start + block_size], keys))
 
 
-def prompt_block_hashes(token_ids: Sequence[int], block_size: int, model: str) -> list[BlockHash]:
+def prompt_block_hashes(token_ids: Sequence[int], block_size: int, model: str, cache_salt: str | None = None) -> list[BlockHash]:
     """The hashes of a prompt's full blocks exactly as a scheduler serving `model` with
     `block_size`-token blocks computes them (its extra keys are the model name)."""
     hashes: list[BlockHash] = []
-    extend_block_hashes(hashes, token_ids, block_size, (model,))
+    extend_block_hashes(hashes, token_ids, block_size, (model,), cache_salt)
     return hashes

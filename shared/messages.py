@@ -157,6 +157,7 @@ class SubmitRequest(msgspec.Struct, tag="submit", array_like=True, omit_defaults
     sampling_params: SamplingParams
     arrival_time: float  # wall clock (time.time()) at the gateway
     priority: int = 0  # lower = more important
+    cache_salt: str | None = None  # mixed into the block hashes: shares blocks only with its own salt
 
 
 class AbortRequest(msgspec.Struct, tag="abort", array_like=True):

@@ -216,7 +216,7 @@ async def create_chat_completion(request: Request) -> Response:
         params = msgspec.structs.replace(params, structured_output=grammar)
 
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-    generation = Generation(context, completion_id, [prompt], params, body.n, stop, body.priority, timeout_s)
+    generation = Generation(context, completion_id, [prompt], params, body.n, stop, body.priority, timeout_s, body.cache_salt)
     response_format = ChatFormat(context, completion_id, generation, logprobs is not None, plan, body.prompt_logprobs)
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     return await respond(request, generation, response_format, stream=body.stream, include_usage=include_usage)

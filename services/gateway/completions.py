@@ -189,7 +189,7 @@ async def create_completion(request: Request) -> Response:
         check_fits_context(len(token_ids), max_model_len, "prompt")
 
     completion_id = f"cmpl-{uuid.uuid4().hex}"
-    generation = Generation(context, completion_id, prompts, params, body.n, stop, body.priority, timeout_s)
+    generation = Generation(context, completion_id, prompts, params, body.n, stop, body.priority, timeout_s, body.cache_salt)
     echo = None
     if body.echo:
         texts = [body.prompt] if isinstance(body.prompt, str) else [item for item in body.prompt if isinstance(item, str)]

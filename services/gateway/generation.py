@@ -107,12 +107,14 @@ class Generation:
         stop: list[str],
         priority: int = 0,
         timeout_s: float | None = None,
+        cache_salt: str | None = None,
     ) -> None:
         self.request_id = request_id
         self._context = context
         self._prompts = prompts
         self._params = params
         self._priority = priority
+        self._cache_salt = cache_salt  # routed and cached only among requests with the same salt
         self._arrival_time = time.time()
         self._arrival_monotonic = time.monotonic()
         loop = asyncio.get_running_loop()
@@ -178,7 +180,7 @@ class Generation:
 
     async def _submit_to_replica(self, request_id: str, prompt: list[int], params: SamplingParams, exclude: tuple[str, ...], failover_from: str | None = None) -> None:
         context = self._context
-        route = await context.replicas.route(prompt, exclude=exclude)
+        route = await context.replicas.route(prompt, exclude=exclude, cache_salt=self._cache_salt)
         if route is None:
             raise self._fail(503, context.no_replica_message(), code="service_unavailable", retry_after_s=1.0)
         replica = route.replica
@@ -201,7 +203,7 @@ class Generation:
         replica.num_in_flight += 1
         replica.client.register([request_id], self._queue)
         try:
-            await replica.client.submit([SubmitRequest(request_id, prompt, params, self._arrival_time, self._priority)])
+            await replica.client.submit([SubmitRequest(request_id, prompt, params, self._arrival_time, self._priority, self._cache_salt)])
         except SchedulerUnavailable as error:
             raise self._fail(503, str(error), code="service_unavailable") from None
 

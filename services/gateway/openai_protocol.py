@@ -82,6 +82,9 @@ class SamplingFields(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     stream_options: StreamOptions | None = None
     user: str | None = None
     priority: Int32 = 0  # extension: lower is served first
+    # vLLM's extension: requests share cached prefix blocks (and `cached_tokens` tells of
+    # them) only with requests of the same salt; one per tenant keeps tenants apart.
+    cache_salt: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
     # Extension: seconds until the gateway aborts the request (at most, and by default,
     # the server's --request-timeout). Not the OpenAI SDK's client-side `timeout`, which
     # never reaches the body.

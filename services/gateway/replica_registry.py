@@ -169,18 +169,20 @@ class ReplicaRegistry:
 
     # -- routing -------------------------------------------------------------------------
 
-    async def route(self, prompt_token_ids: Sequence[int], exclude: Sequence[str] = ()) -> RouteResult | None:
+    async def route(
+        self, prompt_token_ids: Sequence[int], exclude: Sequence[str] = (), cache_salt: str | None = None
+    ) -> RouteResult | None:
         """The replica for a prompt (None: no replica is connected). One Redis round trip.
         Only a gateway that has never been connected to any replica (it just started)
         waits for a first connection, up to the submit timeout; once one has been, no
         replica connected is an answer at once."""
         if not any(r.client.connected or r.client.num_connects for r in self.replicas.values()):
             await self._wait_first_connection(self._submit_timeout_s)
-        hashes_by_shape, chains = await self._read(prompt_token_ids)
+        hashes_by_shape, chains = await self._read(prompt_token_ids, cache_salt)
         for replica in self.replicas.values():  # a shape this read learned: hash for it too
             shape = _shape(replica)
             if shape is not None and shape not in hashes_by_shape:
-                hashes_by_shape[shape] = prompt_block_hashes(prompt_token_ids, shape[1], shape[0])
+                hashes_by_shape[shape] = prompt_block_hashes(prompt_token_ids, shape[1], shape[0], cache_salt)
         candidates = [r for r in self.replicas.values() if r.routable and r.address not in exclude]
         if not candidates:
             # Every connected replica failed (its executors are gone): it queues requests
@@ -221,7 +223,9 @@ class ReplicaRegistry:
         """Read the registry from Redis (replicas, loads); on failure keep the last known."""
         await self._read(())
 
-    async def _read(self, prompt_token_ids: Sequence[int]) -> tuple[dict[tuple[str, int], list[BlockHash]], dict[str, int]]:
+    async def _read(
+        self, prompt_token_ids: Sequence[int], cache_salt: str | None = None
+    ) -> tuple[dict[tuple[str, int], list[BlockHash]], dict[str, int]]:
         """Read the registry (and, for a prompt, each replica's cached chain of it) from
         Redis in one pipeline; on failure keep the last known state. Returns the prompt's
         block hashes per (model, block size) in use, and the chain each replica holds (by
@@ -231,7 +235,7 @@ class ReplicaRegistry:
         for replica in self.replicas.values():
             shape = _shape(replica)
             if shape is not None and shape not in hashes_by_shape and prompt_token_ids:
-                hashes_by_shape[shape] = prompt_block_hashes(prompt_token_ids, shape[1], shape[0])
+                hashes_by_shape[shape] = prompt_block_hashes(prompt_token_ids, shape[1], shape[0], cache_salt)
         if self._redis is None or time.monotonic() < self._redis_skip_until:
             return hashes_by_shape, chains
         known = [r for r in self.replicas.values() if r.record is not None]

@@ -48,6 +48,7 @@ def fork_request(
         arrival_time=parent.arrival_time,
         eos_token_id=parent.eos_token_id,
         priority=parent.priority,
+        cache_salt=parent.cache_salt,
     )
     child.parent_request_id = parent.client_request_id
     child.arrival_seq = arrival_seq

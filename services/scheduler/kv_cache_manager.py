@@ -108,7 +108,7 @@ class KVCacheManager:
         if not self._enable_prefix_caching:
             return
         if req.num_tokens // self.block_size > len(req.block_hashes):
-            extend_block_hashes(req.block_hashes, req.all_token_ids, self.block_size, self._hash_extra_keys)
+            extend_block_hashes(req.block_hashes, req.all_token_ids, self.block_size, self._hash_extra_keys, req.cache_salt)
 
     def find_cached_prefix(self, req: Request) -> list[int] | CachedPrefix:
         """The blocks holding the longest cached prefix of the request's tokens, in order.

@@ -48,6 +48,7 @@ class Request:
         "eos_token_id",
         "arrival_time",
         "priority",
+        "cache_salt",
         "arrival_seq",
         "output_token_ids",
         "num_computed_tokens",
@@ -76,6 +77,7 @@ class Request:
         arrival_time: float,
         eos_token_id: int | None = None,
         priority: int = 0,
+        cache_salt: str | None = None,
     ) -> None:
         # arrival_time has no default on purpose: mixing clocks (wall vs monotonic) would
         # silently break FCFS order and the choice of preemption victim.
@@ -85,6 +87,7 @@ class Request:
         self.eos_token_id = eos_token_id
         self.arrival_time = arrival_time
         self.priority = priority  # lower = more important
+        self.cache_salt = cache_salt  # in its first block's hash (shared/block_hashing.py)
         # Set by the scheduler when the request is added: breaks arrival_time ties so
         # ordering is total and deterministic.
         self.arrival_seq = -1

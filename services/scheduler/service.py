@@ -433,6 +433,7 @@ class SchedulerService:
                     arrival_time=submit.arrival_time,
                     eos_token_id=self.last_executor.ready.eos_token_id,
                     priority=submit.priority,
+                    cache_salt=submit.cache_salt,
                 )
             )
         except QueueFullError as error:

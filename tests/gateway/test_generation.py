@@ -63,7 +63,7 @@ class StubReplicas:
     def __init__(self, stub: StubScheduler) -> None:
         self.replica = Replica("stub", stub)  # type: ignore[arg-type]
 
-    async def route(self, prompt: list[int], exclude: Any = ()) -> RouteResult | None:
+    async def route(self, prompt: list[int], exclude: Any = (), cache_salt: str | None = None) -> RouteResult | None:
         return RouteResult(self.replica, RoutingDecision("stub", 0, "least_loaded"))
 
     def all(self) -> list[Replica]:

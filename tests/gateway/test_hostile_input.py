@@ -22,7 +22,7 @@ import pytest
 from transformers import PreTrainedTokenizerBase
 
 from pagedserve.services.gateway.detokenizer import IncrementalDetokenizer
-from pagedserve.services.gateway.openai_protocol import ChatCompletionRequest
+from pagedserve.services.gateway.openai_protocol import ChatCompletionRequest, Tool
 from pagedserve.services.gateway.tool_calls import ToolCallStream, ToolPlan, forced_grammar, parse_tool_calls, tool_plan
 from tests.gateway.fake_scheduler import FakeScheduler
 from tests.gateway.test_bad_input import CHAT, COMPLETIONS, JSON, BadInput, body
@@ -166,9 +166,11 @@ def test_many_parallel_tool_calls_streamed_cost_o1_per_call() -> None:
 
 
 def test_the_duplicate_tool_name_check_is_linear_in_the_number_of_tools() -> None:
+    # HTTP bodies now hold at most 128 tools; the check itself must not be what bounds it.
     def check(num_tools: int) -> Callable[[], None]:
         tools = [{"type": "function", "function": {"name": f"f{i}"}} for i in range(num_tools)]
-        body = msgspec.convert({"messages": [{"role": "user", "content": "hi"}], "tools": tools}, ChatCompletionRequest)
+        body = msgspec.convert({"messages": [{"role": "user", "content": "hi"}]}, ChatCompletionRequest)
+        body.tools = msgspec.convert(tools, list[Tool])
         return lambda: tool_plan(body)
 
     short = 2000
@@ -201,7 +203,11 @@ def _nested_schema_text(depth: int) -> str:
 HOSTILE = [
     BadInput("`stop_token_ids` longer than 64", COMPLETIONS, body({"prompt": "p", "stop_token_ids": [5] * 65}), 400, "invalid_value", "stop_token_ids"),
     BadInput("a stop string over 256 characters", COMPLETIONS, body({"prompt": "p", "stop": ["x" * 257]}), 400, "invalid_value", "stop[0]"),
-    BadInput("more than 128 `tools`", CHAT, body({"messages": USER, "tools": [TOOL] * 129}), 400, "invalid_value", "tools"),
+    BadInput(
+        "more than 128 `tools`", CHAT,
+        body({"messages": USER, "tools": [{"type": "function", "function": {"name": f"f{i}"}} for i in range(129)]}),
+        400, "invalid_value", "tools",
+    ),
     BadInput("more than 2,048 `messages`", CHAT, body({"messages": USER * 2049}), 400, "invalid_value", "messages"),
     BadInput(
         "a JSON schema nested 1,000 deep", CHAT,
@@ -228,6 +234,7 @@ HOSTILE = [
         body({"messages": USER, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "x" * 100_000}}}}),
         400, "invalid_grammar", "response_format.json_schema.schema",
     ),
+    BadInput("`cache_salt` empty or over 256 characters", COMPLETIONS, body({"prompt": "p", "cache_salt": ""}), 400, "invalid_value", "cache_salt"),
     BadInput(
         "prompt text longer in bytes than the context can hold", COMPLETIONS,
         body({"prompt": "a" * TOO_MANY_BYTES}), 400, "context_length_exceeded", "prompt",
