@@ -46,7 +46,7 @@ def hf_greedy_ignoring_eos(model, prompts: list[list[int]], num_new_tokens: int)
             cache = DynamicCache()
             generated = []
             for _ in range(num_new_tokens):
-                logits = model(input_ids, past_key_values=cache, use_cache=True).logits[:, -1]
+                logits = model(input_ids, cache=cache, use_cache=True).logits[:, -1]
                 input_ids = logits.argmax(dim=-1, keepdim=True)
                 generated.append(input_ids)
             for row, index in enumerate(indices):
