@@ -37,6 +37,7 @@ from pagedserve.services.gateway.sampling import (
     build_sampling_params,
     check_fits_context,
     check_num_choices,
+    check_priority,
     check_prompt_bytes,
     request_timeout_s,
     stop_strings,
@@ -193,6 +194,7 @@ async def create_chat_completion(request: Request) -> Response:
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     check_num_choices(1, body.n, context.config.max_n)
     timeout_s = request_timeout_s(body, context.config.request_timeout_s)
+    check_priority(body.priority, context.config.scheduling_policy)
     stop = stop_strings(body, context.config.max_stop_strings)
     plan = tool_plan(body)
     prompt = await _tokenize_messages(context, body.messages, plan)

@@ -24,6 +24,7 @@ from pagedserve.services.gateway.sampling import (
     build_sampling_params,
     check_fits_context,
     check_num_choices,
+    check_priority,
     check_prompt_bytes,
     check_token_ids,
     request_timeout_s,
@@ -179,6 +180,7 @@ async def create_completion(request: Request) -> Response:
     if grammar is not None:
         params = msgspec.structs.replace(params, structured_output=grammar)
     timeout_s = request_timeout_s(body, context.config.request_timeout_s)
+    check_priority(body.priority, context.config.scheduling_policy)
     stop = stop_strings(body, context.config.max_stop_strings)
     # Counted before tokenizing: a batch of 100,000 prompts is refused, not tokenized first.
     num_prompts = 1 if isinstance(body.prompt, str) or all(isinstance(item, int) for item in body.prompt) else len(body.prompt)

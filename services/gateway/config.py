@@ -60,6 +60,10 @@ class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True):
     # Chat template for requests with tools (services/gateway/chat_template.py): "auto"
     # uses the model's own when it renders tools, else the Hermes-style fallback.
     tool_chat_template: Literal["auto", "hermes", "model"] = "auto"
+    # A request's `priority` jumps queues and escapes preemption: honoured only under
+    # "priority"; with "fcfs" a non-zero one is a 400 (vLLM's rule) and requests are
+    # served in arrival order.
+    scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
     # A Jinja chat template file replacing the model's own (vLLM's --chat-template): for
     # models that carry none, whose chat requests are otherwise a 400 naming this flag.
     chat_template: str | None = None
@@ -136,6 +140,11 @@ def add_gateway_serving_flags(parser: argparse.ArgumentParser) -> None:
         help="default and ceiling of a request's deadline (its `timeout` field may shorten it)",
     )
     parser.add_argument("--log-level", default=defaults.log_level, choices=["critical", "error", "warning", "info", "debug"])
+    parser.add_argument(
+        "--scheduling-policy", default=defaults.scheduling_policy, choices=["fcfs", "priority"],
+        help="fcfs: requests served in arrival order, a request's `priority` is a 400; priority: its `priority` "
+        "(lower first) orders queues and preemption",
+    )
     parser.add_argument(
         "--tool-chat-template", default=defaults.tool_chat_template, choices=["auto", "hermes", "model"],
         help="chat template for requests with tools: the model's own if it renders tools (auto), always the "

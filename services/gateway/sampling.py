@@ -57,6 +57,17 @@ def check_prompt_bytes(num_bytes: int, max_model_len: int, max_token_bytes: int,
         )
 
 
+def check_priority(priority: int, scheduling_policy: str) -> None:
+    """Any caller's `priority` jumps every queue (-2**31 is never preempted): only where
+    the operator chose priority scheduling."""
+    if priority != 0 and scheduling_policy != "priority":
+        raise invalid_request(
+            f"priority {priority} needs priority scheduling; this server schedules first come, first served "
+            "(--scheduling-policy fcfs)",
+            "priority",
+        )
+
+
 def request_timeout_s(fields: SamplingFields, ceiling_s: float) -> float:
     """The request's deadline: its own `timeout` when given, which may only be shorter
     than the server's (the server's bound protects its capacity, not the client)."""

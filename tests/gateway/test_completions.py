@@ -162,12 +162,12 @@ def test_logprobs_in_completions_format(client: httpx.Client, scheduler: FakeSch
     assert offsets == [0, 3, 7][: len(token_ids)]
 
 
-def test_priority_and_sampling_fields_reach_the_scheduler(client: httpx.Client, scheduler: FakeScheduler, tokenizer: PreTrainedTokenizerBase) -> None:
+def test_sampling_fields_reach_the_scheduler(client: httpx.Client, scheduler: FakeScheduler, tokenizer: PreTrainedTokenizerBase) -> None:
     scheduler.script = one_token_per_step(tokenizer("a").input_ids)
     fields = {
         "prompt": "p", "max_tokens": 3, "top_p": 0.9, "top_k": 40, "min_p": 0.05, "presence_penalty": 0.5,
         "frequency_penalty": 0.25, "repetition_penalty": 1.1, "stop_token_ids": [2], "ignore_eos": True,
-        "priority": -3, "user": "someone",
+        "user": "someone",
     }
     assert client.post("/v1/completions", json=fields).status_code == 200
     submit: SubmitRequest = scheduler.submits[0]
@@ -175,4 +175,4 @@ def test_priority_and_sampling_fields_reach_the_scheduler(client: httpx.Client, 
     assert (params.top_p, params.top_k, params.min_p) == (0.9, 40, 0.05)
     assert (params.presence_penalty, params.frequency_penalty, params.repetition_penalty) == (0.5, 0.25, 1.1)
     assert params.stop_token_ids == [2] and params.ignore_eos
-    assert submit.priority == -3
+    # `priority` needs --scheduling-policy priority: tests/gateway/test_hostile_input.py.

@@ -24,6 +24,7 @@ from transformers import PreTrainedTokenizerBase
 from pagedserve.services.gateway.detokenizer import IncrementalDetokenizer
 from pagedserve.services.gateway.openai_protocol import ChatCompletionRequest, Tool
 from pagedserve.services.gateway.tool_calls import ToolCallStream, ToolPlan, forced_grammar, parse_tool_calls, tool_plan
+from tests.gateway.conftest import gateway_config, running_gateway
 from tests.gateway.fake_scheduler import FakeScheduler
 from tests.gateway.test_bad_input import CHAT, COMPLETIONS, JSON, BadInput, body
 from tests.gateway.test_validation import assert_openai_error
@@ -234,6 +235,7 @@ HOSTILE = [
         body({"messages": USER, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "x" * 100_000}}}}),
         400, "invalid_grammar", "response_format.json_schema.schema",
     ),
+    BadInput("`priority` without `--scheduling-policy priority`", CHAT, body({"messages": USER, "priority": -(2**31)}), 400, "invalid_value", "priority"),
     BadInput("`cache_salt` empty or over 256 characters", COMPLETIONS, body({"prompt": "p", "cache_salt": ""}), 400, "invalid_value", "cache_salt"),
     BadInput(
         "prompt text longer in bytes than the context can hold", COMPLETIONS,
@@ -301,3 +303,12 @@ def test_tool_choice_required_keeps_each_function_s_own_definitions() -> None:
     for wrong in ([{"name": "order", "arguments": {"item": "blue"}}], [{"name": "tag", "arguments": {"item": {"sku": 7}}}]):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(wrong, schema)
+
+
+def test_priority_reaches_the_scheduler_only_under_the_priority_policy(
+    fake_scheduler: FakeScheduler, scheduler: FakeScheduler, tokenizer: PreTrainedTokenizerBase
+) -> None:
+    with running_gateway(gateway_config(fake_scheduler, scheduling_policy="priority"), tokenizer) as url:
+        response = httpx.post(f"{url}/v1/completions", json={"prompt": [5, 6], "max_tokens": 2, "priority": -7}, timeout=20)
+    assert response.status_code == 200, response.text
+    assert [submit.priority for submit in scheduler.submits] == [-7]

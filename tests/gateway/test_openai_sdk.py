@@ -31,13 +31,13 @@ def test_sdk_streaming_chat(sdk: openai.OpenAI, scheduler: FakeScheduler, tokeni
         messages=[{"role": "user", "content": "How big is a block?"}],
         stream=True,
         stream_options={"include_usage": True},
-        extra_body={"top_k": 20, "priority": 1},
+        extra_body={"top_k": 20},
     )
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == REPLY
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == len(tokenizer(REPLY).input_ids)
-    assert scheduler.submits[0].sampling_params.top_k == 20 and scheduler.submits[0].priority == 1
+    assert scheduler.submits[0].sampling_params.top_k == 20
 
 
 def test_sdk_models_and_errors(sdk: openai.OpenAI, scheduler: FakeScheduler) -> None:
