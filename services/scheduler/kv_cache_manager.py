@@ -389,17 +389,20 @@ class KVCacheManager:
     def _allocate_slots_in_groups(
         self, req: Request, num_new_tokens: int
     ) -> tuple[list[int], int, list[tuple[list[int], int]]]:
-        """`allocate_slots` for each table: first the blocks a window has left go back to
-        the pool (so this very step may reuse them), then copy-on-write, then growth."""
+        """`allocate_slots` for each table: first the blocks every window has left go back
+        to the pool (so this very step may reuse them, in any group: what
+        `num_blocks_to_schedule` counted on), then copy-on-write, then growth."""
         num_table_blocks = blocks_to_cover(req.num_computed_tokens + num_new_tokens, self.block_size)
         write_index = req.num_computed_tokens // self.block_size
-        deltas: list[tuple[list[int], int]] = []
-        for group, table in enumerate(self._tables(req)):
+        tables = self._tables(req)
+        for group, table in enumerate(tables):
             dropped = self._droppable(req, group)
             if dropped:
                 self._pool.free(table[i] for i in reversed(dropped) if table[i] != DROPPED)
                 table[dropped.start : dropped.stop] = [DROPPED] * len(dropped)
                 req.num_dropped_blocks[group] = dropped.stop
+        deltas: list[tuple[list[int], int]] = []
+        for table in tables:
             num_blocks_before = len(table)
             num_replaced = 0
             if write_index < len(table) and self._pool.ref_count(table[write_index]) > 1:

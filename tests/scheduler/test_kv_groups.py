@@ -251,25 +251,37 @@ class WindowedExecutor:
         return StepResult(step.step_id, sampled)
 
 
-def windowed_scheduler(num_blocks: int, windows: tuple[int | None, ...], **limits: object) -> Scheduler:
+def windowed_scheduler(
+    num_blocks: int, windows: tuple[int | None, ...], num_swap_blocks: int = 0, **limits: object
+) -> Scheduler:
     config = make_scheduler(block_size=BLOCK_SIZE, **limits).config  # type: ignore[arg-type]
-    return Scheduler(config, num_blocks, BLOCK_SIZE, kv_group_windows=windows)
+    return Scheduler(config, num_blocks, BLOCK_SIZE, num_swap_blocks=num_swap_blocks, kv_group_windows=windows)
 
 
 # A model with a global group preempts in this pool; one with only a 5-token window holds
-# 2-3 blocks a sequence and never has to: it runs 6 at once in 18 blocks.
+# 2-3 blocks a sequence and never has to: it runs 6 at once in 18 blocks. Asked to preempt
+# by swap, a request of several groups is recomputed instead (nothing is swapped).
 @pytest.mark.parametrize(
-    ("windows", "num_blocks", "preempts"), [((None, 6), 40, True), ((None, 6, 6, 9), 80, True), ((5,), 18, False)]
+    ("windows", "num_blocks", "preempts", "preemption_mode"),
+    [
+        ((None, 6), 40, True, "recompute"),
+        ((None, 6, 6, 9), 80, True, "recompute"),
+        ((5,), 18, False, "recompute"),
+        ((None, 6), 40, True, "swap"),
+    ],
 )
+@pytest.mark.parametrize("schedule_ahead", [False, True], ids=["sync", "async"])
 def test_scheduler_with_windows_matches_the_reference_under_preemption_and_prefix_hits(
-    windows: tuple[int | None, ...], num_blocks: int, preempts: bool
+    windows: tuple[int | None, ...], num_blocks: int, preempts: bool, preemption_mode: str, schedule_ahead: bool
 ) -> None:
     """Requests sharing prompt prefixes (prefix hits), a pool small enough to preempt, a
-    step budget that chunks prefills: every output equals the unscheduled reference, every
-    window read holds the right K/V, and every block is free at the end."""
+    step budget that chunks prefills, synchronous or scheduling a step ahead while one is in
+    flight: every output equals the unscheduled reference, every window read holds the right
+    K/V, and every block is free at the end."""
     rng = random.Random(len(windows))
     sched = windowed_scheduler(
-        num_blocks=num_blocks, windows=windows, max_num_seqs=6, max_num_batched_tokens=24, max_model_len=256
+        num_blocks=num_blocks, windows=windows, num_swap_blocks=64 if preemption_mode == "swap" else 0,
+        max_num_seqs=6, max_num_batched_tokens=24, max_model_len=256, preemption_mode=preemption_mode,
     )
     executor = WindowedExecutor(windows)
     requests = []
@@ -282,17 +294,27 @@ def test_scheduler_with_windows_matches_the_reference_under_preemption_and_prefi
     outputs: dict[str, list[int]] = {}
     for req in requests:
         sched.add_request(req)
-    max_running = 0
+    max_running = num_ahead = 0
+    in_flight: list[tuple[ExecuteStep, StepResult]] = []
     for _ in range(2000):
-        if not sched.has_unfinished_requests():
+        if not sched.has_unfinished_requests() and not in_flight:
             break
-        step = sched.schedule()
-        max_running = max(max_running, sched.num_running)
-        for delta in sched.update_from_output(step, executor.execute(step)):
+        # As the scheduler service: the executor runs each step the moment it has it; with
+        # a step in flight the next is scheduled only where the core allows it.
+        while sched.has_unfinished_requests() and (
+            not in_flight or (schedule_ahead and len(in_flight) < 2 and sched.can_schedule_ahead())
+        ):
+            num_ahead += bool(in_flight)
+            step = sched.schedule()
+            in_flight.append((step, executor.execute(step)))
+            max_running = max(max_running, sched.num_running)
+        step, result = in_flight.pop(0)
+        for delta in sched.update_from_output(step, result):
             outputs.setdefault(delta.request_id, []).extend(delta.new_token_ids)
     assert outputs == references
     assert (sched.num_preemptions_total > 0) == preempts and sched.prefix_cache_stats.num_hit_tokens > 0
     assert preempts or max_running == 6
+    assert sched.num_swap_outs_total == 0 and (num_ahead > 0) == schedule_ahead
     assert sched.block_pool.num_used_blocks == 0
 
 
