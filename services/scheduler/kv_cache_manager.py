@@ -373,7 +373,8 @@ class KVCacheManager:
 
     def _num_blocks_to_schedule_in_groups(self, req: Request, num_covered: int, num_new_tokens: int) -> int:
         """Growth and copies of every table, less the blocks its windows give back to the
-        pool (held by the request alone) before allocating."""
+        pool (held by the request alone) before allocating; never below 0, so a request's
+        surplus is not counted on for a gang member allocated before it."""
         num_table_blocks = blocks_to_cover(num_covered, self.block_size)
         write_index = req.num_computed_tokens // self.block_size
         need = 0
@@ -384,7 +385,7 @@ class KVCacheManager:
             need -= sum(
                 1 for i in self._droppable(req, group) if table[i] != DROPPED and self._pool.ref_count(table[i]) == 1
             )
-        return need
+        return max(need, 0)
 
     def _allocate_slots_in_groups(
         self, req: Request, num_new_tokens: int
