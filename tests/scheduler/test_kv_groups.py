@@ -265,7 +265,7 @@ def windowed_scheduler(
     ("windows", "num_blocks", "preempts", "preemption_mode"),
     [
         ((None, 6), 40, True, "recompute"),
-        ((None, 6, 6, 9), 80, True, "recompute"),
+        ((None, 6, 6, 9), 72, True, "recompute"),
         ((5,), 18, False, "recompute"),
         ((None, 6), 40, True, "swap"),
     ],
