@@ -68,18 +68,20 @@ static inline __attribute__((always_inline)) void attend_kv_head(
     }
     for (int64_t i = 0; i < group * head_dim; ++i)
         acc[i] = 0.0f;
+    /* The window's first token, and the start of its block: the loop runs over whole
+     * blocks from there, skipping the tokens before the window in the first one. */
     const int64_t first = sliding_window > 0 && seq_len > sliding_window ? seq_len - sliding_window : 0;
-    /* One iteration per block from the window's first (maybe partial) block on: `rows`
-     * tokens from slot `offset` of block `block`. */
-    for (int64_t start = first, rows; start < seq_len; start += rows) {
-        const int64_t block = start / block_size, offset = start % block_size;
-        rows = seq_len - start < block_size - offset ? seq_len - start : block_size - offset;
-        const int64_t block_offset = (int64_t)table[block] * block_stride + offset * token_stride + kv_head * head_dim;
-        if ((block + 1) * block_size < seq_len) {
+    const int64_t first_block_start = first - first % block_size;
+    for (int64_t start = first_block_start; start < seq_len; start += block_size) {
+        const int64_t skip = start < first ? first - start : 0;
+        const int64_t rows = (seq_len - start < block_size ? seq_len - start : block_size) - skip;
+        const int64_t block_offset =
+            (int64_t)table[start / block_size] * block_stride + skip * token_stride + kv_head * head_dim;
+        if (start + block_size < seq_len) {
             /* Blocks lie anywhere in the pool, so the hardware prefetcher cannot
              * guess the next one; asking for it now hides its latency behind this
              * block's arithmetic (measured: about 1.4x faster from DRAM). */
-            const int64_t next = (int64_t)table[block + 1] * block_stride + kv_head * head_dim;
+            const int64_t next = (int64_t)table[start / block_size + 1] * block_stride + kv_head * head_dim;
             for (int64_t t = 0; t < block_size; ++t) {
                 for (int64_t d = 0; d < head_dim * element_size; d += 64) {
                     __builtin_prefetch(keys + (next + t * token_stride) * element_size + d);
@@ -114,7 +116,7 @@ static inline __attribute__((always_inline)) void attend_kv_head(
             }
             const float new_max = block_max > running_max[g] ? block_max : running_max[g];
             /* The first block has nothing to rescale. */
-            const float correction = start == first ? 0.0f : expf(running_max[g] - new_max);
+            const float correction = start == first_block_start ? 0.0f : expf(running_max[g] - new_max);
             float block_sum = 0.0f;
 #pragma omp simd reduction(+ : block_sum)
             for (int64_t t = 0; t < rows; ++t) {
