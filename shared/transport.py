@@ -21,6 +21,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _encoder = msgspec.msgpack.Encoder()
+# Inbound frames larger than this make ZeroMQ drop the peer's connection before the frame
+# is buffered: without it a peer (or anyone reaching a port left open) could make a
+# service allocate gigabytes. The largest real message, a step's prompt logprobs for
+# 8,192 tokens x 21 alternatives, is ~2 MB.
+MAX_MESSAGE_BYTES = 64 << 20
 
 
 def encode(message: msgspec.Struct) -> list[bytes]:
@@ -46,10 +51,12 @@ def decode(frames: list[bytes], decoder: msgspec.msgpack.Decoder[T], peer: str =
 def make_socket(
     context: zmq.Context[Any], kind: int, *, identity: bytes | None = None, curve: CurveEndpoint | None = None
 ) -> zmq.Socket[Any]:
-    """A socket that drops unsent messages on close; CURVE-secured when `curve` is given
-    (shared/zmq_security.py), which must happen before it binds or connects."""
+    """A socket that drops unsent messages on close and peers that send a frame over
+    MAX_MESSAGE_BYTES; CURVE-secured when `curve` is given (shared/zmq_security.py),
+    which must happen before it binds or connects."""
     sock = context.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
     if identity is not None:
         sock.setsockopt(zmq.IDENTITY, identity)
     if curve is not None:

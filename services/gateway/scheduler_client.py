@@ -54,7 +54,7 @@ from pagedserve.shared.messages import (
     StatusSnapshot,
     SubmitRequest,
 )
-from pagedserve.shared.transport import decode, encode
+from pagedserve.shared.transport import MAX_MESSAGE_BYTES, decode, encode
 from pagedserve.shared.zmq_security import CurveEndpoint, apply_curve
 
 log = logging.getLogger(__name__)
@@ -149,6 +149,7 @@ class SchedulerClient:
         self._context = zmq.asyncio.Context()
         sock = self._context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)  # as make_socket's (shared/transport.py)
         sock.setsockopt(zmq.IDENTITY, self.gateway_id.encode())
         if self._curve is not None:
             apply_curve(sock, self._curve)
