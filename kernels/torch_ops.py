@@ -64,6 +64,11 @@ def length_buckets(seq_lens: list[int], block_size: int, max_padding: float = 0.
     return groups
 
 
+def _check_window(sliding_window: int | None) -> None:
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"a sliding window holds at least 1 token, not {sliding_window}")
+
+
 def first_visible_position(seq_len: int, sliding_window: int | None) -> int:
     """The first position a query at position seq_len - 1 sees: 0, or the start of its
     window (Hugging Face's `kv_idx > q_idx - sliding_window`: the last `sliding_window`
@@ -92,6 +97,7 @@ def paged_decode_attention(
     window's span, not the whole context.
     """
     del max_seq_len  # only the Triton grid needs it
+    _check_window(sliding_window)
     num_seqs, num_heads, head_dim = query.shape
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -160,6 +166,7 @@ def paged_prefill_attention(
     first query's window on are gathered.
     """
     del max_query_len, max_seq_len  # only the Triton grid needs them
+    _check_window(sliding_window)
     num_heads, head_dim = query.shape[1], query.shape[2]
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
     acc = _accumulation_dtype(query.dtype)

@@ -378,3 +378,15 @@ def test_a_window_changes_the_output(request: pytest.FixtureRequest) -> None:
     whole = torch_ops.paged_decode_attention(*args)
     assert not torch.allclose(windowed, whole, atol=1e-3)
     assert torch.equal(torch_ops.paged_decode_attention(*args, sliding_window=40), whole)
+
+
+def test_an_empty_window_is_refused() -> None:
+    cache = torch.zeros(2, 8, 1, 16)
+    tables, lens = torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="at least 1 token, not 0"):
+        torch_ops.paged_decode_attention(torch.zeros(1, 2, 16), cache, cache, tables, lens, 1.0, 1, sliding_window=0)
+    with pytest.raises(ValueError, match="at least 1 token, not -3"):
+        torch_ops.paged_prefill_attention(
+            torch.zeros(1, 2, 16), cache, cache, tables, torch.tensor([0, 1], dtype=torch.int32), lens, 1.0, 1, 1,
+            sliding_window=-3,
+        )
