@@ -145,3 +145,18 @@ def test_fused_decode_step_only_for_plain_llama_layers(
         assert model.fused_decoder is not None or "the fused C step is off" in caplog.text
     completion = engine.generate([GREEDY_PROMPTS[1]], GREEDY)[0]
     assert len(completion.token_ids) >= 1
+
+
+def test_family_splits_over_two_tensor_parallel_ranks(family: Family) -> None:
+    """T = 2 ranks as real processes (gloo): each holds half the heads (Qwen3's one KV head
+    replicated), its q/k norms whole, Phi-3's fused checkpoints split before slicing, and
+    the greedy outputs still equal HF's."""
+    engine = LLMEngine(
+        EngineConfig(
+            model=str(family.folder), dtype="float64", tensor_parallel_size=2,
+            limits=SchedulingLimits(max_num_batched_tokens=CHUNK_BUDGET),
+        )
+    )
+    with engine:
+        completions = engine.generate(GREEDY_PROMPTS, GREEDY)
+    assert [c.token_ids for c in completions] == family.greedy_reference[1:]
