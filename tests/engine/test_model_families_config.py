@@ -50,3 +50,30 @@ def test_variants_the_decoder_does_not_implement_are_refused() -> None:
         _config("phi3", rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75})
     with pytest.raises(ValueError, match="bidirectional"):
         _config("gemma3_text", use_bidirectional_attention=True)
+
+
+def test_longrope_tables_use_short_factors_within_the_original_context_and_long_beyond() -> None:
+    """Phi-3's LongRoPE against HF's own rotary module: a forward whose positions stay
+    within `original_max_position_embeddings` uses the short factors, one past it the long
+    ones (HF switches the whole forward; ours switches per position, so the positions past
+    the original context are where both agree on long factors)."""
+    import torch
+    from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
+
+    from pagedserve.services.executor.decoder import RotaryEmbedding
+
+    hf_config = AutoConfig.for_model(
+        "phi3", hidden_size=64, num_attention_heads=4, max_position_embeddings=1024, original_max_position_embeddings=256,
+        rope_parameters={
+            "rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 256,
+            "short_factor": [1.0 + 0.1 * i for i in range(8)], "long_factor": [2.0 + 0.5 * i for i in range(8)],
+        },
+    )
+    config = model_config_from_hf(hf_config)
+    ours = RotaryEmbedding(config, FULL, torch.float64)
+    hf_rotary = Phi3RotaryEmbedding(hf_config)
+    x = torch.zeros(1, dtype=torch.float64)
+    for positions in (torch.arange(0, 200), torch.arange(256, 400)):
+        cos, sin = hf_rotary(x, positions[None])
+        torch.testing.assert_close(ours.cos[positions], cos[0, :, :8], rtol=0, atol=1e-6)
+        torch.testing.assert_close(ours.sin[positions], sin[0, :, :8], rtol=0, atol=1e-6)
