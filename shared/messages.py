@@ -364,6 +364,9 @@ class ExecutorReady(msgspec.Struct, tag="ready", array_like=True):
     # Its KV groups' sliding windows (None: global), `shared/kv_group_layout.py`; empty:
     # one global group.
     kv_group_windows: list[int | None] = []
+    # The model's vocabulary: the scheduler refuses token ids outside it (an embedding
+    # lookup past the table would crash the executor). 0: not reported, not checked.
+    vocab_size: int = 0
 
 
 class Heartbeat(msgspec.Struct, tag="heartbeat", array_like=True):

@@ -82,6 +82,7 @@ def serve(config: ExecutorConfig, stop_event: threading.Event | None = None) -> 
         rank=group.rank,
         world_size=world_size,
         kv_group_windows=list(runner.kv_layout.windows),
+        vocab_size=runner.model_config.vocab_size,
     )
     context = zmq.Context()
     link = SchedulerLink(context, config.scheduler_address, ready, config.heartbeat_interval_s, curve)

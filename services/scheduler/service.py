@@ -101,6 +101,21 @@ class SchedulerServiceConfig(msgspec.Struct, forbid_unknown_fields=True):
     async_scheduling: bool = False
 
 
+def token_ids_outside_vocabulary(submit: SubmitRequest, vocab_size: int) -> str | None:
+    """Why `submit` names a token id no embedding row or logit has, or None. The gateway
+    checks too; this guards the executor from any other peer on the gateway socket."""
+    if vocab_size <= 0:
+        return None
+    params = submit.sampling_params
+    for what, token_ids in (
+        ("prompt", submit.prompt_token_ids), ("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias),
+    ):
+        bad = next((t for t in token_ids if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            return f"token id {bad} in {what} is outside the vocabulary (0..{vocab_size - 1})"
+    return None
+
+
 class SchedulerService:
     def __init__(self, config: SchedulerServiceConfig, context: zmq.Context[Any] | None = None) -> None:
         self.config = config
@@ -417,6 +432,10 @@ class SchedulerService:
     def _on_submit(self, identity: bytes, submit: SubmitRequest) -> None:
         if self.core is None or self.last_executor is None:
             self._send(identity, RequestError(submit.request_id, 503, "no executor has joined this scheduler yet", 1.0))
+            return
+        outside = token_ids_outside_vocabulary(submit, self.last_executor.ready.vocab_size)
+        if outside is not None:
+            self._send(identity, RequestError(submit.request_id, 400, outside))
             return
         now = time.monotonic()
         if self.executor_lost_at is not None and now - self.executor_lost_at > self.config.executor_timeout_s:
