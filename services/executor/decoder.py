@@ -313,6 +313,10 @@ class DecoderForCausalLM(nn.Module):
         ]
         if not self.config.plain_llama:
             reason = f"it implements plain Llama layers, not {self.config.model_type}'s"
+        elif any(window is not None for window in self.config.layer_windows):
+            # The C step takes a window and a KV group per layer; this decoder does not yet
+            # hand it the per-group slots and tables, so windowed models take the torch layers.
+            reason = "sliding-window layers are not wired to it yet"
         elif group.world_size != 1:
             reason = "it runs on one rank"
         elif not all(isinstance(lin, Int4Linear) and lin.bias is None for four in projections for lin in four):

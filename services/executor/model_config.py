@@ -60,13 +60,13 @@ class ModelConfig:
 
     @property
     def plain_llama(self) -> bool:
-        """Whether the model is Llama-shaped in everything a Llama-only kernel (the fused C
-        decode step) assumes: no q/k norms, Gemma layout, soft caps, windows or custom scale."""
+        """Whether the layers are Llama's in everything a Llama-only kernel (the fused C decode
+        step) computes: no q/k norms, Gemma layout, soft caps, custom scale or embedding
+        scale, one RoPE for all layers (sliding windows are a separate question)."""
         return (
             not self.family.qk_norm and not self.family.gemma_layout and self.hidden_act == "silu"
             and self.attn_logit_softcap is None and self.final_logit_softcap is None
-            and all(window is None for window in self.layer_windows) and self.attention_scale is None
-            and self.embed_scale is None
+            and self.attention_scale is None and self.embed_scale is None and len(set(self.layer_types)) <= 1
         )
 
     def rope_parameters_for(self, layer_type: str) -> dict[str, Any]:

@@ -57,8 +57,10 @@ FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
         },
     ),
 }
-# The GGUF architecture llama.cpp writes each family as (Mistral is written as llama).
+# The GGUF architecture llama.cpp writes each family as (Mistral as llama: its GGUF test is
+# llama's; `write_gguf` can still write a "mistral" one, which transformers reads too).
 GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3"}
+_WRITER_ARCH = {**GGUF_ARCH, "mistral": "mistral"}
 
 
 CHATML_TEMPLATE = (
@@ -158,7 +160,7 @@ def write_gguf(folder: Path, path: Path, quantize: bool = False) -> Path:
     model_type = config.model_type
     family = FAMILIES[model_type]
     path.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(path, GGUF_ARCH[model_type])
+    writer = gguf.GGUFWriter(path, _WRITER_ARCH[model_type])
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer.add_context_length(config.max_position_embeddings)
     writer.add_block_count(config.num_hidden_layers)

@@ -42,7 +42,7 @@ def test_gemma_numbers_and_plain_llama() -> None:
     assert gemma3.attn_logit_softcap is None and gemma3.family.qk_norm
     assert gemma3.rope_parameters_for(SLIDING)["rope_theta"] != gemma3.rope_parameters_for(FULL)["rope_theta"]
     assert _config("llama").plain_llama and not gemma3.plain_llama and not _config("qwen3").plain_llama
-    assert not _config("mistral", sliding_window=64).plain_llama
+    assert _config("mistral", sliding_window=64).plain_llama  # windows are no layer difference
 
 
 def test_variants_the_decoder_does_not_implement_are_refused() -> None:
