@@ -227,6 +227,11 @@ def add_scheduler_serving_flags(parser: argparse.ArgumentParser) -> None:
         help="a gateway silent this long (it beats every second) is gone: its requests are aborted, their blocks freed",
     )
     parser.add_argument(
+        "--max-requeues", type=int, default=defaults.max_requeues, metavar="N",
+        help="a request running each time an executor is lost is requeued at most N times, then fails (it may be "
+        "what crashes the executor)",
+    )
+    parser.add_argument(
         "--async-scheduling", action=argparse.BooleanOptionalAction, default=defaults.async_scheduling,
         help="schedule step n+1 while the executor runs step n, hiding the scheduler and both ZeroMQ hops "
         "behind the model (outputs are identical either way)",

@@ -99,6 +99,10 @@ class SchedulerServiceConfig(msgspec.Struct, forbid_unknown_fields=True):
     # Schedule step n+1 while the executor runs step n (see the module docstring). Off by
     # default: on 2 CPU cores, all of them the executor's, the overlap did not win.
     async_scheduling: bool = False
+    # A request running each time an executor is lost may be what kills it: replayed
+    # after every restart, it would take the replica down for good. After this many
+    # requeues it fails instead (500).
+    max_requeues: int = 3
 
 
 def token_ids_outside_vocabulary(submit: SubmitRequest, vocab_size: int) -> str | None:
@@ -144,6 +148,7 @@ class SchedulerService:
         # Client request id -> the identity of the gateway that asked for it, until the core
         # flags its last delta; forked samples and beams report under the client's id.
         self.owner_of: dict[str, bytes] = {}
+        self.requeues_of: dict[str, int] = {}  # client request id -> executors lost while it ran
         # Gateways that beat (GatewayHeartbeat): identity -> when last heard (monotonic).
         # One silent past gateway_timeout_s died: its requests are aborted.
         self.gateway_last_heard: dict[bytes, float] = {}
@@ -290,8 +295,10 @@ class SchedulerService:
                     ready.max_model_len, last.ready.model, last.ready.block_size, last.ready.max_model_len,
                 )
                 return
+            running = [r.client_request_id for r in core.running]
             requeued = core.requeue_all_running()
             self.in_flight.clear()  # their results, should they come, are dropped
+            self._count_requeues(running)
             if self.executor is not None and self.executor.identity != identity:
                 log.warning("executor %s replaces %s", ready.executor_id, self.executor.ready.executor_id)
             num_swap_blocks = core.swap_pool.num_blocks if core.swap_pool else 0
@@ -369,8 +376,10 @@ class SchedulerService:
     def _lose_executor(self, reason: str, now: float) -> None:
         executor, core = self.executor, self.core
         assert executor is not None and core is not None
+        running = [r.client_request_id for r in core.running]
         requeued = core.requeue_all_running()
         self.in_flight.clear()  # their results, should they come, are dropped
+        self._count_requeues(running)
         self.executor = None
         self.executor_lost_at = now
         self.num_executors_lost += 1
@@ -380,6 +389,26 @@ class SchedulerService:
             "waiting up to %g s for an executor", executor.ready.executor_id, reason, len(requeued),
             core.num_waiting, self.config.executor_timeout_s,
         )
+
+    def _count_requeues(self, client_request_ids: list[str]) -> None:
+        """Count one more requeue for each request that was running; fail those past
+        --max-requeues (every sample of one: a crash-looping request is one request)."""
+        # Forget the requests that have ended since (cheap: executors are rarely lost).
+        self.requeues_of = {i: n for i, n in self.requeues_of.items() if i in self.owner_of}
+        limit = self.config.max_requeues
+        failed = []
+        for request_id in dict.fromkeys(client_request_ids):
+            count = self.requeues_of[request_id] = self.requeues_of.get(request_id, 0) + 1
+            if count > limit:
+                failed.append(request_id)
+                del self.requeues_of[request_id]
+        if failed:
+            log.error("failing %d request(s) running at %d executor losses: %s", len(failed), limit + 1, ", ".join(failed))
+            self._fail_requests(
+                failed, 500,
+                f"an executor was lost {limit + 1} times while this request ran (--max-requeues {limit}): it may be "
+                "what crashes the executor, so it is not run again",
+            )
 
     def _no_executor_message(self, now: float) -> str:
         lost_for_s = now - (self.executor_lost_at or now)
