@@ -23,6 +23,13 @@ from pathlib import Path
 from pagedserve.services.launcher import free_port, pagedserve_command, redis_server_binary
 
 
+# The keys of the session's shared clusters (tests/conftest.py): the float64 one requires
+# the API key (its tests check that /v1 and /tokenize refuse a request without it), the
+# default one none.
+SHARED_ADMIN_KEY = "admin-shared"
+SHARED_API_KEY = "key-shared"
+
+
 def wait_until(condition: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.05) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

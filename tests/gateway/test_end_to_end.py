@@ -3,29 +3,24 @@ model): what the fake scheduler cannot vouch for."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
 from transformers import PreTrainedTokenizerBase
 
-from tests.cluster import Cluster, wait_until
+from tests.cluster import SHARED_ADMIN_KEY, Cluster, wait_until
 from tests.gateway.sse import sse_events
 
 pytestmark = pytest.mark.slow
 
 MODEL = "SmolLM2-135M-Instruct"
-ADMIN_KEY = "e2e-admin"
+ADMIN_KEY = SHARED_ADMIN_KEY
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    cluster = Cluster(tmp_path_factory.mktemp("gateway-e2e"), api_key="e2e-key", admin_key=ADMIN_KEY)
-    try:
-        yield cluster.start()
-    finally:
-        cluster.stop()
+def cluster(default_cluster: Cluster) -> Cluster:
+    return default_cluster  # the session's (tests/conftest.py): no API key required, the header is harmless
 
 
 @pytest.fixture()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Literal, Optional
 
@@ -96,12 +95,8 @@ TIME_TOOL = {
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    cluster = Cluster(tmp_path_factory.mktemp("structured-output"))
-    try:
-        yield cluster.start()
-    finally:
-        cluster.stop()
+def cluster(default_cluster: Cluster) -> Cluster:
+    return default_cluster  # the session's (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -22,22 +22,18 @@ import torch
 
 from pagedserve.shared.model_source import default_model_source
 from pagedserve.shared.tokenizer import encode_chat, encode_prompt, load_tokenizer
-from tests.cluster import Cluster
+from tests.cluster import SHARED_API_KEY, Cluster
 
 pytestmark = pytest.mark.slow
 
-API_KEY = "echo-key"
+API_KEY = SHARED_API_KEY
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 PROMPT = "The quick brown fox jumps over the lazy dog, and then it runs into the forest to"
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    cluster = Cluster(tmp_path_factory.mktemp("echo"), api_key=API_KEY, extra_executor_flags=["--dtype", "float64"])
-    try:
-        yield cluster.start()
-    finally:
-        cluster.stop()
+def cluster(float64_cluster: Cluster) -> Cluster:
+    return float64_cluster  # the session's (tests/conftest.py), with SHARED_API_KEY
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ differences cannot flip an fp32 near-tie (see NOTES: exactness).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,24 +22,21 @@ from pagedserve.services.engine.config import EngineConfig
 from pagedserve.shared.sampling_params import SamplingParams
 from pagedserve.shared.model_source import default_model_source
 from pagedserve.shared.tokenizer import encode_prompt, load_tokenizer
-from tests.cluster import Cluster, wait_until
+from tests.cluster import SHARED_ADMIN_KEY, SHARED_API_KEY, Cluster, wait_until
 from tests.engine.hf_reference import hf_greedy_ignoring_eos
 
 pytestmark = pytest.mark.slow
 
-ADMIN_KEY = "admin-e2e"
+ADMIN_KEY = SHARED_ADMIN_KEY
+AUTH = {"Authorization": f"Bearer {SHARED_API_KEY}"}
 MAX_TOKENS = 16
 PROMPTS = [f"Item {i}: the {w} of the" for i, w in enumerate(
     ["history", "color", "size", "name", "shape", "price", "taste", "sound"] * 4)]
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    cluster = Cluster(tmp_path_factory.mktemp("http-e2e"), admin_key=ADMIN_KEY, extra_executor_flags=["--dtype", "float64"])
-    try:
-        yield cluster.start()
-    finally:
-        cluster.stop()
+def cluster(float64_cluster: Cluster) -> Cluster:
+    return float64_cluster  # the session's (tests/conftest.py)
 
 
 def admin_snapshot(cluster: Cluster) -> dict:
@@ -56,7 +52,7 @@ def test_32_concurrent_streams_equal_hf_greedy(cluster: Cluster, hf_model_float6
     reference = hf_greedy_ignoring_eos(hf_model_float64, [encode_prompt(tokenizer, p) for p in PROMPTS], MAX_TOKENS)
     expected = [tokenizer.decode(ids, skip_special_tokens=True) for ids in reference]
 
-    client = openai.OpenAI(base_url=f"{cluster.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+    client = openai.OpenAI(base_url=f"{cluster.base_url}/v1", api_key=SHARED_API_KEY, max_retries=0, timeout=120)
 
     def stream(prompt: str) -> tuple[str, str | None, str]:
         chunks = client.completions.create(
@@ -81,7 +77,7 @@ def test_32_concurrent_streams_equal_hf_greedy(cluster: Cluster, hf_model_float6
     # A request held open (it streams until its client leaves) shows its block table in
     # /admin/scheduler: a state that lasts until the test ends it, not one a poll could miss.
     body = {"prompt": PROMPTS[0], "max_tokens": 2000, "ignore_eos": True, "stream": True}
-    with httpx.Client(base_url=cluster.base_url, timeout=120) as http, http.stream("POST", "/v1/completions", json=body) as response:
+    with httpx.Client(base_url=cluster.base_url, headers=AUTH, timeout=120) as http, http.stream("POST", "/v1/completions", json=body) as response:
         assert next(response.iter_lines()).startswith("data: {")
         wait_until(lambda: any(r["block_ids"] and r["max_tokens"] == 2000 for r in admin_snapshot(cluster)["running"]),
                    60, "the held request's block table in /admin/scheduler")
@@ -103,7 +99,7 @@ def test_32_concurrent_streams_equal_hf_greedy(cluster: Cluster, hf_model_float6
 
 
 def test_n_samples_compute_the_prompt_once_and_equal_separate_seeded_requests(cluster: Cluster) -> None:
-    client = openai.OpenAI(base_url=f"{cluster.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+    client = openai.OpenAI(base_url=f"{cluster.base_url}/v1", api_key=SHARED_API_KEY, max_retries=0, timeout=120)
     prompt, seed = "The three most useful kitchen tools are", 1234
     sampling = dict(model="SmolLM2-135M-Instruct", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0.9, extra_body={"ignore_eos": True})
 
@@ -145,7 +141,7 @@ def test_n_samples_compute_the_prompt_once_and_equal_separate_seeded_requests(cl
 
 
 def test_beam_search_over_http_equals_the_engine(cluster: Cluster) -> None:
-    client = openai.OpenAI(base_url=f"{cluster.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+    client = openai.OpenAI(base_url=f"{cluster.base_url}/v1", api_key=SHARED_API_KEY, max_retries=0, timeout=120)
     prompt = "The three most useful kitchen tools are"
     beam = {"beam_width": 3, "length_penalty": 0.8}
     request = dict(model="SmolLM2-135M-Instruct", prompt=prompt, max_tokens=12, n=2, extra_body=beam)
@@ -168,7 +164,7 @@ def test_beam_search_over_http_equals_the_engine(cluster: Cluster) -> None:
         response = httpx.post(
             f"{cluster.base_url}/v1/completions",
             json={"model": "SmolLM2-135M-Instruct", "prompt": prompt, "max_tokens": 4, "n": 3, **extra},
-            timeout=10,
+            headers=AUTH, timeout=30,
         )
         assert response.status_code == 400, response.text
         assert param in response.text

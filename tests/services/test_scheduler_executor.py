@@ -1,6 +1,7 @@
 """The scheduler and executor as real processes over real ZeroMQ sockets, driven by a
-DEALER socket playing the gateway: outputs equal the in-process engine's, malformed
-messages are dropped without harm, refused requests get a RequestError."""
+DEALER socket playing the gateway: outputs equal HF transformers' greedy tokens (float64
+on both sides), malformed messages are dropped without harm, refused requests get a
+RequestError. The cluster is the session's float64 one (its gateway beside ours)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,6 @@ import msgspec
 import pytest
 import zmq
 
-from pagedserve.services.engine import LLMEngine
-from pagedserve.services.engine.config import EngineConfig
 from pagedserve.shared.messages import (
     AbortRequest,
     RequestDeltas,
@@ -27,6 +26,7 @@ from pagedserve.shared.messages import (
 from pagedserve.shared.sampling_params import SamplingParams
 from pagedserve.shared.transport import decode, encode
 from tests.cluster import Cluster, wait_until
+from tests.engine.hf_reference import hf_greedy_ignoring_eos
 
 pytestmark = pytest.mark.slow
 
@@ -66,13 +66,10 @@ class FakeGatewaySocket:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def cluster(float64_cluster: Cluster) -> Cluster:
     # float64, as the exactness tests: the defaults (bf16, int4 for small steps) are not
-    # batch invariant, and requests sent one by one are batched otherwise than in-process.
-    cluster = Cluster(tmp_path_factory.mktemp("cluster"), with_gateway=False, extra_executor_flags=["--dtype", "float64"])
-    cluster.start()
-    yield cluster
-    cluster.stop()
+    # batch invariant, and requests sent one by one are batched otherwise than in HF.
+    return float64_cluster  # the session's (tests/conftest.py)
 
 
 @pytest.fixture()
@@ -107,9 +104,8 @@ def collect(sock: FakeGatewaySocket, ids: set[str], timeout_s: float = 120) -> d
     return {"outputs": outputs, "finish": finish, "errors": errors}
 
 
-def test_outputs_equal_in_process_engine(gateway: FakeGatewaySocket) -> None:
-    engine = LLMEngine(EngineConfig(dtype="float64", kv_cache_memory_bytes=64 << 20))
-    expected = [c.token_ids for c in engine.generate(PROMPTS, GREEDY)]
+def test_outputs_equal_hf_greedy(gateway: FakeGatewaySocket, hf_model_float64) -> None:  # type: ignore[no-untyped-def]
+    expected = hf_greedy_ignoring_eos(hf_model_float64, PROMPTS, GREEDY.max_tokens)
     for i, prompt in enumerate(PROMPTS):
         gateway.send(SubmitRequest(f"r{i}", prompt, GREEDY, arrival_time=time.time()))
     got = collect(gateway, {f"r{i}" for i in range(len(PROMPTS))})
@@ -169,8 +165,8 @@ def test_the_replica_load_is_mirrored_to_redis_and_no_request_record(gateway: Fa
 
     wait_until(reported_since, 10, "a load report after the request finished")
     assert client.hget("replica:replica-0", "num_blocks") not in (None, "0")
-    # Request records are the gateway's alone (none runs here): the scheduler wrote none.
-    assert client.keys("req:*") == []
+    # Request records are the gateway's alone (ours is none): the scheduler wrote none.
+    assert client.keys("req:mirrored*") == []
 
 
 def test_prefix_cache_hits_reported_and_mirrored_to_redis(gateway: FakeGatewaySocket, cluster: Cluster) -> None:
