@@ -54,6 +54,9 @@ class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True):
     # End to end, after which the request is aborted at the scheduler; a request's own
     # `timeout` field may shorten it, never lengthen it.
     request_timeout_s: float = 600.0
+    # A streamed chunk not written within this (the client stopped reading and the
+    # socket's buffers are full) ends the stream and aborts the request.
+    stream_write_timeout_s: float = 30.0
     redis_record_ttl_s: int = 24 * 3600
     curve_keys_dir: str | None = None  # CURVE-secure the scheduler link (shared/zmq_security.py)
     log_level: str = "info"
@@ -86,7 +89,10 @@ class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True):
             raise ValueError(f"max_n must be at least 1, got {self.max_n}")
         if self.max_body_bytes < 1024:
             raise ValueError(f"max_body_bytes must be at least 1024, got {self.max_body_bytes}")
-        for name in ("stall_timeout_s", "submit_timeout_s", "status_timeout_s", "request_timeout_s", "body_timeout_s"):
+        for name in (
+            "stall_timeout_s", "submit_timeout_s", "status_timeout_s", "request_timeout_s", "body_timeout_s",
+            "stream_write_timeout_s",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
@@ -138,6 +144,11 @@ def add_gateway_serving_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--request-timeout", dest="request_timeout_s", type=float, default=defaults.request_timeout_s, metavar="SECONDS",
         help="default and ceiling of a request's deadline (its `timeout` field may shorten it)",
+    )
+    parser.add_argument(
+        "--stream-write-timeout", dest="stream_write_timeout_s", type=float, default=defaults.stream_write_timeout_s,
+        metavar="SECONDS",
+        help="a streamed chunk the client has not taken within this ends its stream and aborts the request",
     )
     parser.add_argument("--log-level", default=defaults.log_level, choices=["critical", "error", "warning", "info", "debug"])
     parser.add_argument(

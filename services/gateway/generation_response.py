@@ -24,6 +24,7 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
+from pagedserve.services.gateway.context import gateway_context
 from pagedserve.services.gateway.errors import GatewayError
 from pagedserve.services.gateway.generation import ChoiceDelta, ChoiceResult, Generation
 from pagedserve.services.gateway.openai_protocol import Usage
@@ -74,7 +75,8 @@ async def respond(request: Request, generation: Generation, response_format: Res
     except BaseException:
         generation.close()
         raise
-    return EventStreamResponse(_events(generation, response_format, first, include_usage))
+    write_timeout_s = gateway_context(request).config.stream_write_timeout_s
+    return EventStreamResponse(_events(generation, response_format, first, include_usage), write_timeout_s)
 
 
 async def _events(generation: Generation, response_format: ResponseFormat, first: list[ChoiceDelta], include_usage: bool) -> AsyncIterator[bytes]:

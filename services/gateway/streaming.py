@@ -5,20 +5,27 @@ A client that disconnects must free its KV blocks now, not when the next token f
 send (which, for a request still queued, could be minutes). Both the wait before the
 response starts and the stream itself therefore race the work against the ASGI
 `http.disconnect` message; the loser is cancelled, and the handlers' `finally` aborts.
+
+A client that stays connected but stops reading is treated the same way once one chunk
+has waited `write_timeout_s` to be written: uvicorn's send blocks while the socket's
+buffers are full, and nothing (not even the request's deadline) would end the request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
 
 import anyio
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 SSE_DONE = b"data: [DONE]\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -65,17 +72,24 @@ class EventStreamResponse(StreamingResponse):
 
     media_type = "text/event-stream"
 
-    def __init__(self, content: AsyncIterator[bytes]) -> None:
+    def __init__(self, content: AsyncIterator[bytes], write_timeout_s: float) -> None:
         super().__init__(content, headers=SSE_HEADERS)
+        self._write_timeout_s = write_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_in_time(message: Message) -> None:
+            async with asyncio.timeout(self._write_timeout_s):
+                await send(message)
+
         async with anyio.create_task_group() as task_group:
 
             async def stream_then_stop() -> None:
                 try:
-                    await self.stream_response(send)
+                    await self.stream_response(send_in_time)
                 except OSError:
                     pass  # the client went away mid-send; the cancel below cleans up
+                except TimeoutError:  # the client stopped reading: as good as gone
+                    log.warning("a client read nothing for %g s: its stream is ended", self._write_timeout_s)
                 task_group.cancel_scope.cancel()
 
             task_group.start_soon(stream_then_stop)

@@ -11,6 +11,7 @@ is compared with a generous factor.
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +26,8 @@ from pagedserve.services.gateway.detokenizer import IncrementalDetokenizer
 from pagedserve.services.gateway.openai_protocol import ChatCompletionRequest, Tool
 from pagedserve.services.gateway.tool_calls import ToolCallStream, ToolPlan, forced_grammar, parse_tool_calls, tool_plan
 from tests.gateway.conftest import gateway_config, running_gateway
-from tests.gateway.fake_scheduler import FakeScheduler
+from tests.cluster import wait_until
+from tests.gateway.fake_scheduler import FakeScheduler, one_token_per_step
 from tests.gateway.test_bad_input import CHAT, COMPLETIONS, JSON, BadInput, body
 from tests.gateway.test_validation import assert_openai_error
 
@@ -312,3 +314,28 @@ def test_priority_reaches_the_scheduler_only_under_the_priority_policy(
         response = httpx.post(f"{url}/v1/completions", json={"prompt": [5, 6], "max_tokens": 2, "priority": -7}, timeout=20)
     assert response.status_code == 200, response.text
     assert [submit.priority for submit in scheduler.submits] == [-7]
+
+
+# ------------------------------------------------------------------ a client that stops reading
+
+
+def test_a_streaming_client_that_stops_reading_is_cut_off_and_its_request_aborted(
+    fake_scheduler: FakeScheduler, scheduler: FakeScheduler, tokenizer: PreTrainedTokenizerBase
+) -> None:
+    # uvicorn's send blocked for ever once the socket's buffers were full: the request ran
+    # on (its deadline was never checked there) and its tokens piled up in the gateway.
+    scheduler.script = one_token_per_step([5] * 50_000)  # ~100 s of tokens at the fake's pace
+    with running_gateway(gateway_config(fake_scheduler, stream_write_timeout_s=1.0), tokenizer) as url:
+        host, port = url.removeprefix("http://").split(":")
+        body = json.dumps({"prompt": [5, 6], "max_tokens": 50_000, "n": 4, "logprobs": 5, "stream": True}).encode()
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as client:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+            client.connect((host, int(port)))
+            client.sendall(
+                b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+            )
+            # Read nothing: the gateway must give up on us and abort the request.
+            wait_until(lambda: len(scheduler.submits) == 1, 30, "the request to reach the scheduler")
+            request_id = scheduler.submits[0].request_id
+            wait_until(lambda: request_id in scheduler.aborted, 60, "the gateway to abort the unread stream")
