@@ -143,6 +143,10 @@ class RequestDelta(msgspec.Struct, **_PER_STEP):
     # On the first delta of a request that asked for prompt_logprobs: prompt tokens 1..P-1
     # (token 0 has none), computed in the prefill, never from prefix-cache hits.
     prompt_logprobs: list[TokenLogprobs] = []
+    # 1, 2, 3... over the deltas the scheduler sends for the request: the gateway's ROUTER
+    # drops messages at its high-water mark, and a gap means tokens are missing (the
+    # gateway fails the request rather than stream a hole). 0: not numbered.
+    seq: int = 0
 
 
 # ---------------------------------------------------------------------------------------

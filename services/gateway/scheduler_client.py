@@ -138,6 +138,7 @@ class SchedulerClient:
         self._connected_event: asyncio.Event | None = None
         self._decoder = msgspec.msgpack.Decoder(SchedulerToGateway)
         self._queues: dict[str, asyncio.Queue[RequestEvent]] = {}
+        self._delta_seq: dict[str, int] = {}  # request id -> the number of its last delta (messages.RequestDelta.seq)
         self._query_ids = itertools.count(1)  # shared by both kinds: an answer names its query
         self._snapshots: _Queries[StatusSnapshot] = _Queries()
         self._infos: _Queries[SchedulerInfo] = _Queries()
@@ -205,11 +206,13 @@ class SchedulerClient:
         or the first delta could arrive with nowhere to go)."""
         for request_id in request_ids:
             self._queues[request_id] = queue
+            self._delta_seq[request_id] = 0  # a new submission: its scheduler numbers from 1
 
     def unregister(self, request_ids: list[str]) -> None:
         """Late deltas for these ids (after an abort) are dropped from now on."""
         for request_id in request_ids:
             self._queues.pop(request_id, None)
+            self._delta_seq.pop(request_id, None)
 
     async def submit(self, requests: list[SubmitRequest]) -> None:
         await self._send(GatewayHeartbeat(self.gateway_id, time.time()), self._submit_timeout_s)  # see the module doc
@@ -386,14 +389,37 @@ class SchedulerClient:
         message = f"lost the connection to the scheduler at {self.address} (it stopped or restarted) mid-request; please retry"
         for request_id in request_ids:
             self._queues.pop(request_id).put_nowait(RequestError(request_id, 503, message, retry_after_s=1.0))
+        self._delta_seq.clear()
         self._snapshots.give_up()
         self._infos.give_up()
+
+    def _in_sequence(self, delta: RequestDelta, queue: asyncio.Queue[RequestEvent]) -> bool:
+        """Whether `delta` follows the request's last one. After a gap (the scheduler's
+        socket dropped deltas at its high-water mark) the request fails with a 503 its
+        client can retry, and is aborted at the scheduler: its text would have a hole."""
+        if delta.seq == 0:  # a scheduler that does not number its deltas
+            return True
+        expected = self._delta_seq.get(delta.request_id, 0) + 1
+        if delta.seq == expected:
+            self._delta_seq[delta.request_id] = delta.seq
+            return True
+        request_id = delta.request_id
+        log.error("request %s: delta %d from %s after %d: %d lost", request_id, delta.seq, self.address, expected - 1, delta.seq - expected)
+        self.unregister([request_id])
+        queue.put_nowait(RequestError(
+            request_id, 503,
+            f"{delta.seq - expected} message(s) of this request from the scheduler at {self.address} were lost (its send "
+            "queue overflowed): the output would have a hole; please retry",
+            retry_after_s=1.0,
+        ))
+        self.abort_soon([request_id])
+        return False
 
     def _dispatch(self, message: RequestDeltas | RequestError | StatusSnapshot | SchedulerInfo) -> None:
         if isinstance(message, RequestDeltas):
             for delta in message.deltas:
                 queue = self._queues.get(delta.request_id)
-                if queue is not None:
+                if queue is not None and self._in_sequence(delta, queue):
                     queue.put_nowait(delta)
         elif isinstance(message, RequestError):
             queue = self._queues.get(message.request_id)

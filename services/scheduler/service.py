@@ -149,6 +149,7 @@ class SchedulerService:
         # flags its last delta; forked samples and beams report under the client's id.
         self.owner_of: dict[str, bytes] = {}
         self.requeues_of: dict[str, int] = {}  # client request id -> executors lost while it ran
+        self.delta_seq_of: dict[str, int] = {}  # client request id -> the last delta's number
         # Gateways that beat (GatewayHeartbeat): identity -> when last heard (monotonic).
         # One silent past gateway_timeout_s died: its requests are aborted.
         self.gateway_last_heard: dict[bytes, float] = {}
@@ -497,10 +498,13 @@ class SchedulerService:
         for delta in deltas:
             gateway = self.owner_of.get(delta.request_id)
             if gateway is None:
+                self.delta_seq_of.pop(delta.request_id, None)
                 continue
+            delta.seq = self.delta_seq_of[delta.request_id] = self.delta_seq_of.get(delta.request_id, 0) + 1
             by_gateway[gateway].append(delta)
             if delta.request_finished:
                 del self.owner_of[delta.request_id]
+                del self.delta_seq_of[delta.request_id]
         for gateway, gateway_deltas in by_gateway.items():
             self._send(gateway, RequestDeltas(deltas=gateway_deltas))
 
@@ -512,6 +516,7 @@ class SchedulerService:
             self._send_error(request_id, status_code, message)
 
     def _send_error(self, request_id: str, status_code: int, message: str) -> None:
+        self.delta_seq_of.pop(request_id, None)
         gateway = self.owner_of.pop(request_id, None)
         if gateway is not None:
             self._send(gateway, RequestError(request_id, status_code, message, retry_after_s=5.0))
