@@ -31,7 +31,7 @@ from pagedserve.kernels.rms_norm import add_rms_norm
 from pagedserve.kernels.rotary import apply_rotary
 from pagedserve.services.executor.attention_metadata import AttentionMetadata
 from pagedserve.services.executor.distributed import TensorParallelGroup
-from pagedserve.services.executor.model_config import FULL, ModelConfig
+from pagedserve.services.executor.model_config import ModelConfig
 from pagedserve.services.executor.quantized_linear import Int4Linear, Int4Weight, Int8Linear
 from pagedserve.services.executor.softcap_attention import softcapped_paged_attention
 from pagedserve.services.executor.step_paths import StepPaths
@@ -313,10 +313,10 @@ class DecoderForCausalLM(nn.Module):
         ]
         if not self.config.plain_llama:
             reason = f"it implements plain Llama layers, not {self.config.model_type}'s"
-        elif any(window is not None for window in self.config.layer_windows):
+        elif len(set(self.config.layer_windows)) > 1:
             # The C step takes a window and a KV group per layer; this decoder does not yet
-            # hand it the per-group slots and tables, so windowed models take the torch layers.
-            reason = "sliding-window layers are not wired to it yet"
+            # hand it several groups' slots and tables (one window for all layers is one group).
+            reason = "layers with different windows (several KV groups) are not wired to it yet"
         elif group.world_size != 1:
             reason = "it runs on one rank"
         elif not all(isinstance(lin, Int4Linear) and lin.bias is None for four in projections for lin in four):
@@ -334,6 +334,7 @@ class DecoderForCausalLM(nn.Module):
         self.fused_decoder = FusedDecoder(
             layers, self.norm.weight, num_heads=self.config.num_heads, num_kv_heads=self.config.num_kv_heads,
             head_dim=self.config.head_dim, eps=self.config.rms_norm_eps, dtype=dtype,
+            sliding_windows=list(self.config.layer_windows),
         )
         self.fused_max_rows = self.step_paths.fused_decode_max_rows
         logger.info("decode steps of up to %d tokens run as one fused C call", self.fused_max_rows)
@@ -361,8 +362,10 @@ class DecoderForCausalLM(nn.Module):
             self.fused_decoder is not None and 0 < num_tokens <= self.fused_max_rows
             and meta.num_decode_tokens == num_tokens and meta.num_prefills == 0
         ):
+            # plain_llama: one kind of layer, one RoPE table
             return self.fused_decoder(
-                residual, *tables[FULL], kv_caches, meta.slot_mapping, meta.decode_block_tables, meta.decode_seq_lens
+                residual, *tables[self.config.layer_types[0]], kv_caches, meta.slot_mapping, meta.decode_block_tables,
+                meta.decode_seq_lens,
             )
         # `.forward` directly: nn.Module.__call__'s hook checks cost ~2 ms a decode step
         # on CPU across 30 layers, and these modules have no hooks.

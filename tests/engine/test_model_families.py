@@ -127,32 +127,37 @@ def test_gguf_loads_the_same_weights_and_matches_hf_on_it(family: Family, tmp_pa
 
 @pytest.mark.parametrize(
     "model_type, off_because",
-    [
-        ("llama", None),
-        ("gemma3_text", "it implements plain Llama layers, not gemma3_text's"),
-        ("mistral", "sliding-window layers are not wired to it yet"),
-    ],
+    [("llama", None), ("mistral", None), ("gemma3_text", "it implements plain Llama layers, not gemma3_text's")],
 )
 def test_fused_decode_step_only_for_plain_llama_layers(
     model_type: str, off_because: str | None, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """4-bit GGUF weights stay packed; the fused C decode step takes a Llama, and is off,
-    with the reason logged, for layers it is not given. (Mistral's GGUF is written here as
-    its own architecture so that its window survives; llama.cpp would write a llama.)"""
+    """4-bit GGUF weights stay packed; the fused C decode step takes Llama layers (with one
+    window for all, Mistral's) and gives the torch layers' greedy tokens, past the window
+    too; it is off, with the reason logged, for layers it does not implement. (Mistral's
+    GGUF is written as its own architecture so that its window survives; llama.cpp would
+    write a llama.)"""
     folder = build_hf_folder(model_type, tmp_path / "folder")
     gguf_path = write_gguf(folder, tmp_path / "gguf" / "model.gguf", quantize=True)
     with caplog.at_level(logging.INFO, logger="pagedserve.services.executor.decoder"):
-        engine = LLMEngine(EngineConfig(model=str(gguf_path), dtype="float32", weight_format="quantized"))
+        engine = LLMEngine(
+            EngineConfig(model=str(gguf_path), dtype="float32", weight_format="quantized", limits=SchedulingLimits(enable_prefix_caching=False))
+        )
     model = engine.runner.model
     assert model.int4_max_rows > 0  # the weights are packed: only the layers decide
+    prompts = [GREEDY_PROMPTS[1], GREEDY_PROMPTS[2]]  # 3 tokens, and 70: 3.5 windows
     if off_because is not None:
         assert model.fused_decoder is None
         assert f"the fused C step is off ({off_because})" in caplog.text
-    else:  # on, or off for a reason of this machine's (no C compiler, ...), logged, never the layers
-        assert "plain Llama layers" not in caplog.text and "sliding-window" not in caplog.text
-        assert model.fused_decoder is not None or "the fused C step is off" in caplog.text
-    completion = engine.generate([GREEDY_PROMPTS[1]], GREEDY)[0]
-    assert len(completion.token_ids) >= 1
+        assert all(len(c.token_ids) >= 1 for c in engine.generate(prompts, GREEDY))
+        return
+    assert "plain Llama layers" not in caplog.text and "windows" not in caplog.text
+    if model.fused_decoder is None:  # off for a reason of this machine's (no C compiler, ...), logged
+        assert "the fused C step is off" in caplog.text
+        return
+    fused = [c.token_ids for c in engine.generate(prompts, GREEDY)]
+    model.fused_decoder = None  # the same packed weights through the torch layers
+    assert [c.token_ids for c in engine.generate(prompts, GREEDY)] == fused
 
 
 def test_family_splits_over_two_tensor_parallel_ranks(family: Family) -> None:
