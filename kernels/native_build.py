@@ -30,6 +30,8 @@ from typing import Any
 
 SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
 
+log = logging.getLogger(__name__)
+
 # (compile flags, link flags), tried in order. The first vectorises expf through glibc's
 # libmvec (-ffast-math lets the compiler call it); the second is for C libraries without
 # libmvec. Compiling and linking are separate steps on purpose: linking with -ffast-math
@@ -45,25 +47,44 @@ class NativeBuildError(RuntimeError):
     """No C compiler, or every flag set failed to compile or load the library."""
 
 
+def _unsafe_because(folder: Path) -> str | None:
+    """Why `folder` may not hold libraries this process loads (anyone who can write there
+    chooses the code it runs), or None: it must be ours and writable by nobody else."""
+    info = folder.stat()
+    if info.st_uid != os.getuid():
+        return f"it belongs to uid {info.st_uid}, not to this user (uid {os.getuid()})"
+    if info.st_mode & 0o022:
+        return f"others may write to it (mode {info.st_mode & 0o777:o})"
+    return None
+
+
 def cache_dir() -> Path:
     """$PAGEDSERVE_CACHE_DIR, else $XDG_CACHE_HOME/pagedserve/kernels, else ~/.cache/...;
-    a per-user temporary folder where none of those can be written."""
+    a per-user temporary folder where none of those can be written. A folder another user
+    owns, or others may write to, is refused: the libraries in it are loaded and run."""
     configured = os.environ.get("PAGEDSERVE_CACHE_DIR")
     if configured:
         try:
-            Path(configured).mkdir(parents=True, exist_ok=True)
+            Path(configured).mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as error:
             raise NativeBuildError(f"PAGEDSERVE_CACHE_DIR={configured} cannot be created: {error}") from error
+        unsafe = _unsafe_because(Path(configured))
+        if unsafe is not None:
+            raise NativeBuildError(f"PAGEDSERVE_CACHE_DIR={configured} is not safe to load kernels from: {unsafe}")
         return Path(configured)
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     for candidate in (base / "pagedserve" / "kernels", Path(tempfile.gettempdir()) / f"pagedserve-kernels-{os.getuid()}"):
         try:
-            candidate.mkdir(parents=True, exist_ok=True)
+            candidate.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError:
+            continue
+        unsafe = _unsafe_because(candidate)
+        if unsafe is not None:  # e.g. /tmp/pagedserve-kernels-<uid> made by someone else first
+            log.warning("not loading kernels from %s: %s", candidate, unsafe)
             continue
         if os.access(candidate, os.W_OK):
             return candidate
-    raise NativeBuildError(f"no writable folder for built kernels; set PAGEDSERVE_CACHE_DIR (tried {base})")
+    raise NativeBuildError(f"no writable folder of this user's for built kernels; set PAGEDSERVE_CACHE_DIR (tried {base})")
 
 
 def find_compiler() -> str:
