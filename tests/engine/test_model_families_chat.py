@@ -121,3 +121,24 @@ def test_every_serving_command_takes_the_flag(command: str, template_file: Path)
         gateway = config_from_args(GatewayConfig, args, redis_url=None)
         argv = config_argv(gateway, subcommand_parser("gateway"), exclude=GATEWAY_FIELDS_NOT_IN_ARGV)
         assert argv[argv.index("--chat-template") + 1] == str(template_file)
+
+
+def test_generate_chat_takes_the_template_file(tmp_path: Path, template_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`pagedserve generate --chat`: refused naming the flag without a template, rendered
+    with the file's template with --chat-template."""
+    import json
+
+    from pagedserve.services.cli import main
+    from tests.engine.family_models import build_hf_folder
+
+    folder = build_hf_folder("llama", tmp_path / "model")
+    (folder / "chat_template.jinja").unlink()
+    base = ["generate", "--model", str(folder), "--dtype", "float32", "--chat", "--max-tokens", "2", "--json", "Hello"]
+    with pytest.raises(SystemExit) as exit_code:
+        main(base)
+    assert exit_code.value.code == 1 and "--chat-template" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_code:
+        main([*base, "--chat-template", str(template_file)])
+    assert exit_code.value.code == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    assert len(json.loads(line)["token_ids"]) == 2
