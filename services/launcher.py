@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import logging
 import os
 import shutil
@@ -190,7 +191,29 @@ def service_env(args: argparse.Namespace, environ: dict[str, str]) -> dict[str, 
     return env
 
 
+def exposure_warnings(host: str, api_key: str | None, admin_key: str | None) -> list[str]:
+    """What `up` warns of when its HTTP port is reachable beyond this machine without keys:
+    the API then serves anyone, and /admin/scheduler shows every tenant's requests."""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        loopback = False
+    if loopback:
+        return []
+    warnings = []
+    if not api_key:
+        warnings.append(f"the gateway listens on {host} with no --api-key: anyone who reaches it can use the API")
+    if not admin_key:
+        warnings.append(
+            f"the gateway listens on {host} with no --admin-key: /admin/scheduler shows anyone every request's "
+            "parameters and blocks"
+        )
+    return warnings
+
+
 def launch(args: argparse.Namespace) -> int:
+    for warning in exposure_warnings(args.host, args.api_key or os.environ.get(API_KEY_ENV), args.admin_key or os.environ.get(ADMIN_KEY_ENV)):
+        log.warning("%s", warning)
     if args.curve_keys_dir:
         try:
             if generate_curve_keys(args.curve_keys_dir):
