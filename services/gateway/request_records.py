@@ -6,8 +6,9 @@ one background task writes the buffer out in batches through a non-transactional
 pipeline. Redis is a record, not a dependency: when it is slow or down, a failed batch
 goes back into the buffer and is retried every second, the gateway keeps serving, and
 /health says "degraded"; once Redis is back, what was recorded meanwhile is written. Only
-when the buffer holds `_MAX_BUFFERED` keys are records of further requests dropped
-(counted). Every write refreshes the key's TTL, so records of finished requests expire and
+when the buffer holds `_MAX_BUFFERED` keys or `_MAX_BUFFERED_BYTES` of fields are further
+records dropped (counted): by count alone, 10,000 requests each carrying a 1 MiB grammar in
+their sampling parameters could have held 10 GB. Every write refreshes the key's TTL, so records of finished requests expire and
 so do those of a gateway that died mid-request.
 """
 
@@ -24,6 +25,7 @@ from redis.exceptions import RedisError
 log = logging.getLogger(__name__)
 
 _MAX_BUFFERED = 10_000  # keys held while Redis is slow or down; records of more are dropped
+_MAX_BUFFERED_BYTES = 64 << 20  # and their fields' size (as text) in all
 _MAX_BATCH = 256
 _WRITE_TIMEOUT_S = 2.0
 _RETRY_AFTER_FAILURE_S = 1.0
@@ -36,6 +38,11 @@ def record_key(request_id: str) -> str:
     return f"req:{request_id}"
 
 
+def _entry_bytes(key: str, fields: Fields) -> int:
+    """About what the entry costs to hold and write: its text."""
+    return len(key) + sum(len(name) + len(value) if isinstance(value, str) else len(name) + 8 for name, value in fields.items())
+
+
 class RequestRecorder:
     """`redis_url=None` makes every method a no-op and health "disabled"."""
 
@@ -45,6 +52,7 @@ class RequestRecorder:
         self._client: aioredis.Redis | None = None
         # key -> fields not yet written; insertion order is age (oldest written first).
         self._buffer: dict[str, Fields] = {}
+        self._buffered_bytes = 0  # sum of _entry_bytes over the buffer
         self._buffered = asyncio.Event()  # set when the buffer has something
         self._writer: asyncio.Task[None] | None = None
         self._healthy = True
@@ -73,19 +81,23 @@ class RequestRecorder:
             return
         key = record_key(request_id)
         buffered = self._buffer.get(key)
-        if buffered is not None:
-            buffered.update(fields)
-        elif len(self._buffer) < _MAX_BUFFERED:
-            self._buffer[key] = dict(fields)
-        else:
+        merged = fields if buffered is None else buffered | fields
+        growth = _entry_bytes(key, merged) - (0 if buffered is None else _entry_bytes(key, buffered))
+        if (buffered is None and len(self._buffer) >= _MAX_BUFFERED) or self._buffered_bytes + growth > _MAX_BUFFERED_BYTES:
             self.num_dropped += 1
             return
+        self._buffer[key] = dict(merged)
+        self._buffered_bytes += growth
         self._buffered.set()
 
     @property
     def num_buffered(self) -> int:
         """Keys waiting to be written (all of them while Redis is down)."""
         return len(self._buffer)
+
+    @property
+    def num_buffered_bytes(self) -> int:
+        return self._buffered_bytes
 
     async def health(self) -> str:
         """"ok", "degraded" (configured but not answering) or "disabled"."""
@@ -113,6 +125,7 @@ class RequestRecorder:
             self._buffered.clear()
             while self._buffer:
                 batch = [(key, self._buffer.pop(key)) for key in list(itertools.islice(self._buffer, _MAX_BATCH))]
+                self._buffered_bytes -= sum(_entry_bytes(key, fields) for key, fields in batch)
                 pipe: Any = self._client.pipeline(transaction=False)
                 for key, fields in batch:
                     pipe.hset(key, mapping=fields)
@@ -132,3 +145,4 @@ class RequestRecorder:
         rest = self._buffer
         self._buffer = {key: fields | rest.pop(key, {}) for key, fields in batch}
         self._buffer.update(rest)
+        self._buffered_bytes = sum(_entry_bytes(key, fields) for key, fields in self._buffer.items())
