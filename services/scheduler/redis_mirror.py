@@ -12,6 +12,11 @@ as one. The buffer is bounded: past `max_buffered_prefixes` pending prefix chang
 further ones are dropped (counted), which makes the set approximate until the next core
 clears it. Routing tolerates that: a wrong guess only costs a recompute.
 
+A Redis that restarted empty (a new `run_id`) has lost the set: the mirror then asks for
+a resynchronisation (`resync_wanted`), and the scheduler loop hands it every cached hash
+(`resync_prefix_cache`), written as a clear plus the full set. Without it, routing by
+prefix found nothing on that replica until each block happened to be stored again.
+
 Cached prefixes: the sorted set `prefix:{replica_id}` has one member per cached full
 block, its hash in hex (`services/scheduler/prefix_cache.py`: the same tokens give the same
 hash everywhere), scored by its last use (wall-clock seconds). A gateway hashes a
@@ -89,6 +94,8 @@ class RedisMirror:
         self._writing = False  # a batch taken out of the buffer is being written
         self.healthy = True
         self.num_dropped = 0  # prefix changes dropped because the buffer was full
+        self.resync_wanted = threading.Event()  # Redis lost the prefix set: the scheduler resends it
+        self._run_id: str | None = None  # the Redis server's, to notice a restart
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="redis-mirror", daemon=True)
         self._thread.start()
@@ -117,6 +124,17 @@ class RedisMirror:
                     prefixes.store(member, now)
                 else:
                     prefixes.evict(member)
+            self._changed.notify_all()
+
+    def resync_prefix_cache(self, block_hashes: list[bytes]) -> None:
+        """Replace the set with exactly these hashes (every block the core has cached):
+        called by the scheduler loop, after the events so far, when `resync_wanted`."""
+        now = time.time()
+        with self._changed:
+            stored = {block_hash.hex(): now for block_hash in block_hashes[: self._max_buffered_prefixes]}
+            self.num_dropped += max(0, len(block_hashes) - len(stored))
+            self._prefixes = _PrefixChanges(clear=True, stored=stored)
+            self.resync_wanted.clear()
             self._changed.notify_all()
 
     def clear_prefix_cache(self) -> None:
@@ -186,6 +204,7 @@ class RedisMirror:
             if prefixes.stored:
                 pipe.zadd(self.prefix_key, prefixes.stored)
             pipe.execute()
+            run_id = self.client.info("server").get("run_id")
         except redis.RedisError as error:
             if self.healthy:
                 log.warning("redis unreachable: replica and prefix updates are buffered until it is back: %s", error)
@@ -194,4 +213,8 @@ class RedisMirror:
         if not self.healthy:
             log.info("redis is reachable again: buffered updates written")
         self.healthy = True
+        if self._run_id is not None and run_id != self._run_id:
+            log.warning("redis restarted (run_id %s -> %s): resynchronising this replica's prefix set", self._run_id, run_id)
+            self.resync_wanted.set()
+        self._run_id = run_id
         return True

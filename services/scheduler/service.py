@@ -220,6 +220,10 @@ class SchedulerService:
         core = self.core
         if core is not None:
             self.redis.update_prefix_cache(core.take_prefix_cache_events())
+            if self.redis.resync_wanted.is_set():
+                pool = core.block_pool
+                hashes = [pool.block_hash(block_id) for block_id in range(pool.num_blocks)]
+                self.redis.resync_prefix_cache([h for h in hashes if h is not None])
         self.redis.update_replica(
             {
                 "heartbeat_at": time.time(),
