@@ -78,7 +78,8 @@ def test_32_concurrent_streams_equal_hf_greedy(cluster: Cluster, hf_model_float6
     # /admin/scheduler: a state that lasts until the test ends it, not one a poll could miss.
     body = {"prompt": PROMPTS[0], "max_tokens": 2000, "ignore_eos": True, "stream": True}
     with httpx.Client(base_url=cluster.base_url, headers=AUTH, timeout=120) as http, http.stream("POST", "/v1/completions", json=body) as response:
-        assert next(response.iter_lines()).startswith("data: {")
+        lines = response.iter_lines()  # kept: an iterator dropped here would close the stream
+        assert next(lines).startswith("data: {")
         wait_until(lambda: any(r["block_ids"] and r["max_tokens"] == 2000 for r in admin_snapshot(cluster)["running"]),
                    60, "the held request's block table in /admin/scheduler")
         (held,) = admin_snapshot(cluster)["running"]
