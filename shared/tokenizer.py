@@ -10,6 +10,7 @@ from __future__ import annotations
 from transformers import PreTrainedTokenizerBase
 
 from pagedserve.shared.model_source import ModelSource
+from pagedserve.shared.tokenizer_cache import load_gguf_tokenizer
 
 
 def read_chat_template(path: str) -> str:
@@ -33,7 +34,7 @@ def load_tokenizer(source: ModelSource, chat_template_file: str | None = None) -
     from transformers import AutoTokenizer
 
     if source.gguf_file is not None:
-        tokenizer = AutoTokenizer.from_pretrained(source.directory, gguf_file=source.gguf_file)
+        tokenizer = load_gguf_tokenizer(source.directory, source.gguf_file)
     else:
         tokenizer = AutoTokenizer.from_pretrained(source.directory)
     if template is not None:
