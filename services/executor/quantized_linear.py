@@ -15,7 +15,7 @@ Other GGUF types (Q8_0: one scale per 32 columns, which `_weight_int8pack_mm`'s 
 per-row scale cannot represent exactly; F32, F16, K-quants) are dequantized at load.
 
 Which is faster depends on the rows a step multiplies (measured, `benchmarks/cpu_speed.py`
-and the README): with few rows a step streams the weights and int4's quarter of the bytes
+and docs/cpu-path.md): with few rows a step streams the weights and int4's quarter of the bytes
 wins (batch 1: 1.8x bf16); with more, the matmul computes, and int4's kernel (which widens
 every group for every row) loses to oneDNN's bf16 GEMM (batch 8: 0.78x, prefill far worse).
 So `--weight-format auto` keeps both: the packed weights for steps of at most

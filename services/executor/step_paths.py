@@ -4,7 +4,7 @@ Three paths beat the plain torch layers only for small steps, where a step strea
 weights from memory rather than computes: the fused C decode step, torch's int4 matmuls,
 and the int8 LM head. Each has a most-rows cut-off, measured as whole engine decode steps
 on a 2-core AMD EPYC with AVX512-BF16 and the embedded model (`benchmarks/cpu_speed.py`,
-the README); another machine may want others, so they can be overridden without editing
+docs/cpu-path.md); another machine may want others, so they can be overridden without editing
 code: `PAGEDSERVE_STEP_PATHS="fused_decode_max_rows=16,int8_lm_head_max_rows=4"` in the
 executor's environment (every process `pagedserve up` starts inherits it, tensor-parallel
 ranks too). The model runner reads it once at start and logs the table.

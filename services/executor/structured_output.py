@@ -1,7 +1,7 @@
 """Grammar-constrained sampling in the executor: compiled grammars, one matcher per
 constrained sequence, and one token bitmask per step for the constrained rows.
 
-Built on xgrammar (see README, "Structured output and tools"): it compiles JSON schemas,
+Built on xgrammar (see docs/structured-output.md): it compiles JSON schemas,
 regexes and EBNF against the tokenizer's vocabulary once, then answers "which tokens may
 come next" as a packed int32 bitmask in microseconds per row.
 

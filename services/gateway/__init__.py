@@ -1,4 +1,4 @@
-"""The API gateway: OpenAI-compatible HTTP in front of a scheduler (README.md, Architecture).
+"""The API gateway: OpenAI-compatible HTTP in front of a scheduler (docs/architecture.md).
 
 `create_app` and `serve` are imported on first use: they pull in transformers (seconds),
 which building a config or `pagedserve --help` should not pay for.

@@ -77,7 +77,7 @@ class GatewayError(Exception):
 
 
 def invalid_request(message: str, param: str | None = None, code: str = "invalid_value") -> GatewayError:
-    """A 400. `code` says what kind of mistake (README, "Bad input"): `invalid_value` for a
+    """A 400. `code` says what kind of mistake (docs/security.md, "Bad input"): `invalid_value` for a
     field out of range or inconsistent with another, unless a narrower code fits."""
     return GatewayError(400, message, param=param, code=code)
 

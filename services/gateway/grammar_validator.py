@@ -6,7 +6,7 @@ its JSON-schema converter refuses features it does not implement, and its regex 
 is not Python's), but `import xgrammar` imports torch, which the gateway process must not
 (tests/test_import_boundaries.py). So the check runs in a worker process of the gateway's
 own, started with the first constrained request: `python -m
-services.gateway.grammar_validator`, one framed msgspec JSON spec in on stdin, one framed
+pagedserve.services.gateway.grammar_validator`, one framed msgspec JSON spec in on stdin, one framed
 result out on stdout (a frame: a 4-byte big-endian length, then that many bytes; lines
 broke on a reply over asyncio's 64 KiB line limit, a 500 that left the rest of the reply
 to be read as the next request's answer). It converts the grammar without a tokenizer (microseconds;

@@ -1,7 +1,7 @@
 """Reading a JSON request body into a typed Struct, with every way it can be wrong a 4xx
 that says what was wrong and where: 415 for a body that is not declared JSON, 413 for one
 over the size limit (refused while it streams in, never buffered whole), 408 for one that
-stops arriving, 400 otherwise, with `code` saying which kind (the README's "Bad input"
+stops arriving, 400 otherwise, with `code` saying which kind (docs/security.md, "Bad input"
 table lists them all)."""
 
 from __future__ import annotations

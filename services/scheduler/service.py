@@ -5,8 +5,8 @@ requests, aborts, status and info queries, executor capacity, step results), and
 no step is in flight and work is pending, schedule the next step and send it. Everything it
 does between polls is in-memory; Redis mirroring happens on its own thread.
 
-Asynchronous scheduling (`async_scheduling`, as vLLM's; off by default, see the README's
-"Asynchronous scheduling" for the measurement): with one step in flight, the next is
+Asynchronous scheduling (`async_scheduling`, as vLLM's; off by default, see docs/architecture.md,
+"Asynchronous scheduling", for the measurement): with one step in flight, the next is
 scheduled and sent at once, so that the executor finds it queued when
 it finishes the current one and the scheduler's work (and both ZeroMQ hops) hide behind
 the model's. The core counts each running request one token further (`Scheduler.
