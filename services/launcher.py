@@ -232,7 +232,8 @@ def launch(args: argparse.Namespace) -> int:
     try:
         supervisor.start_all()
         if not _wait_healthy(commands.url, supervisor, stop):
-            return 1
+            # A stop asked for while waiting (Ctrl-C, SIGTERM) is not a failure to start.
+            return 0 if stop.is_set() else 1
         print(f"pagedserve is up: {commands.url}  (OpenAI API at {commands.url}/v1, admin at {commands.url}/admin)", flush=True)
         while not stop.wait(0.2):
             supervisor.poll(time.monotonic())
