@@ -102,7 +102,8 @@ def test_records_made_while_redis_is_down_are_written_once_it_is_back() -> None:
             process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
                 await until(answers, "redis-server to start")
-                await until(lambda: recorder.num_buffered == 0, "the buffered records to be written")
+                # The writer takes a batch out of the buffer before it is written: wait for the write too.
+                await until(lambda: recorder.num_buffered == 0 and recorder._healthy, "the buffered records to be written")
                 assert store.hgetall("req:early") == {"status": "finished", "output_tokens": "3"}
                 assert store.hgetall("req:other") == {"status": "waiting"} and 0 < store.ttl("req:other") <= 60
                 assert await recorder.health() == "ok"
